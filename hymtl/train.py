@@ -1,0 +1,131 @@
+"""Train, then test the best checkpoint: ``python -m hymtl.train mode=frozen model=efficientnet_lite0``.
+
+Writes one Hydra run folder (``outputs/<date>/<time>/``, or ``outputs/multirun/…/<n>/``):
+``.hydra/`` (the composed config), ``checkpoints/`` (best by val accuracy + last),
+``tensorboard/``, ``metrics.json``; prints the test metrics and the tutorial's two lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hymtl.callbacks import ThroughputMonitor, print_tutorial_lines
+from hymtl.errors import HymtlError
+from hymtl.fileio import atomic_write_json
+from hymtl.runtime import config_dir, configure_backends, device_name
+
+log = logging.getLogger("hymtl.train")
+
+
+def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(entry) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def _scalar(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test one configuration; return the final metrics (also written to metrics.json)."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    configure_backends()
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # download if missing: the class names are needed to build the head
+    class_names = datamodule.class_names
+    model = instantiate(cfg.model, num_classes=len(class_names), class_names=class_names)
+    datamodule.preprocessing = model.preprocessing
+    log.info("classes %s; backbone %s (%s)", class_names, cfg.model.backbone, model.weights_source)
+    if datamodule.test_split_name == "val":
+        log.info("no test/ folder in %s: the val split doubles as the test split", datamodule.root)
+
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    metrics.update(
+        {
+            "examples_per_sec": throughput.examples_per_sec if throughput else None,
+            "epochs": trainer.current_epoch,
+            "wall_time_s": time.perf_counter() - started,
+            "mode": cfg.mode.name,
+            "backbone": cfg.model.backbone,
+            "class_names": class_names,
+            "test_split": datamodule.test_split_name,
+            "best_checkpoint": best or None,
+            "device": device_name(trainer),
+        }
+    )
+    if trainer.is_global_zero:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+    if "test/acc" in metrics and "train/loss" in metrics:
+        print_tutorial_lines(
+            metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
+            metrics["examples_per_sec"] or 0.0, metrics["device"],
+        )
+    return metrics
+
+
+def _user_error(exc: BaseException) -> HymtlError | None:
+    """The HymtlError behind ``exc`` (Hydra's instantiate wraps the errors of constructors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, HymtlError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    try:
+        metrics = train(cfg)
+    except Exception as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        if _is_multirun():  # one bad run of a sweep must not end the others
+            log.error("run failed: %s", error)
+            return float("nan")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    value = metrics.get(cfg.get("optimized_metric"))
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny generated image folders, the real ants/bees data, Hydra compose."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera_data"
+
+
+def make_image(path: Path, color: tuple[int, int, int], size=(48, 40), fmt: str | None = None, seed: int = 0) -> Path:
+    """A small noisy image dominated by ``color`` (classes are told apart by colour)."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, color)
+    pixels = img.load()
+    for _ in range(size[0] * size[1] // 4):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        pixels[x, y] = tuple(max(0, min(255, c + rng.randint(-60, 60))) for c in color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+CLASS_COLORS = {"ants": (200, 40, 40), "bees": (40, 40, 200)}
+
+
+def make_image_folder(root: Path, splits=("train", "val"), per_class: int = 6, classes=CLASS_COLORS) -> Path:
+    for split in splits:
+        for name, color in classes.items():
+            for i in range(per_class):
+                make_image(root / split / name / f"{name}_{i}.jpg", color, seed=hash((split, name, i)) % 10_000)
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """``train/`` and ``val/`` with two colour classes, 6 JPEGs each."""
+    return make_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The ants/bees folder. Under CI (``CI`` set) a missing folder fails instead of skipping."""
+    path = Path(os.environ.get("HYMTL_TEST_DATA", DEFAULT_REAL_DATA)).resolve()
+    if not (path / "train").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"HYMTL_TEST_DATA={path} has no train/ folder (required under CI)")
+        pytest.skip(f"real data not found at {path} (set HYMTL_TEST_DATA)")
+    return path
+
+
+@pytest.fixture
+def compose():
+    """Compose ``conf/`` with overrides through Hydra's compose API (with ``hydra.runtime`` set)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hymtl.runtime import config_dir
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,100 @@
+"""The train entry point as users run it: a subprocess, Hydra's run dir, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+TINY_MODEL = ["model=efficientnet_lite0", "model.pretrained=false", "data.num_workers=0", "data.batch_size=4"]
+
+
+def run_train(*overrides: str, cwd: Path, env: dict | None = None, module: str = "hymtl.train",
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_fast_dev_run_writes_one_run_dir(tiny_folder, tmp_path):
+    result = run_train(*TINY_MODEL, "mode=two_phase", "data=folder", f"data.root={tiny_folder}",
+                       "+trainer.fast_dev_run=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (run / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["class_names"] == ["ants", "bees"] and metrics["test_split"] == "val"
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["mode"] == "two_phase"
+    assert "val split doubles as the test split" in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(l.startswith("loss ") and ", train acc " in l and ", test acc " in l for l in lines)
+    assert any(l.endswith("examples/sec on cpu") for l in lines)
+
+
+def test_checkpoints_best_and_last_and_same_seed_same_metrics(tiny_folder, tmp_path):
+    args = [*TINY_MODEL, "mode=finetune", "mode.epochs=2", "data=folder", f"data.root={tiny_folder}",
+            "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
+    first = run_train(*args, "hydra.run.dir=run1", cwd=tmp_path)
+    second = run_train(*args, "hydra.run.dir=run2", cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "run1" / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert list((tmp_path / "run1" / "tensorboard").glob("events.out.tfevents.*"))
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("run1", "run2"))
+    for key in ("train/loss", "train/acc", "val/acc", "test/acc", "test/loss"):
+        assert m1[key] == m2[key], key
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data=folder", "data.root=/does/not/exist"], "error: data folder not found: /does/not/exist"),
+        (["model.backbone=resnet19"], "error: unknown backbone 'resnet19'; did you mean resnet18"),
+        (["model.lr=-1"], "error: learning rates must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, overrides, message):
+    result = run_train(*TINY_MODEL, "data=folder", f"data.root={tiny_folder}", *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
+def test_resnet18_offline_fails_fast_naming_the_file_and_the_offline_backbone(tiny_folder, tmp_path):
+    result = run_train("data=folder", f"data.root={tiny_folder}", "model=resnet18", cwd=tmp_path,
+                       env={"TORCH_HOME": str(tmp_path / "torch"), "HYMTL_OFFLINE": "1"}, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "resnet18-f37072fd.pth" in last and str(tmp_path / "torch" / "hub" / "checkpoints") in last
+    assert "model=efficientnet_lite0" in last
+
+
+def test_conf_ships_in_the_wheel_and_is_found_after_pip_install(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir), str(REPO_ROOT)], check=True, timeout=300)
+    wheel = next(wheel_dir.glob("hymtl-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hymtl/conf/config.yaml" in names and "hymtl/conf/mode/two_phase.yaml" in names
+    assert "hymtl/manifests/hymenoptera_data.sha256" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    # from an unrelated folder, with only the installed copy of hymtl importable
+    result = run_train("mode=frozen", "--cfg", "job", cwd=tmp_path, env={"PYTHONPATH": str(target), "PYTHONSAFEPATH": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "name: frozen" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import hymtl.runtime as r; print(r.config_dir())"],
+                           cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
+    assert probe.stdout.strip() == str(target / "hymtl" / "conf")
