@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -36,6 +36,8 @@ from hymtl.fileio import download_file, sha256_file
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# torchvision.datasets.folder.IMG_EXTENSIONS: ImageFolder's rules (no .gif), for exact tutorial counts
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VAL_DIR_NAMES = ("val", "valid", "validation")
 MANIFEST_DIR = Path(__file__).parent / "manifests"
 
@@ -63,9 +65,10 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name != "__MACOSX"
 
 
-def is_image_file(path: str | os.PathLike) -> bool:
+def is_image_file(path: str | os.PathLike, extensions: Collection[str] | None = None) -> bool:
+    """A visible file whose lower-cased extension is in ``extensions`` (default: ``IMAGE_EXTENSIONS``)."""
     name = os.path.basename(path)
-    return _visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return _visible(name) and os.path.splitext(name)[1].lower() in (extensions or IMAGE_EXTENSIONS)
 
 
 def find_classes(folder: str | os.PathLike) -> list[str]:
@@ -74,7 +77,9 @@ def find_classes(folder: str | os.PathLike) -> list[str]:
         return sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
 
 
-def scan_split(folder: str | os.PathLike, class_names: Sequence[str]) -> list[Sample]:
+def scan_split(
+    folder: str | os.PathLike, class_names: Sequence[str], extensions: Collection[str] | None = None
+) -> list[Sample]:
     """All image files below ``folder/<class>/`` (recursively, hidden entries skipped), sorted."""
     samples: list[Sample] = []
     for label, name in enumerate(class_names):
@@ -83,7 +88,9 @@ def scan_split(folder: str | os.PathLike, class_names: Sequence[str]) -> list[Sa
             continue
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            samples.extend(Sample(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(f))
+            samples.extend(
+                Sample(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_file(f, extensions)
+            )
     return samples
 
 
@@ -253,6 +260,8 @@ class ImageFolderDataModule(LightningDataModule):
         val_fraction, seed: the split of a flat ``<class>/`` folder.
         download_url, sha256, manifest: where to fetch ``root`` from and how to check it.
         preprocessing: the backbone's :class:`Preprocessing` (set by the entry point from the model).
+        extensions: image file extensions to read (any case, dot optional); default
+            ``IMAGE_EXTENSIONS``. ``TORCHVISION_EXTENSIONS`` follows ``ImageFolder`` exactly.
     """
 
     def __init__(
@@ -268,6 +277,7 @@ class ImageFolderDataModule(LightningDataModule):
         preprocessing: Preprocessing | dict | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        extensions: Sequence[str] | None = None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -283,6 +293,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.preprocessing = Preprocessing.from_dict(preprocessing) if isinstance(preprocessing, dict) else preprocessing
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
+        self.extensions = frozenset("." + e.lower().lstrip(".") for e in extensions) if extensions else IMAGE_EXTENSIONS
         self._class_names: list[str] | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -322,16 +333,17 @@ class ImageFolderDataModule(LightningDataModule):
         if self.preprocessing is None:
             raise DataError("ImageFolderDataModule.preprocessing is not set (take it from the backbone)")
         layout, names = self.layout, self.class_names
+        ext = self.extensions
         if layout.train is not None:
-            self.train_samples = scan_split(layout.train, names)
+            self.train_samples = scan_split(layout.train, names, ext)
             if layout.val is not None:
-                self.val_samples = scan_split(layout.val, names)
+                self.val_samples = scan_split(layout.val, names, ext)
             else:
                 self.train_samples, self.val_samples = stratified_split(self.train_samples, self.val_fraction, self.seed)
         else:
-            everything = scan_split(self.root, names)
+            everything = scan_split(self.root, names, ext)
             self.train_samples, self.val_samples = stratified_split(everything, self.val_fraction, self.seed)
-        self.test_samples = scan_split(layout.test, names) if layout.test is not None else list(self.val_samples)
+        self.test_samples = scan_split(layout.test, names, ext) if layout.test is not None else list(self.val_samples)
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
             if not samples:
                 raise DataError(f"no images in the {split} split of {self.root}")
