@@ -62,3 +62,65 @@ def prediction_grid(
             color = CORRECT_COLOR if true == pred else WRONG_COLOR
         ax.set_title(title, color=color, fontsize=9)
     return fig
+
+
+def confusion_matrix_figure(
+    matrix: torch.Tensor | Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    title: str = "confusion matrix",
+    scale: float = 1.1,
+) -> Figure:
+    """Counts of (true, predicted) pairs: rows are the true classes, columns the predictions.
+
+    Each cell shows its count and its share of the row (the class's recall on the diagonal);
+    the colour follows the row share, so classes of very different sizes stay comparable.
+    """
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    rows = counts.sum(dim=1, keepdim=True)
+    share = torch.where(rows > 0, counts / rows.clamp(min=1), torch.zeros_like(counts))
+    n = len(class_names)
+    size = max(3.2, 1.2 + scale * n)
+    fig = Figure(figsize=(size + 0.8, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            dark = share[i, j] > 0.5  # white text on dark cells
+            ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                    fontsize=9, color="white" if dark else "black")
+    return fig
+
+
+def most_wrong_grid(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    num_cols: int = 4,
+    scale: float = 2.0,
+) -> Figure:
+    """The misclassified images the model was most sure about, most confident first.
+
+    ``images``/``probs``/``labels`` are the wrong predictions already chosen (and ordered) by
+    the caller; with none, the figure says so (a dashboard keeps the same tags every run).
+    """
+    if len(images) == 0:
+        fig = Figure(figsize=(num_cols * scale, scale), layout="constrained")
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12, color=CORRECT_COLOR)
+        return fig
+    num_cols = min(num_cols, len(images))
+    num_rows = -(-len(images) // num_cols)
+    fig = prediction_grid(images, probs, class_names, labels=labels, mean=mean, std=std,
+                          num_rows=num_rows, num_cols=num_cols, scale=scale)
+    fig.suptitle("most confidently wrong", color=WRONG_COLOR)
+    return fig
