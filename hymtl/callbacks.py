@@ -1,4 +1,4 @@
-"""Callbacks: throughput and the tutorial's summary lines.
+"""Callbacks: throughput, the tutorial's summary lines, test-time figures and reports, hp_metric.
 
 The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself from
 ``trainer.current_epoch`` (see ``hymtl/model.py`` for why that is resume- and DDP-safe).
@@ -6,10 +6,30 @@ The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself fr
 
 from __future__ import annotations
 
+import io
+import logging
+import math
 import time
+from pathlib import Path
+from typing import Any, Mapping
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from hymtl.figures import confusion_matrix_figure, most_wrong_grid, prediction_grid
+from hymtl.fileio import atomic_write_bytes
+
+log = logging.getLogger("hymtl.callbacks")
 
 
 class ThroughputMonitor(Callback):
@@ -62,3 +82,211 @@ def tutorial_lines(train_loss: float, train_acc: float, test_acc: float, example
 @rank_zero_only
 def print_tutorial_lines(*args, **kwargs) -> None:
     print(tutorial_lines(*args, **kwargs), flush=True)
+
+
+# --------------------------------------------------------------------------- test-time outputs
+class _TestOutputsTap(Callback):
+    """Sees every test batch's logits without a second forward pass and without asking the
+    module to return them: a forward hook on the LightningModule records the output of the
+    ``self(images)`` call inside ``test_step``; ``on_test_batch_end`` pairs it with the batch.
+    """
+
+    def __init__(self) -> None:
+        self._handle = None
+        self._logits: torch.Tensor | None = None
+
+    def _record(self, module, args, output) -> None:
+        self._logits = output
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._handle = pl_module.register_forward_hook(self._record)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        logits, self._logits = self._logits, None
+        if logits is None:
+            return
+        images, labels = batch[0], batch[-1]
+        self.on_test_predictions(trainer, pl_module, images, logits.detach().float(), labels)
+
+    def on_test_predictions(self, trainer, pl_module, images: torch.Tensor, logits: torch.Tensor,
+                            labels: torch.Tensor) -> None:
+        """One test batch: its (normalised) images, logits ``(N, C)`` and true labels."""
+        raise NotImplementedError
+
+
+def _class_names(pl_module: LightningModule) -> list[str]:
+    names = getattr(pl_module, "class_names", None)
+    return list(names) if names else [str(i) for i in range(pl_module.hparams.num_classes)]
+
+
+def _normalisation(pl_module: LightningModule) -> dict[str, Any]:
+    pre = getattr(pl_module, "preprocessing", None)
+    return {"mean": pre.mean, "std": pre.std} if pre is not None else {}
+
+
+class TestFigures(_TestOutputsTap):
+    """Figures of the test set, written to every TensorBoard logger (and as PNGs to ``save_dir``):
+
+    * ``test/confusion_matrix`` — counts per (true, predicted) class (torchmetrics, synced
+      over devices);
+    * ``test/predictions`` — the tutorial's grid: the first ``num_images`` test images with
+      predicted label, confidence and true label, green when right, red when wrong;
+    * ``test/most_wrong`` — the ``num_wrong`` misclassified images with the highest confidence.
+
+    The image figures show what rank 0 saw (its shard of the test set under DDP).
+    """
+
+    def __init__(self, num_images: int = 8, num_wrong: int = 8, save_dir: str | None = None) -> None:
+        super().__init__()
+        self.num_images = int(num_images)
+        self.num_wrong = int(num_wrong)
+        self.save_dir = save_dir
+        self.confusion: MulticlassConfusionMatrix | None = None
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        self.confusion = MulticlassConfusionMatrix(len(_class_names(pl_module))).to(pl_module.device)
+        self._first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._shown = 0
+        self._wrong: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
+        self.confusion.update(logits, labels)
+        probs = logits.softmax(dim=-1).cpu()
+        images, labels = images.detach().cpu(), labels.detach().cpu()
+        if self._shown < self.num_images:
+            take = self.num_images - self._shown
+            self._first.append((images[:take], probs[:take], labels[:take]))
+            self._shown += len(images[:take])
+        # keep a running top-k of confident mistakes, so memory stays at num_wrong images
+        wrong = probs.argmax(dim=-1) != labels
+        if self.num_wrong > 0 and bool(wrong.any()):
+            candidates = (images[wrong], probs[wrong], labels[wrong])
+            if self._wrong is not None:
+                candidates = tuple(torch.cat(pair) for pair in zip(self._wrong, candidates))
+            order = candidates[1].max(dim=-1).values.argsort(descending=True)[: self.num_wrong]
+            self._wrong = tuple(t[order] for t in candidates)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        matrix = self.confusion.compute().cpu()  # all-reduced over devices
+        if not trainer.is_global_zero:
+            return
+        names, norm = _class_names(pl_module), _normalisation(pl_module)
+        figures = {"test/confusion_matrix": confusion_matrix_figure(matrix, names)}
+        if self._first:
+            images, probs, labels = (torch.cat(parts) for parts in zip(*self._first))
+            cols = min(4, len(images))
+            figures["test/predictions"] = prediction_grid(images, probs, names, labels=labels, **norm,
+                                                          num_rows=-(-len(images) // cols), num_cols=cols)
+        empty = (torch.zeros(0, 3, 1, 1), torch.zeros(0, len(names)), torch.zeros(0, dtype=torch.long))
+        figures["test/most_wrong"] = most_wrong_grid(*(self._wrong or empty), names, **norm)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for tag, fig in figures.items():
+                    logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+                logger.experiment.flush()
+        if self.save_dir:
+            for tag, fig in figures.items():
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=100)
+                atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", buffer.getvalue())
+        self._first, self._wrong = [], None
+
+
+class ClassificationReport(_TestOutputsTap):
+    """Per-class precision, recall, F1 and support, their macro averages, accuracy and the
+    confusion matrix of a ``trainer.test`` run, computed with torchmetrics (states all-reduced
+    over devices at the end of the epoch). The result is in :attr:`report` after the test.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: MetricCollection | None = None
+        self.report: dict[str, Any] | None = None
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        n = len(_class_names(pl_module))
+        self.metrics = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(n, average="micro"),
+                "precision": MulticlassPrecision(n, average=None),
+                "recall": MulticlassRecall(n, average=None),
+                "f1": MulticlassF1Score(n, average=None),
+                "precision_macro": MulticlassPrecision(n, average="macro"),
+                "recall_macro": MulticlassRecall(n, average="macro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+                "confusion_matrix": MulticlassConfusionMatrix(n),
+            },
+            compute_groups=False,  # each metric keeps its own state: no surprises when syncing
+        ).to(pl_module.device)
+        self.report = None
+
+    def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
+        self.metrics.update(logits, labels)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        values = {k: v.cpu() for k, v in self.metrics.compute().items()}
+        matrix = values["confusion_matrix"].long()
+        support = matrix.sum(dim=1)
+        names = _class_names(pl_module)
+        self.report = {
+            "class_names": names,
+            "num_images": int(support.sum()),
+            "accuracy": float(values["accuracy"]),
+            "per_class": {
+                name: {
+                    "precision": float(values["precision"][i]),
+                    "recall": float(values["recall"][i]),
+                    "f1": float(values["f1"][i]),
+                    "support": int(support[i]),
+                }
+                for i, name in enumerate(names)
+            },
+            "macro": {
+                "precision": float(values["precision_macro"]),
+                "recall": float(values["recall_macro"]),
+                "f1": float(values["f1_macro"]),
+                "support": int(support.sum()),
+            },
+            "confusion_matrix": matrix.tolist(),
+        }
+        self.metrics.reset()
+
+
+class HParamsLogger(Callback):
+    """``hp_metric`` plus the run's hyperparameters for TensorBoard's HParams dashboard.
+
+    Logged once per run: after ``trainer.test`` when ``metric`` is a ``test/`` metric, else at the
+    end of fit (e.g. ``val/acc_best``). ``hparams`` maps dashboard column names to scalar values
+    (``None`` is shown as ``"null"``: the dashboard needs one type per column).
+    """
+
+    def __init__(self, metric: str = "test/acc", hparams: Mapping[str, Any] | None = None) -> None:
+        self.metric = metric
+        self.hparams: dict[str, Any] = dict(hparams or {})
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.metric.startswith("test/"):
+            self._log(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.metric.startswith("test/"):
+            self._log(trainer)
+
+    def _log(self, trainer: Trainer) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None or trainer.sanity_checking:
+            log.warning("hp_metric: %s was not logged; HParams dashboard entry skipped", self.metric)
+            return
+        value = float(value)
+        params = {str(k): ("null" if v is None else v) for k, v in self.hparams.items()}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and not math.isnan(value):
+                logger.log_hyperparams(params, metrics={"hp_metric": value})
+                logger.experiment.flush()

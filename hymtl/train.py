@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl.callbacks import ThroughputMonitor, print_tutorial_lines
+from hymtl.callbacks import HParamsLogger, ThroughputMonitor, print_tutorial_lines
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_json
 from hymtl.runtime import config_dir, configure_backends, device_name
@@ -40,6 +42,24 @@ def _scalar(metrics: dict, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _override_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The command line's overrides as HParams columns (``mode.lr`` -> its resolved value):
+    whatever a sweep varies is then comparable in TensorBoard. Groups (``mode=frozen``) are
+    represented by the scalar keys of the curated list in conf/callbacks/default.yaml."""
+    if not HydraConfig.initialized():
+        return {}
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    columns = {}
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra"):
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            columns[key] = value
+    return columns
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one configuration; return the final metrics (also written to metrics.json)."""
     started = time.perf_counter()
@@ -57,6 +77,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("no test/ folder in %s: the val split doubles as the test split", datamodule.root)
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    for callback in callbacks:
+        if isinstance(callback, HParamsLogger):
+            callback.hparams.update(_override_hparams(cfg))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for logger in loggers:
@@ -109,6 +132,25 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _record_failure(cfg: DictConfig, exc: BaseException, user_error: HymtlError | None) -> None:
+    """Report a failed run of a sweep on the console and as ``error.json`` in its run folder
+    (which ``hymtl.summarize`` lists as failed)."""
+    message = str(user_error) if user_error is not None else f"{type(exc).__name__}: {exc}"
+    if user_error is None:  # a bug or an environment problem: the traceback is the report
+        log.exception("run failed: %s", message)
+    else:
+        log.error("run failed: %s", message)
+    try:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        atomic_write_json(output_dir / "error.json", {
+            "error": message.splitlines()[0] if message else type(exc).__name__,
+            "type": type(user_error or exc).__name__,
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        })
+    except Exception:  # noqa: BLE001 - never let the report of one failure end the sweep
+        log.exception("could not write error.json")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
@@ -116,11 +158,11 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except Exception as exc:
         error = _user_error(exc)
+        if _is_multirun():  # any failure of one run is reported and recorded; the others go on
+            _record_failure(cfg, exc, error)
+            return float("nan")
         if error is None:
             raise
-        if _is_multirun():  # one bad run of a sweep must not end the others
-            log.error("run failed: %s", error)
-            return float("nan")
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     value = metrics.get(cfg.get("optimized_metric"))
