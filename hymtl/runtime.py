@@ -54,3 +54,6 @@ def device_name(trainer) -> str:
 
 # ${hymtl_precision:ACCELERATOR} in conf/trainer/*.yaml
 OmegaConf.register_new_resolver("hymtl_precision", auto_precision, replace=True)
+
+# ${hymtl_now:…} & co. in conf/hydra/default.yaml (one run folder for all DDP ranks)
+import hymtl.distributed  # noqa: E402,F401

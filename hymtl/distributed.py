@@ -1,0 +1,198 @@
+"""Distributed launches: who started this process, and the DDP strategy that fits it.
+
+Three ways a ``trainer=ddp`` run starts, and what each needs:
+
+* ``python -m hymtl.train trainer=ddp`` (one Hydra run): Lightning's ``strategy="ddp"`` re-runs
+  the command line for local ranks 1…N-1 and pins their ``hydra.run.dir`` to the parent's, so
+  every rank shares one run folder. The subprocess launcher is the fast path (no pickling).
+* a Hydra multirun (``-m``) or an in-process call (pytest, notebooks): re-running the command
+  line would start a second sweep (a second sweep folder) or a second test session, and the
+  launcher's environment variables would make the next job of the sweep hang. The strategy
+  switches to ``start_method="spawn"`` there: children are forked from inside the job and
+  only the weights and ``callback_metrics`` come back.
+* ``torchrun`` (one or many nodes): every rank is started by torchrun and Lightning spawns
+  nothing. Each rank runs Hydra itself, so the run folder's time stamp (``${hymtl_now:…}`` in
+  ``conf/hydra/default.yaml``) is agreed through torchrun's own key-value store: rank 0's launch
+  time, for every rank on every node. Ranks other than 0 write no ``.hydra/`` copy and log to
+  ``train_rank<R>.log`` (``${hymtl_rank_zero:…}``, ``${hymtl_rank_suffix:}``).
+
+Lowest layer, beside ``runtime``: imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from omegaconf import OmegaConf
+
+#: seconds a collective (or the launch-time handshake) may wait for a silent rank before the
+#: job fails instead of hanging; override with ``trainer.strategy.timeout_s``
+DEFAULT_TIMEOUT_S = 1800.0
+_TORCHRUN_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # as Lightning's TorchElasticEnvironment
+_launch_time: float | None = None
+_store: Any = None  # rank 0's store server (fallback path) must outlive the handshake
+
+
+# --------------------------------------------------------------------------- launch context
+def launched_by_torchrun() -> bool:
+    """True in a worker started by ``torchrun`` / ``torch.distributed.run`` (any node)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def relaunched_by_lightning() -> bool:
+    """True in a local rank > 0 that Lightning's subprocess launcher started (``strategy=ddp``)."""
+    return not launched_by_torchrun() and int(os.environ.get("LOCAL_RANK", "0")) > 0
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not distributed)."""
+    if launched_by_torchrun():
+        return int(os.environ["RANK"])
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def in_hydra_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def in_hydra_cli_run() -> bool:
+    """True inside ``@hydra.main`` in single-run mode: re-running ``sys.argv`` re-runs this job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+
+
+def choose_start_method() -> str:
+    """``"popen"`` where Lightning may re-run the command line, else ``"spawn"`` (see the module docstring)."""
+    if launched_by_torchrun() or relaunched_by_lightning():
+        return "popen"  # processes exist already: Lightning launches nothing either way
+    return "popen" if in_hydra_cli_run() else "spawn"
+
+
+# --------------------------------------------------------------------------- one launch time
+def launch_time(timeout_s: float = 300.0) -> float:
+    """Seconds since the epoch at which this launch started; the same on every torchrun rank.
+
+    Outside torchrun: the clock now. Under torchrun with more than one rank: global
+    rank 0 publishes its clock in torchrun's key-value store (``compare_set``: an elastic restart
+    keeps the first value, so restarted workers land in the same run folder) and the other ranks
+    read it, waiting at most ``timeout_s``.
+    """
+    global _launch_time
+    if not (launched_by_torchrun() and world_size() > 1):
+        return time.time()  # like Hydra's ${now:}; the resolver's cache keeps it fixed per config
+    if _launch_time is None:
+        _launch_time = _agree_on_launch_time(time.time(), timeout_s)
+    return _launch_time
+
+
+def _agree_on_launch_time(mine: float, timeout_s: float) -> float:
+    global _store
+    from torch.distributed import TCPStore
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank = int(os.environ["RANK"])
+    key = f"hymtl/launch_time/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent on node 0 serves a store at MASTER_ADDR:MASTER_PORT: every rank is a client
+        store = TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
+    else:
+        # rank 0 serves; multi_tenant lets torch.distributed's own store reuse this server later
+        store = TCPStore(host, port, is_master=rank == 0, timeout=timeout, wait_for_workers=False, multi_tenant=True)
+    _store = store
+    try:
+        if rank == 0:
+            return float(store.compare_set(key, "", repr(mine)).decode())
+        return float(store.get(key).decode())
+    except RuntimeError as exc:  # DistStoreError: rank 0 never published (it died or is unreachable)
+        raise RuntimeError(
+            f"rank {rank}: no launch time from rank 0 at {host}:{port} within {timeout_s:.0f}s ({exc})"
+        ) from None
+
+
+def _now(pattern: str) -> str:
+    return datetime.fromtimestamp(launch_time()).strftime(pattern)
+
+
+def _rank_zero(value: Any) -> Any:
+    """``value`` on global rank 0 (or outside torchrun), else ``None``."""
+    return value if not launched_by_torchrun() or launch_rank() == 0 else None
+
+
+def _rank_suffix() -> str:
+    """``""`` on global rank 0 (or outside torchrun), else ``"_rank<R>"``."""
+    return "" if not launched_by_torchrun() or launch_rank() == 0 else f"_rank{launch_rank()}"
+
+
+def _devices(default: Any = "auto") -> Any:
+    """Processes per node: torchrun's ``--nproc_per_node`` under torchrun, else ``default``."""
+    return int(os.environ["LOCAL_WORLD_SIZE"]) if launched_by_torchrun() else default
+
+
+def _num_nodes(default: int = 1) -> int:
+    """Nodes: torchrun's world size / processes per node under torchrun, else ``default``."""
+    if launched_by_torchrun():
+        return max(1, world_size() // int(os.environ["LOCAL_WORLD_SIZE"]))
+    return int(default)
+
+
+# conf/trainer/ddp*.yaml: ${hymtl_devices:auto}, ${hymtl_num_nodes:1}
+OmegaConf.register_new_resolver("hymtl_devices", _devices, replace=True)
+OmegaConf.register_new_resolver("hymtl_num_nodes", _num_nodes, replace=True)
+# conf/hydra/default.yaml: ${hymtl_now:%Y-%m-%d}, ${hymtl_rank_zero:.hydra}, ${hymtl_rank_suffix:}
+OmegaConf.register_new_resolver("hymtl_now", _now, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("hymtl_rank_zero", _rank_zero, replace=True)
+OmegaConf.register_new_resolver("hymtl_rank_suffix", _rank_suffix, replace=True)
+
+
+# --------------------------------------------------------------------------- the strategy
+def ddp_strategy(
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    find_unused_parameters: bool | str = "auto",
+    unfreeze_at_epoch: int | None = None,
+    start_method: str = "auto",
+    process_group_backend: str | None = None,
+    **ddp_kwargs: Any,
+):
+    """Lightning's ``DDPStrategy`` for this launch (``conf/trainer/ddp.yaml`` instantiates it).
+
+    Args:
+        timeout_s: bound on every collective: a rank that stops answering ends the job after
+            this many seconds instead of hanging it.
+        find_unused_parameters: ``"auto"``: on for the two-phase regime only. Its backbone is
+            wrapped by DDP while trainable (so DDP syncs it after the switch) and frozen in
+            ``on_fit_start``; while frozen it gets no gradients, which DDP must be told to expect.
+        unfreeze_at_epoch: the regime (``${mode.unfreeze_at_epoch}``) for ``"auto"``.
+        start_method: ``"auto"`` (:func:`choose_start_method`), ``"popen"``, ``"spawn"``…
+        process_group_backend: ``None`` (nccl on GPUs, gloo on CPUs) or explicit.
+        ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel``.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if find_unused_parameters == "auto":
+        find_unused_parameters = unfreeze_at_epoch is not None and int(unfreeze_at_epoch) > 0
+    if start_method == "auto":
+        start_method = choose_start_method()
+    return DDPStrategy(
+        timeout=timedelta(seconds=float(timeout_s)),
+        find_unused_parameters=bool(find_unused_parameters),
+        start_method=start_method,
+        process_group_backend=process_group_backend,
+        **ddp_kwargs,
+    )
