@@ -135,7 +135,12 @@ def _is_multirun() -> bool:
 def _record_failure(cfg: DictConfig, exc: BaseException, user_error: HymtlError | None) -> None:
     """Report a failed run of a sweep on the console and as ``error.json`` in its run folder
     (which ``hymtl.summarize`` lists as failed)."""
-    message = str(user_error) if user_error is not None else f"{type(exc).__name__}: {exc}"
+    root = exc
+    for _ in range(16):  # Hydra's InstantiationException wraps the real error (bounded: no cycles)
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    message = str(user_error) if user_error is not None else f"{type(root).__name__}: {root}"
     if user_error is None:  # a bug or an environment problem: the traceback is the report
         log.exception("run failed: %s", message)
     else:
@@ -144,7 +149,7 @@ def _record_failure(cfg: DictConfig, exc: BaseException, user_error: HymtlError 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         atomic_write_json(output_dir / "error.json", {
             "error": message.splitlines()[0] if message else type(exc).__name__,
-            "type": type(user_error or exc).__name__,
+            "type": type(user_error or root).__name__,
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         })
     except Exception:  # noqa: BLE001 - never let the report of one failure end the sweep

@@ -1,0 +1,257 @@
+"""One table over the runs of a sweep: ``python -m hymtl.summarize outputs/multirun/<date>/<time>``.
+
+Also runs by itself at the end of every multirun (:class:`SweepSummary`, a Hydra callback
+registered in ``conf/hydra/default.yaml``). For each run folder below ``DIR`` (a folder with
+``.hydra/overrides.yaml``) it reads ``metrics.json`` — or ``error.json`` for a run that failed —
+and writes ``summary.csv`` (one row per run) and ``summary.md`` (the runs, then the mean ± sample
+standard deviation over each group of runs whose overrides differ only by ``seed``) into ``DIR``,
+and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from hymtl.errors import HymtlError
+from hymtl.fileio import atomic_write_text
+
+log = logging.getLogger("hymtl.summarize")
+
+#: (column, metrics.json key, format) of the numeric columns, in table order
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("test_acc", "test/acc", "{:.4f}"),
+    ("val_acc_best", "val/acc_best", "{:.4f}"),
+    ("epochs", "epochs", "{:.0f}"),
+    ("wall_time_s", "wall_time_s", "{:.1f}"),
+    ("examples_per_sec", "examples_per_sec", "{:.1f}"),
+)
+SEED_KEYS = ("seed",)
+
+
+class SummaryError(HymtlError):
+    """No runs to summarise."""
+
+
+@dataclass
+class Run:
+    """One run folder: its overrides and final numbers (or the error that ended it)."""
+
+    name: str
+    overrides: list[str]
+    values: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "failed"
+        return "ok" if self.values else "incomplete"
+
+    def group_overrides(self) -> tuple[str, ...]:
+        """The overrides without the seed: runs that differ only by seed share a group."""
+        return tuple(o for o in self.overrides if _override_key(o) not in SEED_KEYS)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _run_sort_key(path: Path, root: Path) -> tuple:
+    # numbered multirun folders (0, 1, …, 10) in numeric order
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.relative_to(root).parts)
+
+
+def collect_runs(root: str | Path) -> list[Run]:
+    """Every run folder below ``root`` (``root`` itself included), in job order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SummaryError(f"not a folder: {root}")
+    folders = sorted((p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")),
+                     key=lambda p: _run_sort_key(p, root))
+    runs = []
+    for folder in folders:
+        name = folder.relative_to(root).as_posix() if folder != root else "."
+        try:
+            overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+        except (OSError, yaml.YAMLError) as exc:
+            log.warning("skipping %s: unreadable overrides.yaml (%s)", folder, exc)
+            continue
+        run = Run(name=name, overrides=[str(o) for o in overrides])
+        metrics_file, error_file = folder / "metrics.json", folder / "error.json"
+        if error_file.is_file():
+            try:
+                run.error = str(json.loads(error_file.read_text()).get("error", "unknown error"))
+            except (OSError, ValueError):
+                run.error = "unreadable error.json"
+        elif metrics_file.is_file():
+            try:
+                metrics = json.loads(metrics_file.read_text())
+            except (OSError, ValueError):
+                run.error = "unreadable metrics.json"
+            else:
+                run.values = {column: _number(metrics.get(key)) for column, key, _ in COLUMNS}
+        runs.append(run)
+    if not runs:
+        raise SummaryError(f"no runs below {root} (looked for */.hydra/overrides.yaml)")
+    return runs
+
+
+def varying_overrides(runs: Sequence[Run]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split overrides into those every run shares and, per run, those that vary."""
+    common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)]
+    return common, {r.name: [o for o in r.overrides if o not in common] for r in runs}
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+@dataclass
+class Group:
+    """Runs whose overrides differ only by seed, with the mean and sample std of each column."""
+
+    overrides: list[str]
+    runs: list[Run]
+
+    def stats(self, column: str) -> tuple[float, float | None, int] | None:
+        values = [r.values[column] for r in self.runs if r.status == "ok" and r.values.get(column) is not None]
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return statistics.fmean(values), std, len(values)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    common = set(varying_overrides(runs)[0])
+    groups: dict[tuple[str, ...], Group] = {}
+    for run in runs:
+        key = run.group_overrides()
+        shown = [o for o in key if o not in common]
+        groups.setdefault(key, Group(shown, [])).runs.append(run)
+    return list(groups.values())
+
+
+def summary_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """The per-run table: run, the overrides that vary between runs, status, numbers."""
+    _, varying = varying_overrides(runs)
+    rows = []
+    for run in runs:
+        row = {"run": run.name, "overrides": " ".join(varying[run.name]), "status": run.status}
+        row.update({column: _fmt(run.values.get(column), pattern) for column, _, pattern in COLUMNS})
+        row["error"] = run.error or ""
+        rows.append(row)
+    return rows
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+
+
+def render_markdown(runs: Sequence[Run], title: str = "Sweep summary") -> str:
+    common, _ = varying_overrides(runs)
+    rows = summary_rows(runs)
+    columns = ["run", "overrides", "status", *(c for c, _, _ in COLUMNS)]
+    failed = [r for r in rows if r["status"] == "failed"]
+    parts = [f"# {title}", ""]
+    if common:
+        parts += ["Common overrides: `" + " ".join(common) + "`", ""]
+    ok = sum(r["status"] == "ok" for r in rows)
+    parts += [f"{len(rows)} runs: {ok} ok, {len(failed)} failed, {len(rows) - ok - len(failed)} incomplete.", ""]
+    parts += [_markdown_table(columns, [[r[c] for c in columns] for r in rows]), ""]
+    if failed:
+        parts += ["Failed runs:", ""] + [f"- run {r['run']}: {r['error']}" for r in failed] + [""]
+    groups = group_runs(runs)
+    header = ["overrides (all seeds)", "runs ok", *(f"{c} mean ± std" for c, _, _ in COLUMNS)]
+    body = []
+    for group in groups:
+        cells = [" ".join(group.overrides) or "(none)",
+                 f"{sum(r.status == 'ok' for r in group.runs)}/{len(group.runs)}"]
+        for column, _, pattern in COLUMNS:
+            stats = group.stats(column)
+            if stats is None:
+                cells.append("")
+            else:
+                mean, std, _n = stats
+                cells.append(_fmt(mean, pattern) + ("" if std is None else " ± " + _fmt(std, pattern)))
+        body.append(cells)
+    parts += ["Mean ± sample standard deviation over seeds:", "", _markdown_table(header, body), ""]
+    return "\n".join(parts)
+
+
+def render_csv(runs: Sequence[Run]) -> str:
+    rows = summary_rows(runs)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summarize(root: str | Path, write: bool = True) -> str:
+    """Summarise the runs below ``root``; write ``summary.csv``/``summary.md`` there; return the Markdown."""
+    root = Path(root)
+    runs = collect_runs(root)
+    markdown = render_markdown(runs, title=f"Sweep summary: {root}")
+    if write:
+        atomic_write_text(root / "summary.csv", render_csv(runs))
+        atomic_write_text(root / "summary.md", markdown)
+    return markdown
+
+
+class SweepSummary(Callback):
+    """Hydra callback: print and write the summary of a multirun when it ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            markdown = summarize(sweep_dir)
+        except HymtlError as exc:
+            log.warning("no sweep summary: %s", exc)
+            return
+        print(markdown, flush=True)
+        log.info("sweep summary written to %s and %s", sweep_dir / "summary.md", sweep_dir / "summary.csv")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hymtl.summarize",
+        description="Summarise the runs below DIR (a multirun folder): summary.csv + summary.md, printed.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="e.g. outputs/multirun/2026-01-01/12-00-00")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = parser.parse_args(argv)
+    try:
+        print(summarize(args.dir, write=not args.no_write))
+    except HymtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
