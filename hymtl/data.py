@@ -13,11 +13,14 @@ are ignored; files nested below a class folder belong to that class.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,13 @@ from typing import Collection, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2 as T
 
 from hymtl.backbones import Preprocessing
 from hymtl.errors import DataError, DownloadError
-from hymtl.fileio import download_file, sha256_file
+from hymtl.fileio import atomic_write_text, download_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +126,16 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
     return train, val
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied (first frame of animations)."""
+def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied (first frame of animations).
+
+    ``min_size``: a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
+    scaling, PIL ``draft``: 1/2, 1/4 or 1/8) whose both sides stay >= ``min_size``; a
+    2592x1944 photo headed for a 256-pixel resize decodes ~8x faster. Other formats ignore it.
+    """
     with Image.open(path) as img:
+        if min_size and img.format == "JPEG" and min(img.size) >= 2 * min_size:
+            img.draft(img.mode, (min_size, min_size))
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # composite transparency on white instead of letting convert() drop it to black
@@ -139,19 +149,175 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 class ImageSampleDataset(Dataset):
-    """``(image tensor, label)`` pairs from a list of samples."""
+    """``(image tensor, label)`` pairs from a list of samples.
 
-    def __init__(self, samples: Sequence[Sample], transform=None):
+    ``skip_bad``: a file that fails to decode gives ``None`` instead of an exception (dropped
+    by :func:`collate_skipping`), is logged once per process and appended to ``failure_log``
+    (``skipped.txt``; appends of one short line are atomic, so DataLoader workers can share it).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform=None, skip_bad: bool = False,
+                 failure_log: str | os.PathLike | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.skip_bad = skip_bad
+        self.failure_log = failure_log
+        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        image = load_rgb(sample.path)
+        if not self.skip_bad:
+            image = load_rgb(sample.path)
+        else:
+            try:
+                image = load_rgb(sample.path)
+            except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
+                self._report(sample.path, f"cannot decode: {_one_line(exc)}{RUNTIME_SUFFIX}")
+                return None
         return (self.transform(image) if self.transform else image), sample.label
+
+    def _report(self, path: str, reason: str) -> None:
+        if path in self._reported:
+            return
+        self._reported.add(path)
+        log.warning("skipping %s: %s", path, reason)
+        if self.failure_log:
+            try:
+                with open(self.failure_log, "a", encoding="utf-8") as f:
+                    f.write(f"{reason}\t{_escape(path)}\n")
+            except OSError as exc:
+                log.warning("could not record the skipped file in %s: %s", self.failure_log, exc)
+
+
+# --------------------------------------------------------------------------- bad files
+# Real folders hold empty files, truncated downloads, HTML saved as .jpg, broken symlinks and
+# decompression bombs. Every file is checked once, cheaply, before training (stat + the image
+# header: no pixels decoded); files that still fail to decode during training are dropped from
+# their batch (also inside DataLoader workers) and reported. ``strict`` decodes every file up
+# front instead and makes any bad file an error.
+SKIPPED_FILE_NAME = "skipped.txt"
+RUNTIME_SUFFIX = " (during training)"
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file left out of the run, and why."""
+
+    path: str
+    reason: str
+
+
+def _pixel_limit() -> int | None:
+    return Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (None: disabled by the user)
+
+
+def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
+    """Why ``path`` cannot be used as an image, or ``None`` when it can.
+
+    Cheap by default: ``stat`` plus the image header (format and size, no pixels). Images over
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused from the
+    header alone, never decoded. ``decode=True`` also decodes the pixels exactly as training
+    does (:func:`load_rgb`): what ``data.strict=true`` runs.
+    """
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else "file vanished"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot stat: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"  # a FIFO would block Image.open forever
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    limit = _pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            # between 1x and 2x the limit Pillow only warns: the size test below refuses those
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if limit and width * height > limit:
+                    return (f"refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
+                            f"decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+                if width < 1 or height < 1:
+                    return f"invalid size {width}x{height}"
+        if decode:
+            load_rgb(path).close()
+    except PermissionError:
+        return "unreadable: permission denied"
+    except Image.DecompressionBombError as exc:
+        return f"refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
+    except UnidentifiedImageError:
+        return "not an image: format not recognised"
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "unusable file", whatever its type
+        return f"cannot decode: {_one_line(exc)}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _escape(path: str) -> str:
+    """Paths on one line of skipped.txt (a name may hold a tab or a newline)."""
+    return path.encode("unicode_escape").decode("ascii") if any(c in path for c in "\t\n\r\\") else path
+
+
+def format_skipped(bad: Sequence[BadFile], header: str = "") -> str:
+    """``skipped.txt``: ``reason<TAB>path`` lines, after a ``#`` header."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{b.reason}\t{_escape(b.path)}" for b in bad]
+    return "\n".join(lines) + "\n"
+
+
+def read_skipped(path: str | os.PathLike) -> list[BadFile]:
+    """The entries of a ``skipped.txt`` (one per path: the first reason wins), in file order."""
+    seen: dict[str, BadFile] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "\t" not in line:
+            continue
+        reason, name = line.split("\t", 1)
+        seen.setdefault(name, BadFile(name, reason))
+    return list(seen.values())
+
+
+def summarize_skipped(bad: Sequence[BadFile]) -> str:
+    """``"3 files skipped: 2 empty file (0 bytes), 1 broken symlink"`` (most frequent first)."""
+    counts: dict[str, int] = {}
+    for b in bad:
+        kind = b.reason.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{len(bad)} file{'s' if len(bad) != 1 else ''} skipped: {parts}" if bad else "no files skipped"
+
+
+def collate_skipping(items: Sequence):
+    """``default_collate`` without the ``None`` items (files that failed to decode); ``None``
+    when the whole batch failed (:class:`SkippingDataLoader` then drops it)."""
+    items = [item for item in items if item is not None]
+    return default_collate(items) if items else None
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader that never yields a ``None`` batch (every file of it failed to decode).
+
+    Lightning skips empty training batches itself but not evaluation ones; filtering here
+    keeps the model's steps free of special cases.
+    """
+
+    def __iter__(self):
+        return (batch for batch in super().__iter__() if batch is not None)
 
 
 _INTERPOLATION = {
@@ -262,6 +428,10 @@ class ImageFolderDataModule(LightningDataModule):
         preprocessing: the backbone's :class:`Preprocessing` (set by the entry point from the model).
         extensions: image file extensions to read (any case, dot optional); default
             ``IMAGE_EXTENSIONS``. ``TORCHVISION_EXTENSIONS`` follows ``ImageFolder`` exactly.
+        strict: decode every file before training and stop with a :class:`DataError` at the
+            first sign of a bad file or an unusable class folder (default: skip and report them).
+        skipped_file: where to write the skipped files (``reason<TAB>path``); the train entry
+            point sets ``<run dir>/skipped.txt``.
     """
 
     def __init__(
@@ -278,6 +448,8 @@ class ImageFolderDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         extensions: Sequence[str] | None = None,
+        strict: bool = False,
+        skipped_file: str | os.PathLike | None = None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -294,6 +466,9 @@ class ImageFolderDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.extensions = frozenset("." + e.lower().lstrip(".") for e in extensions) if extensions else IMAGE_EXTENSIONS
+        self.strict = bool(strict)
+        self.skipped_file = skipped_file
+        self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
         self._class_names: list[str] | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -315,15 +490,75 @@ class ImageFolderDataModule(LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """Sorted class-folder names of the training split."""
+        """Sorted class-folder names of the training split that hold at least one usable image."""
         if self._class_names is None:
-            layout = self.layout
-            names = find_classes(layout.train if layout.train is not None else self.root)
-            names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
-            if len(names) < 2:
-                raise DataError(f"need at least two class folders in {layout.train or self.root}, found {names}")
-            self._class_names = names
+            self._discover()
         return self._class_names
+
+    def _discover(self) -> None:
+        """Scan every split, check every file (see :func:`check_image_file`), drop class folders
+        without a usable training image, split a flat folder; record and report what was left out."""
+        layout = self.layout
+        source = layout.train if layout.train is not None else self.root
+        names = find_classes(source)
+        names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
+        if len(names) < 2:
+            raise DataError(f"need at least two class folders in {source}, found {names}")
+        ext = self.extensions
+        train = scan_split(source, names, ext)
+        val = scan_split(layout.val, names, ext) if layout.val is not None else None
+        test = scan_split(layout.test, names, ext) if layout.test is not None else None
+        every = train + (val or []) + (test or [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            reasons = {s.path: r for s in every if (r := check_image_file(s.path, decode=self.strict)) is not None}
+        bad = [BadFile(s.path, reasons[s.path]) for s in every if s.path in reasons]
+        counts = [0] * len(names)
+        for s in train:
+            counts[s.label] += s.path not in reasons
+        empty = [name for name, n in zip(names, counts) if n == 0]
+        bad += [BadFile(str(Path(source) / name), "class folder without a usable image: class ignored") for name in empty]
+        self.skipped = bad
+        self._write_skipped(bad, len(every))
+        if bad:
+            first = bad[0]
+            if self.strict:
+                raise DataError(f"data.strict=true: {summarize_skipped(bad)} in {self.root}; first: "
+                                f"{first.path} ({first.reason})" + self._see_skipped())
+            log.warning("%s of %d in %s%s", summarize_skipped(bad), len(every), self.root, self._see_skipped())
+            for b in bad[:20]:
+                log.warning("  skipped %s: %s", b.path, b.reason)
+            if len(bad) > 20:
+                log.warning("  ... and %d more", len(bad) - 20)
+        usable = [name for name, n in zip(names, counts) if n > 0]
+        if len(usable) < 2:
+            found = f"only {usable}" if usable else "none"
+            raise DataError(f"need at least two classes with usable images in {source}, found {found} "
+                            f"({summarize_skipped(bad)})" + self._see_skipped())
+        relabel = {names.index(name): i for i, name in enumerate(usable)}
+
+        def keep(samples: list[Sample]) -> list[Sample]:
+            return [Sample(s.path, relabel[s.label]) for s in samples if s.path not in reasons and s.label in relabel]
+
+        train, val, test = keep(train), keep(val) if val is not None else None, keep(test) if test is not None else None
+        if val is None:
+            train, val = stratified_split(train, self.val_fraction, self.seed)
+        self._class_names = usable
+        self.train_samples, self.val_samples = train, val
+        self.test_samples = test if test is not None else list(val)
+
+    def _see_skipped(self) -> str:
+        return f"; list in {self.skipped_file}" if self.skipped_file else ""
+
+    def _write_skipped(self, bad: Sequence[BadFile], checked: int) -> None:
+        if not self.skipped_file:
+            return
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        header = (f"files left out of the run: reason<TAB>path ({len(bad)} of {checked} checked in {self.root})\n"
+                  f"decode failures during training are appended with the suffix '{RUNTIME_SUFFIX.strip()}'")
+        atomic_write_text(self.skipped_file, format_skipped(bad, header))
 
     @property
     def num_classes(self) -> int:
@@ -332,18 +567,8 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is None:
             raise DataError("ImageFolderDataModule.preprocessing is not set (take it from the backbone)")
-        layout, names = self.layout, self.class_names
-        ext = self.extensions
-        if layout.train is not None:
-            self.train_samples = scan_split(layout.train, names, ext)
-            if layout.val is not None:
-                self.val_samples = scan_split(layout.val, names, ext)
-            else:
-                self.train_samples, self.val_samples = stratified_split(self.train_samples, self.val_fraction, self.seed)
-        else:
-            everything = scan_split(self.root, names, ext)
-            self.train_samples, self.val_samples = stratified_split(everything, self.val_fraction, self.seed)
-        self.test_samples = scan_split(layout.test, names, ext) if layout.test is not None else list(self.val_samples)
+        if self._class_names is None:  # scanned and checked once, also when setup runs per stage
+            self._discover()
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
             if not samples:
                 raise DataError(f"no images in the {split} split of {self.root}")
@@ -355,10 +580,12 @@ class ImageFolderDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
-        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train))
-        return DataLoader(
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train),
+                                     skip_bad=True, failure_log=self.skipped_file)
+        return SkippingDataLoader(
             dataset,
             batch_size=self.batch_size,
+            collate_fn=collate_skipping,
             shuffle=train,
             drop_last=False,
             num_workers=self.num_workers,
