@@ -34,6 +34,7 @@ from torchvision.transforms import v2 as T
 
 from hymtl.backbones import Preprocessing
 from hymtl.errors import DataError, DownloadError
+from hymtl.features import file_identity, view_seed
 from hymtl.fileio import atomic_write_text, download_file, sha256_file
 
 log = logging.getLogger(__name__)
@@ -164,16 +165,19 @@ class ImageSampleDataset(Dataset):
         self.failure_log = failure_log
         self._reported: set[str] = set()
 
+    #: decode JPEGs at a reduced scale whose sides stay >= this (see load_rgb); set by the DataModule
+    decode_size: int | None = None
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
         if not self.skip_bad:
-            image = load_rgb(sample.path)
+            image = load_rgb(sample.path, self.decode_size)
         else:
             try:
-                image = load_rgb(sample.path)
+                image = load_rgb(sample.path, self.decode_size)
             except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
                 self._report(sample.path, f"cannot decode: {_one_line(exc)}{RUNTIME_SUFFIX}")
                 return None
@@ -358,6 +362,66 @@ def default_num_workers() -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return max(0, min(8, cores))
+
+
+class MultiViewDataset(Dataset):
+    """Each image decoded once, as a ``(1 + num_views, 3, H, W)`` tensor: the eval view, then
+    ``num_views`` training-augmented views; view ``i`` is drawn with the seed
+    :func:`hymtl.features.view_seed` ``(seed, path, i)``, so it is the same tensor in every run
+    and worker. The :class:`hymtl.features.ViewSource` of the feature cache; a file that fails
+    to decode gives ``None`` (the extractor leaves it out).
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocessing: Preprocessing, num_views: int = 0, seed: int = 0):
+        self.samples = list(samples)
+        self.num_views = int(num_views)
+        self.seed = int(seed)
+        self.decode_size = preprocessing.resize_size
+        self.eval_transform = build_transforms(preprocessing, train=False)
+        self.train_transform = build_transforms(preprocessing, train=True)
+        # everything that shapes the pixels of a view: the cache fingerprint of these views
+        self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
+                       f"seed={self.seed}\ndecode_size={self.decode_size}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def identity(self, index: int) -> tuple[str, int, int]:
+        return file_identity(self.samples[index].path)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        path = self.samples[index].path
+        try:
+            image = load_rgb(path, self.decode_size)
+        except Exception as exc:  # noqa: BLE001 - a file that fails to decode is left out, not fatal
+            log.warning("skipping %s: cannot decode: %s", path, exc)
+            return None
+        views = [self.eval_transform(image)]
+        for view in range(1, self.num_views + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, os.path.abspath(path), view))
+                views.append(self.train_transform(image))
+        return torch.stack(views)
+
+
+class FeatureTensorDataset(Dataset):
+    """``(feature vector, label)`` pairs from cached backbone features ``(N, V, F)``.
+
+    ``random_view``: each access returns one of the image's V cached views (plain + augmented)
+    at random, the cached stand-in for on-the-fly augmentation; otherwise view 0 (plain).
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, random_view: bool = False):
+        if features.dim() != 3 or features.shape[0] != labels.shape[0]:
+            raise ValueError(f"features (N, V, F) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        self.features, self.labels, self.random_view = features, labels, random_view
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: int):
+        view = int(torch.randint(self.features.shape[1], ())) if self.random_view else 0
+        return self.features[index, view], self.labels[index]
 
 
 # --------------------------------------------------------------------------- download
@@ -582,6 +646,7 @@ class ImageFolderDataModule(LightningDataModule):
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
         dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train),
                                      skip_bad=True, failure_log=self.skipped_file)
+        dataset.decode_size = self.preprocessing.resize_size  # big JPEGs: reduced-scale decoding
         return SkippingDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -594,13 +659,52 @@ class ImageFolderDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.serves_features("fit"):
+            return self._feature_loader(self.train_samples, train=True)
         return self._loader(self.train_samples, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.serves_features("fit"):
+            return self._feature_loader(self.val_samples, train=False)
         return self._loader(self.val_samples, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.serves_features("test"):
+            return self._feature_loader(self.test_samples, train=False)
         return self._loader(self.test_samples, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_samples, train=False)
+
+    # -- cached backbone features (hymtl.features) ---------------------------------------
+    def serve_features(self, extractor, num_views: int = 0, until_epoch: int | None = None) -> None:
+        """Serve backbone features from ``extractor`` (a :class:`hymtl.features.FeatureExtractor`)
+        instead of images: for the whole run and its test when ``until_epoch`` is ``None`` (a
+        frozen backbone), else while ``trainer.current_epoch < until_epoch`` (the head-only phase
+        of two-phase training: the Trainer must then reload dataloaders at that epoch). Each
+        training image contributes its plain view plus ``num_views`` augmented views.
+        """
+        self._feature_plan = (extractor, int(num_views), until_epoch)
+        self._feature_sets: dict = {}
+
+    def serves_features(self, stage: str) -> bool:
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
+        plan = getattr(self, "_feature_plan", None)
+        if plan is None or stage == "predict":
+            return False
+        until = plan[2]
+        if until is None:
+            return True
+        trainer = self.trainer
+        return stage == "fit" and (trainer.current_epoch if trainer is not None else 0) < until
+
+    def _feature_loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
+        extractor, num_views, _ = self._feature_plan
+        key = (train, tuple(s.path for s in samples))
+        if key not in self._feature_sets:
+            source = MultiViewDataset(samples, self.preprocessing, num_views if train else 0, self.seed)
+            features = extractor.extract(source)
+            labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
+            self._feature_sets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train)
+        # tensors already in memory: worker processes would only add start-up time
+        return DataLoader(self._feature_sets[key], batch_size=self.batch_size, shuffle=train, num_workers=0)

@@ -13,6 +13,9 @@ start of every training epoch, so a resumed run lands in the right phase (no cal
 restore, unlike ``BackboneFinetuning``). The optimizer holds the backbone's parameter group from
 the first step with a learning-rate factor of 0 until the switch, so no parameter group is
 ever added mid-run and any scheduler state stays consistent.
+
+The steps, metrics and logging live in ``ClassificationModule``, shared with
+``ClassifierModule``: any ``nn.Module`` classifier under the same steps (the tutorial API's).
 """
 
 from __future__ import annotations
@@ -65,7 +68,96 @@ def constant_schedule() -> Callable[[int, int], float]:
     return factor
 
 
-class TransferModule(LightningModule):
+class ClassificationModule(LightningModule):
+    """Steps, torchmetrics and epoch logging shared by :class:`TransferModule` and :class:`ClassifierModule`.
+
+    Subclasses build the network, call :meth:`init_metrics` in ``__init__`` and define
+    ``forward`` (preprocessed images -> logits) and ``configure_optimizers``. Logged per epoch:
+    ``{train,val,test}/loss``, ``…/acc`` (micro: the fraction of images right), ``…/acc_macro``
+    and ``val/acc_best``.
+    """
+
+    def init_metrics(self, num_classes: int, label_smoothing: float = 0.0) -> None:
+        """Loss and one metric object per stage (train/val/test) for ``num_classes`` classes."""
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+        def accuracy_metrics(prefix: str) -> MetricCollection:
+            # "acc" = fraction of images right (micro); the macro average is reported beside it
+            return MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "acc_macro": MulticlassAccuracy(num_classes, average="macro"),
+                },
+                prefix=prefix,
+            )
+
+        self.train_metrics = accuracy_metrics("train/")
+        self.val_metrics = accuracy_metrics("val/")
+        self.test_metrics = accuracy_metrics("test/")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives resume
+
+    def _shared_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics.update(logits.detach(), labels)
+        loss_metric.update(loss.detach(), weight=labels.numel())
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, self.train_metrics, self.train_loss)
+        self.log("train/loss_step", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute())
+        self.log_dict(self.train_metrics.compute())
+        self.train_loss.reset()
+        self.train_metrics.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log_dict(values, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute())
+        self.val_loss.reset()
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute())
+        self.log_dict(self.test_metrics.compute())
+        self.test_loss.reset()
+        self.test_metrics.reset()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).float().softmax(dim=-1)
+
+
+def build_optimization(groups: list[dict], optimizer: dict, factors: list[Callable[[int], float]]) -> dict:
+    """``configure_optimizers``' answer: the configured optimizer over ``groups`` and a per-epoch
+    ``LambdaLR`` with one ``epoch -> factor`` function per group."""
+    opt = instantiate(optimizer, _partial_=True)(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _total_epochs(module: LightningModule) -> int:
+    trainer = module._trainer
+    return trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
+
+
+class TransferModule(ClassificationModule):
     """Backbone + linear head for ``num_classes`` classes, with freeze/unfreeze hooks.
 
     Args:
@@ -121,25 +213,8 @@ class TransferModule(LightningModule):
         self.preprocessing: Preprocessing = built.preprocessing
         self.weights_source = built.weights
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.backbone_frozen = False
-
-        def accuracy_metrics(prefix: str) -> MetricCollection:
-            # "acc" = fraction of images right (micro); the macro average is reported beside it
-            return MetricCollection(
-                {
-                    "acc": MulticlassAccuracy(num_classes, average="micro"),
-                    "acc_macro": MulticlassAccuracy(num_classes, average="macro"),
-                },
-                prefix=prefix,
-            )
-
-        self.train_metrics = accuracy_metrics("train/")
-        self.val_metrics = accuracy_metrics("val/")
-        self.test_metrics = accuracy_metrics("test/")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # survives resume
+        self.init_metrics(num_classes, label_smoothing)
 
         if unfreeze_at_epoch is None:
             # never trains: freeze now, so DDP does not even register the backbone's parameters
@@ -202,60 +277,14 @@ class TransferModule(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
         return self.head(self.forward_features(images))
 
-    def _shared_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = self.criterion(logits, labels)
-        metrics.update(logits.detach(), labels)
-        loss_metric.update(loss.detach(), weight=labels.numel())
-        return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, self.train_metrics, self.train_loss)
-        self.log("train/loss_step", loss, prog_bar=True)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute())
-        self.log_dict(self.train_metrics.compute())
-        self.train_loss.reset()
-        self.train_metrics.reset()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, self.val_metrics, self.val_loss)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log_dict(values, prog_bar=True)
-        if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["val/acc"])
-            self.log("val/acc_best", self.val_acc_best.compute())
-        self.val_loss.reset()
-        self.val_metrics.reset()
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, self.test_metrics, self.test_loss)
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/loss", self.test_loss.compute())
-        self.log_dict(self.test_metrics.compute())
-        self.test_loss.reset()
-        self.test_metrics.reset()
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).float().softmax(dim=-1)
-
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
         groups = [{"params": list(self.head.parameters()), "lr": hp.lr * hp.head_lr_mult, "name": "head"}]
         if hp.unfreeze_at_epoch is not None:
             groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_mult, "name": "backbone"})
-        optimizer = instantiate(hp.optimizer, _partial_=True)(groups)
         schedule = instantiate(hp.scheduler)
-        total = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        total = _total_epochs(self)
         start = hp.unfreeze_at_epoch or 0
 
         def head_factor(epoch: int) -> float:
@@ -265,9 +294,109 @@ class TransferModule(LightningModule):
             # lr 0 while frozen; then the schedule restarts for the backbone's own phase
             return 0.0 if epoch < start else schedule(epoch - start, max(1, total - start))
 
-        factors = [head_factor, backbone_factor][: len(groups)]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return build_optimization(groups, hp.optimizer, [head_factor, backbone_factor][: len(groups)])
+
+
+class ClassifierModule(ClassificationModule):
+    """Any ``nn.Module`` classifier (images -> logits) trained by Lightning with the project's
+    steps and metrics: the tutorial API's module (``hymtl.tutorial.train_fine_tuning``).
+
+    The network is the user's (torchvision, timm, their own). What trains is the network's
+    own ``requires_grad`` state, read when the optimizer is built: frozen parameters are left
+    out, which is the fixed-feature-extractor scenario.
+
+    Args:
+        net: the classifier.
+        num_classes, class_names: its classes (names default to ``"0"``, ``"1"``, …).
+        lr: learning rate of every trainable parameter outside the head.
+        head_parameters: the head's parameters, trained at ``lr * head_lr_mult`` (the
+            tutorial's ``param_group=True``); ``None``: one group, every trainable parameter at ``lr``.
+        optimizer, scheduler: Hydra configs as for :class:`TransferModule` (default: SGD with
+            momentum 0.9, cosine decay over the run).
+        frozen_batchnorm_eval: keep BatchNorm layers whose parameters are all frozen in eval
+            mode (running statistics untouched, as a frozen ``TransferModule`` backbone);
+            ``False``: every layer follows ``train()``, as in the original tutorial.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        lr: float = 1e-3,
+        head_parameters: Sequence[nn.Parameter] | None = None,
+        head_lr_mult: float = 10.0,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        frozen_batchnorm_eval: bool = True,
+    ):
+        super().__init__()
+        if lr <= 0 or head_lr_mult <= 0:
+            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        if int(num_classes) < 2:
+            raise HymtlError(f"need at least two classes, got {num_classes}")
+        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
+        self.save_hyperparameters(ignore=["net", "head_parameters", "optimizer", "scheduler", "class_names"])
+        self.hparams.update(
+            optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
+            scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
+            class_names=class_names,
+        )
+        self.net = net
+        # names, not objects: they survive .to(device) and state-dict round trips
+        self.head_names: set[str] | None = None
+        if head_parameters is not None:
+            wanted = {id(p) for p in head_parameters}
+            self.head_names = {n for n, p in net.named_parameters() if id(p) in wanted}
+            if len(self.head_names) != len(wanted):
+                raise HymtlError("head_parameters must be parameters of net")
+        self.init_metrics(num_classes, label_smoothing)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of preprocessed images."""
+        return self.net(images)
+
+    def train(self, mode: bool = True) -> "ClassifierModule":
+        super().train(mode)
+        if mode:
+            self._frozen_batchnorm_to_eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning leaves the user's modes alone at fit start (it restores them around validation)
+        self._frozen_batchnorm_to_eval()
+
+    def _frozen_batchnorm_to_eval(self) -> None:
+        if not self.hparams.frozen_batchnorm_eval:
+            return
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                params = list(module.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise HymtlError("no parameter of the network requires grad: nothing to train")
+        head_names = self.head_names or set()
+        body = [p for n, p in trainable if n not in head_names]
+        head = [p for n, p in trainable if n in head_names]
+        groups = [g for g in (
+            {"params": body, "lr": hp.lr, "name": "body"},
+            {"params": head, "lr": hp.lr * hp.head_lr_mult, "name": "head"},
+        ) if g["params"]]
+        schedule = instantiate(hp.scheduler)
+        total = _total_epochs(self)
+        return build_optimization(groups, hp.optimizer, [lambda epoch: schedule(epoch, total)] * len(groups))
 
 
 def _plain(cfg: Any) -> Any:
