@@ -6,7 +6,8 @@ headless, in notebooks, and inside Lightning callbacks alike.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -123,4 +124,46 @@ def most_wrong_grid(
     fig = prediction_grid(images, probs, class_names, labels=labels, mean=mean, std=std,
                           num_rows=num_rows, num_cols=num_cols, scale=scale)
     fig.suptitle("most confidently wrong", color=WRONG_COLOR)
+    return fig
+
+
+def epoch_curves(
+    series: Mapping[str, Sequence[float]],
+    title: str | None = None,
+    markers: Mapping[float, str] | None = None,
+    xlabel: str = "epoch",
+    size: tuple[float, float] = (5.0, 3.5),
+) -> Figure:
+    """Per-epoch curves on one axis, as the tutorial's animator draws them (``train loss``,
+    ``train acc``, ``test acc``): epoch ``1..n`` on x, each legend entry with its last value.
+
+    Args:
+        series: name -> one value per epoch (``nan`` where an epoch has none).
+        markers: x position -> label of a dashed vertical line (e.g. where a backbone unfreezes).
+    """
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.subplots()
+    styles = ("-", "--", "-.", ":")
+    top = 1.0
+    for index, (name, values) in enumerate(series.items()):
+        values = [float(v) for v in values]
+        if not values:
+            continue
+        epochs = range(1, len(values) + 1)
+        ax.plot(epochs, values, styles[index % len(styles)], marker="o", markersize=3,
+                label=f"{name} ({values[-1]:.3f})")
+        top = max([top] + [v for v in values if math.isfinite(v)])
+    for x, label in (markers or {}).items():
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="grey")
+    longest = max((len(v) for v in series.values()), default=1)
+    ax.set_xlim(0.8, max(longest, 1) + 0.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(0.0, top * 1.05)
+    ax.set_xlabel(xlabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig
