@@ -316,6 +316,8 @@ class ClassifierModule(ClassificationModule):
         frozen_batchnorm_eval: keep BatchNorm layers whose parameters are all frozen in eval
             mode (running statistics untouched, as a frozen ``TransferModule`` backbone);
             ``False``: every layer follows ``train()``, as in the original tutorial.
+        loss_reduction: ``"mean"``, or ``"sum"`` to backpropagate the batch's summed loss as the
+            original tutorial's ``train_ch13`` does (the logged loss stays the per-image mean).
     """
 
     def __init__(
@@ -330,6 +332,7 @@ class ClassifierModule(ClassificationModule):
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
         frozen_batchnorm_eval: bool = True,
+        loss_reduction: str = "mean",
     ):
         super().__init__()
         if lr <= 0 or head_lr_mult <= 0:
@@ -339,6 +342,8 @@ class ClassifierModule(ClassificationModule):
         class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
             raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
+        if loss_reduction not in ("mean", "sum"):
+            raise HymtlError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.save_hyperparameters(ignore=["net", "head_parameters", "optimizer", "scheduler", "class_names"])
         self.hparams.update(
             optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
@@ -362,6 +367,10 @@ class ClassifierModule(ClassificationModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of preprocessed images."""
         return self.net(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * batch[-1].numel() if self.hparams.loss_reduction == "sum" else loss
 
     def train(self, mode: bool = True) -> "ClassifierModule":
         super().train(mode)
