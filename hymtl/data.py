@@ -175,13 +175,18 @@ class ImageSampleDataset(Dataset):
         sample = self.samples[index]
         if not self.skip_bad:
             image = load_rgb(sample.path, self.decode_size)
-        else:
-            try:
-                image = load_rgb(sample.path, self.decode_size)
-            except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
-                self._report(sample.path, f"cannot decode: {_one_line(exc)}{RUNTIME_SUFFIX}")
-                return None
-        return (self.transform(image) if self.transform else image), sample.label
+            return (self.transform(image) if self.transform else image), sample.label
+        try:
+            image = load_rgb(sample.path, self.decode_size)
+        except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
+            self._report(sample.path, f"cannot decode: {_one_line(exc)}{RUNTIME_SUFFIX}")
+            return None
+        try:  # geometry can fail on a valid file too (a 10000x2 strip resized to 0 rows)
+            return (self.transform(image) if self.transform else image), sample.label
+        except Exception as exc:  # noqa: BLE001
+            self._report(sample.path, f"cannot transform {image.width}x{image.height}: "
+                                      f"{_one_line(exc)}{RUNTIME_SUFFIX}")
+            return None
 
     def _report(self, path: str, reason: str) -> None:
         if path in self._reported:
@@ -247,7 +252,7 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
             with Image.open(path) as img:
                 width, height = img.size
                 if limit and width * height > limit:
-                    return (f"refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
+                    return (f"decompression bomb refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
                             f"decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
                 if width < 1 or height < 1:
                     return f"invalid size {width}x{height}"
@@ -256,7 +261,7 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
     except PermissionError:
         return "unreadable: permission denied"
     except Image.DecompressionBombError as exc:
-        return f"refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
+        return f"decompression bomb refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
     except UnidentifiedImageError:
         return "not an image: format not recognised"
     except Exception as exc:  # noqa: BLE001 - any decoder error means "unusable file", whatever its type
@@ -342,7 +347,10 @@ def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
         ]
     else:
         geometry = [
-            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True),
+            # max_size: a 10000x10 strip would otherwise become 256x256000 (GBs) before the crop;
+            # capped, it is padded by the crop instead. Aspect ratios up to 4:1 are unaffected.
+            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True,
+                     max_size=4 * preprocessing.resize_size),
             T.CenterCrop(preprocessing.input_size),
         ]
     return T.Compose(
