@@ -272,7 +272,10 @@ class TransferModule(ClassificationModule):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of preprocessed images."""
+        """Logits for a batch of preprocessed images ``(N, 3, H, W)``, or for a batch of backbone
+        features ``(N, F)``: the head-only step on features cached by :mod:`hymtl.features`."""
+        if images.dim() == 2:
+            return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
         return self.head(self.forward_features(images))
