@@ -1,0 +1,308 @@
+"""Export a trained model to run without hymtl, and prove it gives the same answers.
+
+``python -m hymtl.export ckpt_path=RUN/checkpoints/best.ckpt format=onnx|torchscript [out=PATH]``
+
+* ``onnx``: one self-contained ``.onnx`` file, dynamic batch axis (``images``: ``(batch, 3, S, S)``
+  float32 -> ``logits``: ``(batch, classes)``). Default exporter: PyTorch's ``torch.export``-based
+  ("dynamo") exporter at opset 18 — the lowest opset it can write for the EfficientNet-Lite
+  family (their TF-"same" ``Pad`` has no down-converter to 17), a compact graph and the faster of
+  the two under ONNX Runtime. ``onnx.exporter=torchscript onnx.opset=17`` uses the legacy
+  TorchScript-based exporter for runtimes that stop at opset 17 (same parity; deprecated by
+  PyTorch). The requested opset is checked, never silently changed.
+* ``torchscript``: ``torch.jit.trace`` of backbone + head, loadable with ``torch.jit.load`` (also
+  from C++).
+
+Beside the model, a JSON sidecar ``<model file>.json`` holds the class names, the preprocessing
+(input size, resize size, mean/std, interpolation, center crop), the model file's SHA-256 and
+the parity figures; ONNX files carry the same description in their metadata (key ``hymtl``).
+
+**Parity is part of the export**: the exported model runs (ONNX Runtime / ``torch.jit.load``) on
+real images next to the LightningModule, both fp32 on the same preprocessed batches (batch size
+``parity.batch_size``, so a full and a partial batch exercise the dynamic batch axis). The
+maximum absolute logit difference must be <= ``parity.atol`` (1e-4) and the top-1 class the
+same on every image; the figures are printed. When parity breaks, nothing is written to ``out``
+and the command exits with code 3. The default images are the validation split of the run's
+``data.root`` (read from ``RUN/.hydra/config.yaml``); ``parity.inputs=[...]`` sets others.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hymtl.checkpoints import (
+    ONNX_METADATA_KEY,
+    TORCHSCRIPT_METADATA_FILE,
+    LoadError,
+    export_metadata,
+    load_checkpoint,
+    load_onnx,
+    load_torchscript,
+    sha256_bytes,
+    sidecar_path,
+    write_sidecar,
+)
+from hymtl.data import VAL_DIR_NAMES, find_classes
+from hymtl.errors import HymtlError
+from hymtl.fileio import atomic_write_bytes
+from hymtl.predict import (
+    OnnxPredictor,
+    Predictor,
+    TorchPredictor,
+    TorchScriptPredictor,
+    collect_inputs,
+    iter_batches,
+)
+from hymtl.runtime import config_dir
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+ONNX_EXPORTERS = ("dynamo", "torchscript")
+
+
+class ExportError(HymtlError):
+    """The model cannot be exported as asked (unsupported opset, no parity images, …)."""
+
+
+class ParityError(ExportError):
+    """The exported model does not reproduce the checkpoint's logits; nothing was written."""
+
+
+class ExportableClassifier(nn.Module):
+    """Backbone + head of a :class:`~hymtl.model.TransferModule`, without Lightning: what is exported."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def _example_input(size: int, batch: int = 2) -> torch.Tensor:
+    # batch 2, not 1: tracing with 1 can specialise the batch dimension
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- exporters
+def onnx_bytes(model: nn.Module, meta: dict, opset: int = 18, exporter: str = "dynamo") -> bytes:
+    """The model as a serialized ONNX file (weights inside, ``meta`` in ``metadata_props``)."""
+    import onnx
+
+    if exporter not in ONNX_EXPORTERS:
+        raise ExportError(f"onnx.exporter must be one of {', '.join(ONNX_EXPORTERS)}, got {exporter!r}")
+    net = ExportableClassifier(model).eval()
+    example = _example_input(meta["preprocessing"]["input_size"])
+    common = dict(input_names=["images"], output_names=["logits"], opset_version=int(opset))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: chosen knowingly
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1)
+                program = torch.onnx.export(net, (example,), None, dynamo=True, dynamic_shapes=({0: batch},),
+                                            verbose=False, optimize=True, **common)
+                proto = program.model_proto
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.onnx.export(net, (example,), f"{tmp}/model.onnx", dynamo=False,
+                                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **common)
+                    proto = onnx.load(f"{tmp}/model.onnx")
+    except Exception as exc:
+        raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != int(opset):
+        hint = " (use onnx.exporter=torchscript for opset 17)" if exporter == "dynamo" and int(opset) < 18 else ""
+        raise ExportError(f"the {exporter} exporter wrote opset {got} instead of the requested {opset}{hint}")
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(meta, sort_keys=True)
+    proto.producer_name = "hymtl"
+    return proto.SerializeToString()
+
+
+def torchscript_bytes(model: nn.Module, meta: dict) -> bytes:
+    """The model traced to TorchScript, ``meta`` stored as the archive's extra file ``hymtl.json``."""
+    import io
+
+    net = ExportableClassifier(model).eval()
+    example = _example_input(meta["preprocessing"]["input_size"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic in timm's "same" padding
+            # (and torch.jit's deprecation notice: TorchScript is still what libtorch/C++ loads)
+            traced = torch.jit.trace(net, (example,), check_inputs=[(_example_input(example.shape[-1], 3),)])
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta, sort_keys=True)})
+    except Exception as exc:
+        raise ExportError(f"TorchScript export failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- parity
+@dataclass
+class ParityReport:
+    """How closely the exported model reproduces the checkpoint."""
+
+    backend: str
+    images: int
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    top1_agree: int
+    atol: float
+    batch_sizes: list[int]
+    skipped: int
+
+    @property
+    def ok(self) -> bool:
+        return self.images > 0 and self.max_abs_logit_diff <= self.atol and self.top1_agree == self.images
+
+    def line(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (
+            f"parity {self.backend} vs checkpoint (fp32) on {self.images} images: max |logit diff| "
+            f"{self.max_abs_logit_diff:.2e} (limit {self.atol:.0e}), mean {self.mean_abs_logit_diff:.2e}, "
+            f"top-1 agree {self.top1_agree}/{self.images}, batch sizes {sorted(set(self.batch_sizes))}: {verdict}"
+        )
+
+
+def check_parity(
+    reference: Predictor, candidate: Predictor, paths: Sequence[str], atol: float = 1e-4,
+    batch_size: int = 32, num_workers: int | str = "auto",
+) -> ParityReport:
+    """Run both models on the same preprocessed batches of ``paths`` and compare their logits."""
+    if reference.class_names != candidate.class_names or reference.preprocessing != candidate.preprocessing:
+        raise ParityError("the exported model's class names or preprocessing differ from the checkpoint's")
+    diffs, agree, sizes, skipped = [], 0, [], 0
+    for _, images, bad in iter_batches(paths, reference.preprocessing, batch_size, num_workers):
+        skipped += len(bad)
+        if images is None:
+            continue
+        ref, got = reference.logits(images), candidate.logits(images)
+        if got.shape != ref.shape:
+            raise ParityError(f"the exported model returned logits of shape {got.shape} for a batch of {len(images)}")
+        diffs.append(np.abs(ref.astype(np.float64) - got.astype(np.float64)).reshape(-1))
+        agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        sizes.append(len(images))
+    flat = np.concatenate(diffs) if diffs else np.zeros(0)
+    return ParityReport(
+        backend=candidate.backend, images=int(sum(sizes)),
+        max_abs_logit_diff=float(flat.max()) if flat.size else float("nan"),
+        mean_abs_logit_diff=float(flat.mean()) if flat.size else float("nan"),
+        top1_agree=agree, atol=float(atol), batch_sizes=sizes, skipped=skipped,
+    )
+
+
+def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
+    """The validation folder of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.ckpt``).
+
+    Read from ``RUN/.hydra/config.yaml`` (``data.root``); empty when that cannot be found.
+    """
+    run_dir = Path(ckpt_path).expanduser().resolve().parent.parent
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        root = OmegaConf.select(OmegaConf.load(saved), "data.root", throw_on_resolution_failure=False)
+    except Exception:  # an unreadable saved config only means: no default
+        return []
+    if not root or not Path(str(root)).expanduser().is_dir():
+        return []
+    root = Path(str(root)).expanduser()
+    sub = {d.lower(): root / d for d in find_classes(root)}
+    for name in (*VAL_DIR_NAMES, "test"):
+        if name in sub:
+            return [str(sub[name])]
+    return [str(root)]
+
+
+# --------------------------------------------------------------------------- the command
+def export(cfg: DictConfig) -> dict:
+    """Export ``cfg.ckpt_path`` as ``cfg.format``, check parity, write model + sidecar; return the sidecar."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise ExportError("ckpt_path= is required (python -m hymtl.export ckpt_path=CKPT format=onnx)")
+    if cfg.format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    ckpt = Path(str(cfg.ckpt_path)).expanduser()
+    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else ckpt.with_suffix(FORMATS[cfg.format])
+    if out.resolve() == ckpt.resolve():
+        raise ExportError(f"out={out} would overwrite the checkpoint")
+
+    inputs = list(cfg.parity.inputs) if cfg.parity.get("inputs") else default_parity_inputs(ckpt)
+    if not inputs:
+        raise ExportError(
+            "parity needs real images and the run's data folder was not found: pass parity.inputs=[FOLDER or FILES]"
+        )
+    paths, missing = collect_inputs(inputs)
+    if cfg.parity.get("max_images"):
+        paths = paths[: int(cfg.parity.max_images)]
+    if not paths:
+        raise ExportError(f"no parity images in {inputs} ({'; '.join(s.reason for s in missing)})")
+
+    model = load_checkpoint(ckpt)
+    meta = export_metadata(
+        model.class_names, model.preprocessing, cfg.format,
+        backbone=model.hparams.backbone, source_checkpoint=ckpt.name,
+        source_sha256=sha256_bytes(ckpt.read_bytes()), torch_version=torch.__version__,
+    )
+    if cfg.format == "onnx":
+        meta.update(opset=int(cfg.onnx.opset), exporter=str(cfg.onnx.exporter), dynamic_axes={"images": [0], "logits": [0]})
+        data = onnx_bytes(model, meta, opset=cfg.onnx.opset, exporter=cfg.onnx.exporter)
+    else:
+        meta.update(dynamic_axes={"images": [0], "logits": [0]})
+        data = torchscript_bytes(model, meta)
+
+    # Load the export back through the same safe loaders users get, from a scratch folder.
+    with tempfile.TemporaryDirectory(prefix=".hymtl-export.") as tmp:
+        staged = Path(tmp) / out.name
+        staged.write_bytes(data)
+        write_sidecar(staged, meta)
+        try:
+            if cfg.format == "onnx":
+                session, loaded_meta = load_onnx(staged)
+                candidate: Predictor = OnnxPredictor(session, loaded_meta, source=str(out))
+            else:
+                module, loaded_meta = load_torchscript(staged)
+                candidate = TorchScriptPredictor(module, loaded_meta, source=str(out))
+        except LoadError as exc:
+            raise ExportError(f"the freshly exported model does not load: {exc}") from None
+        report = check_parity(TorchPredictor(model, str(ckpt)), candidate, paths, atol=float(cfg.parity.atol),
+                              batch_size=int(cfg.parity.batch_size), num_workers=cfg.parity.num_workers)
+    print(report.line())
+    if not report.ok:
+        raise ParityError(f"parity check failed, nothing written to {out}: {report.line()}")
+
+    meta["parity"] = {k: v for k, v in asdict(report).items() if k not in ("batch_sizes",)}
+    meta["parity"]["inputs"] = [str(i) for i in inputs]
+    atomic_write_bytes(out, data)
+    side = write_sidecar(out, meta)
+    print(f"wrote {out} ({len(data) / 1e6:.1f} MB) and {side.name}")
+    return json.loads(side.read_text())
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: ``error: ...`` and exit 2 on bad input, exit 3 when parity breaks."""
+    try:
+        export(cfg)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except HymtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
