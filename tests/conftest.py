@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,43 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of ``TransferModule`` (efficientnet_lite0, random init, one
+    training step on the tiny colour images of ``<checkpoint dir>/images``)."""
+    import lightning.pytorch as pl
+
+    from hymtl.data import ImageFolderDataModule
+    from hymtl.model import TransferModule
+
+    root = make_image_folder(tmp_path_factory.mktemp("tiny_checkpoint") / "images")
+    datamodule = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0)
+    model = TransferModule(backbone="efficientnet_lite0", pretrained=False, num_classes=2,
+                           class_names=datamodule.class_names, unfreeze_at_epoch=None)
+    datamodule.preprocessing = model.preprocessing
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    path = root.parent / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(real_data: Path, tmp_path_factory) -> Path:
+    """A run of ``hymtl.train`` on the ants/bees data (frozen ImageNet efficientnet_lite0, a few
+    steps): ``<run>/checkpoints/*.ckpt`` beside ``<run>/.hydra/config.yaml``."""
+    run = tmp_path_factory.mktemp("real_run") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "hymtl.train", "mode=frozen", "model=efficientnet_lite0", "data=folder",
+         f"data.root={real_data}", "mode.epochs=1", "data.batch_size=16", "+trainer.limit_train_batches=4",
+         "+trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"training the fixture run failed:\n{result.stderr[-3000:]}")
+    ckpts = sorted((run / "checkpoints").glob("best-*.ckpt")) or sorted((run / "checkpoints").glob("*.ckpt"))
+    assert ckpts, f"no checkpoint in {run}"
+    return ckpts[0]
