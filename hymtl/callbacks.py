@@ -60,6 +60,9 @@ class ThroughputMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._pause()
+        # also a logged metric: the figure a DDP-spawn run (multirun) returns to the main
+        # process, where this callback's own counters stay empty (mean over the ranks' clocks)
+        pl_module.log("train/examples_per_sec", self.examples_per_sec, sync_dist=True)
 
     def _pause(self) -> None:
         if self._epoch_started is not None:
@@ -138,7 +141,10 @@ class TestFigures(_TestOutputsTap):
       predicted label, confidence and true label, green when right, red when wrong;
     * ``test/most_wrong`` — the ``num_wrong`` misclassified images with the highest confidence.
 
-    The image figures show what rank 0 saw (its shard of the test set under DDP).
+    The image figures show what rank 0 saw (its shard of the test set under DDP). When the test
+    batches hold cached backbone features instead of images (``mode=frozen``), the confusion
+    matrix still comes from them, and the image figures from one pass over the datamodule's
+    ``predict_dataloader`` (the test images) on rank 0.
     """
 
     def __init__(self, num_images: int = 8, num_wrong: int = 8, save_dir: str | None = None) -> None:
@@ -154,10 +160,17 @@ class TestFigures(_TestOutputsTap):
         self._first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._shown = 0
         self._wrong: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._features_only = False
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
         self.confusion.update(logits, labels)
-        probs = logits.softmax(dim=-1).cpu()
+        if images.dim() != 4:  # cached features, not pixels: the images come at the end
+            self._features_only = True
+            return
+        self._keep(images, logits.softmax(dim=-1), labels)
+
+    def _keep(self, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        probs = probs.float().cpu()
         images, labels = images.detach().cpu(), labels.detach().cpu()
         if self._shown < self.num_images:
             take = self.num_images - self._shown
@@ -172,10 +185,27 @@ class TestFigures(_TestOutputsTap):
             order = candidates[1].max(dim=-1).values.argsort(descending=True)[: self.num_wrong]
             self._wrong = tuple(t[order] for t in candidates)
 
+    def _images_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The test images and the model's predictions on them, from ``predict_dataloader``."""
+        loader_fn = getattr(trainer.datamodule, "predict_dataloader", None)
+        if loader_fn is None:
+            log.info("test batches hold no images and there is no predict_dataloader: no image figures")
+            return
+        with torch.inference_mode(), trainer.strategy.precision_plugin.forward_context():
+            for batch in loader_fn():
+                if batch is None:
+                    continue
+                images, labels = batch[0], batch[-1]
+                logits = pl_module(images.to(pl_module.device))
+                self._keep(images, logits.float().softmax(dim=-1), labels)
+        self._logits = None  # our own forward calls went through the tap
+
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = self.confusion.compute().cpu()  # all-reduced over devices
         if not trainer.is_global_zero:
             return
+        if self._features_only:
+            self._images_pass(trainer, pl_module)
         names, norm = _class_names(pl_module), _normalisation(pl_module)
         figures = {"test/confusion_matrix": confusion_matrix_figure(matrix, names)}
         if self._first:

@@ -111,33 +111,31 @@ class ClassificationModule(LightningModule):
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
+    # Epoch metrics are logged as metric objects: Lightning computes them at the end of the
+    # epoch (torchmetrics syncs their states across DDP ranks: the numbers of the whole split,
+    # not of rank 0's shard) and resets them.
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute())
-        self.log_dict(self.train_metrics.compute())
-        self.train_loss.reset()
-        self.train_metrics.reset()
+        self.log("train/loss", self.train_loss)
+        self.log_dict(self.train_metrics)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log_dict(values, prog_bar=True)
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["val/acc"])
-            self.log("val/acc_best", self.val_acc_best.compute())
-        self.val_loss.reset()
-        self.val_metrics.reset()
+            self.val_acc_best.update(self.val_metrics["acc"].compute())  # synced; cached for the log below
+            # a value, not the object (Lightning would reset the running max); identical on every
+            # rank, so sync_dist only keeps Lightning from asking for it
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log_dict(self.val_metrics, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, self.test_metrics, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/loss", self.test_loss.compute())
-        self.log_dict(self.test_metrics.compute())
-        self.test_loss.reset()
-        self.test_metrics.reset()
+        self.log("test/loss", self.test_loss)
+        self.log_dict(self.test_metrics)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -248,11 +246,14 @@ class TransferModule(ClassificationModule):
         start = self.hparams.unfreeze_at_epoch
         return start is not None and epoch >= start
 
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps the model: DDP lays its gradient buckets out like the parameters.
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
     def on_fit_start(self) -> None:
         # After the strategy has wrapped the model (DDP registers every parameter that may train).
         self._apply_phase(self.trainer.current_epoch)
-        if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
         self._apply_phase(self.trainer.current_epoch)

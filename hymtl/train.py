@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -60,6 +61,16 @@ def _override_hparams(cfg: DictConfig) -> dict[str, Any]:
         if value is None or isinstance(value, (bool, int, float, str)):
             columns[key] = value
     return columns
+
+
+def _epochs_from_last_checkpoint(trainer: pl.Trainer) -> int:
+    """Epochs completed, from ``last.ckpt``: a DDP-spawn fit leaves ``trainer.current_epoch`` at 0
+    in the main process."""
+    callback = trainer.checkpoint_callback
+    last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+    if last is None or not last.is_file():
+        return trainer.current_epoch
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -107,10 +118,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    logged_throughput = metrics.pop("train/examples_per_sec", None)
     metrics.update(
         {
-            "examples_per_sec": throughput.examples_per_sec if throughput else None,
-            "epochs": trainer.current_epoch,
+            # DDP spawn (multirun): the fit ran in child processes; only callback_metrics came back
+            "examples_per_sec": (throughput.examples_per_sec if throughput and throughput.seconds
+                                 else logged_throughput),
+            "epochs": trainer.current_epoch or _epochs_from_last_checkpoint(trainer),
             "wall_time_s": time.perf_counter() - started,
             "mode": cfg.mode.name,
             "backbone": cfg.model.backbone,
