@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import stat
 import tempfile
 import warnings
@@ -327,6 +328,18 @@ class SkippingDataLoader(DataLoader):
 
     def __iter__(self):
         return (batch for batch in super().__iter__() if batch is not None)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main
+    process finishes its batch and saves a checkpoint before stopping (workers dying first would
+    end that batch in an error). Keeps Lightning's worker seeding (``seed_everything(workers=True)``),
+    which a DataLoader with its own ``worker_init_fn`` would otherwise lose."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 _INTERPOLATION = {
@@ -659,6 +672,7 @@ class ImageFolderDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             collate_fn=collate_skipping,
+            worker_init_fn=worker_init,
             shuffle=train,
             drop_last=False,
             num_workers=self.num_workers,
