@@ -24,6 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.callbacks import HParamsLogger, ThroughputMonitor, print_tutorial_lines
+from hymtl.checkpointing import RunInterrupted, check_resumable, resolve_resume
+from hymtl.data import SKIPPED_FILE_NAME, read_skipped, summarize_skipped
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureExtractor
 from hymtl.fileio import atomic_write_json
@@ -62,17 +64,38 @@ def _override_hparams(cfg: DictConfig) -> dict[str, Any]:
     return columns
 
 
+def _epochs_from_last_checkpoint(trainer: pl.Trainer) -> int:
+    """Epochs completed, from ``last.ckpt``: a DDP-spawn fit leaves ``trainer.current_epoch`` at 0
+    in the main process."""
+    callback = trainer.checkpoint_callback
+    last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+    if last is None or not last.is_file():
+        return trainer.current_epoch
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one configuration; return the final metrics (also written to metrics.json)."""
     started = time.perf_counter()
+    check_numbers(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    resume = resolve_resume(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir))
+    if resume is not None and resume.run_dir is not None and resume.run_dir.resolve() != output_dir.resolve():
+        # one run, one folder: the best checkpoint so far, the curves and metrics.json stay together
+        log.info("resuming %s: writing to its run folder %s", resume.checkpoint, resume.run_dir)
+        cfg.paths.output_dir = str(resume.run_dir)
+        output_dir = resume.run_dir
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
 
     datamodule = instantiate(cfg.data)
+    if getattr(datamodule, "skipped_file", "") is None:
+        datamodule.skipped_file = output_dir / SKIPPED_FILE_NAME
     datamodule.prepare_data()  # download if missing: the class names are needed to build the head
     class_names = datamodule.class_names
     model = instantiate(cfg.model, num_classes=len(class_names), class_names=class_names)
+    if resume is not None:
+        check_resumable(resume.checkpoint, cfg.model.backbone, class_names, cfg.model.get("unfreeze_at_epoch"))
     datamodule.preprocessing = model.preprocessing
     log.info("classes %s; backbone %s (%s)", class_names, cfg.model.backbone, model.weights_source)
     if datamodule.test_split_name == "val":
@@ -88,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -97,10 +120,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    logged_throughput = metrics.pop("train/examples_per_sec", None)
     metrics.update(
         {
-            "examples_per_sec": throughput.examples_per_sec if throughput else None,
-            "epochs": trainer.current_epoch,
+            # DDP spawn (multirun): the fit ran in child processes; only callback_metrics came back
+            "examples_per_sec": (throughput.examples_per_sec if throughput and throughput.seconds
+                                 else logged_throughput),
+            "epochs": trainer.current_epoch or _epochs_from_last_checkpoint(trainer),
             "wall_time_s": time.perf_counter() - started,
             "mode": cfg.mode.name,
             "backbone": cfg.model.backbone,
@@ -110,6 +136,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "device": device_name(trainer),
         }
     )
+    skipped = read_skipped(output_dir / SKIPPED_FILE_NAME)  # the up-front check + decode failures in workers
+    metrics["skipped_files"] = len(skipped)
+    if skipped:
+        log.warning("%s (list in %s)", summarize_skipped(skipped), output_dir / SKIPPED_FILE_NAME)
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
     if "test/acc" in metrics and "train/loss" in metrics:
@@ -145,6 +175,39 @@ def _serve_cached_features(cfg: DictConfig, model, datamodule) -> dict[str, Any]
     log.info("head-only epochs train on cached backbone features (%s)",
              extractor.cache_root or "in memory: feature_cache.enabled=false")
     return {"reload_dataloaders_every_n_epochs": until} if until else {}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Numbers Lightning or PyTorch would take silently or end in a traceback: one line instead
+    (``mode.epochs=-1`` would mean "train forever" to Lightning)."""
+    def number(key: str, value: Any, integer: bool = False) -> float:
+        try:
+            parsed = float(value)
+        except (TypeError, ValueError):
+            parsed = float("nan")
+        if parsed != parsed or parsed in (float("inf"), float("-inf")) or (integer and parsed != int(parsed)):
+            raise HymtlError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        return parsed
+
+    for key in ("mode.epochs", "trainer.max_epochs"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and number(key, value, integer=True) < 1:
+            raise HymtlError(f"{key} must be a positive integer, got {value}")
+    value = OmegaConf.select(cfg, "mode.lr", default=None)
+    if value is not None and number("mode.lr", value) <= 0:
+        raise HymtlError(f"mode.lr must be a positive number, got {value}")
+    if OmegaConf.select(cfg, "model.lr", default=None) is not None:
+        number("model.lr", cfg.model.lr)  # its sign is the module's check
+    for key in ("mode.head_lr_mult", "mode.backbone_lr_mult", "mode.freeze_epochs", "data.val_fraction"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and number(key, value) < 0:
+            raise HymtlError(f"{key} must not be negative, got {value}")
+    value = OmegaConf.select(cfg, "data.num_workers", default=None)
+    if value not in (None, "auto") and number("data.num_workers", value, integer=True) < 0:
+        raise HymtlError(f"data.num_workers must be 'auto' or an integer >= 0, got {value}")
+    value = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if value is not None and number("data.batch_size", value, integer=True) < 1:
+        raise HymtlError(f"data.batch_size must be a positive integer, got {value}")
 
 
 def _user_error(exc: BaseException) -> HymtlError | None:
@@ -191,6 +254,9 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     try:
         metrics = train(cfg)
+    except RunInterrupted as stop:  # Ctrl-C / SIGTERM: state saved; a sweep stops as a whole
+        print(stop.message, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except Exception as exc:
         error = _user_error(exc)
         if _is_multirun():  # any failure of one run is reported and recorded; the others go on
