@@ -13,6 +13,7 @@ are ignored; files nested below a class folder belong to that class.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,13 +30,19 @@ from typing import Collection, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2 as T
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from hymtl.backbones import Preprocessing
 from hymtl.errors import DataError, DownloadError
-from hymtl.features import file_identity, view_seed
+from hymtl.features import Features, file_identity, view_seed
 from hymtl.fileio import atomic_write_text, download_file, sha256_file
 
 log = logging.getLogger(__name__)
@@ -500,6 +507,20 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, manife
     return root
 
 
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if missing), held for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if fcntl is not None:  # POSIX; elsewhere concurrent downloads stay safe (atomic replace), only wasteful
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------- the DataModule
 class ImageFolderDataModule(LightningDataModule):
     """Train/val/test splits of an image folder (see the module docstring for the layout).
@@ -566,8 +587,13 @@ class ImageFolderDataModule(LightningDataModule):
             return
         if not self.download_url:
             raise DataError(f"data folder not found: {self.root}")
-        download_and_extract(self.download_url, self.root, sha256=self.sha256,
-                             manifest=Path(self.manifest) if self.manifest else None)
+        # torchrun starts every rank at once, each calling this before the Trainer exists: the
+        # first to take the lock downloads, the others wait and then find the folder in place
+        with _exclusive_lock(self.root.parent / f".{self.root.name}.lock"):
+            if self.root.is_dir():
+                return
+            download_and_extract(self.download_url, self.root, sha256=self.sha256,
+                                 manifest=Path(self.manifest) if self.manifest else None)
 
     @property
     def layout(self) -> SplitLayout:
@@ -668,12 +694,14 @@ class ImageFolderDataModule(LightningDataModule):
         dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train),
                                      skip_bad=True, failure_log=self.skipped_file)
         dataset.decode_size = self.preprocessing.resize_size  # big JPEGs: reduced-scale decoding
+        sampler = None if train else self._eval_sampler(dataset)
         return SkippingDataLoader(
             dataset,
             batch_size=self.batch_size,
             collate_fn=collate_skipping,
             worker_init_fn=worker_init,
             shuffle=train,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -725,8 +753,36 @@ class ImageFolderDataModule(LightningDataModule):
         key = (train, tuple(s.path for s in samples))
         if key not in self._feature_sets:
             source = MultiViewDataset(samples, self.preprocessing, num_views if train else 0, self.seed)
-            features = extractor.extract(source)
+            features = self._extract_features(extractor, source)
             labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
             self._feature_sets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train)
+        dataset = self._feature_sets[key]
         # tensors already in memory: worker processes would only add start-up time
-        return DataLoader(self._feature_sets[key], batch_size=self.batch_size, shuffle=train, num_workers=0)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
+                          sampler=None if train else self._eval_sampler(dataset))
+
+    def _extract_features(self, extractor, source):
+        """All of ``source``'s features. Under DDP each rank runs the backbone over its own share
+        (``range(rank, N, world_size)``, filling the cache for those images) on its own device,
+        and the shares are gathered once, so every rank holds the whole split."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return extractor.extract(source)
+        extractor.device = trainer.strategy.root_device  # not cuda:0 for every rank
+        mine = extractor.extract(source, indices=range(trainer.global_rank, len(source), trainer.world_size))
+        shares: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, (mine.indices, mine.tensor.cpu()))
+        by_index = {i: t for indices, tensor in shares for i, t in zip(indices, tensor)}
+        kept = sorted(by_index)
+        tensor = torch.stack([by_index[i] for i in kept]) if kept else mine.tensor[:0]
+        return Features(kept, tensor)
+
+    def _eval_sampler(self, dataset) -> Sampler | None:
+        """Under DDP, val/test shards without repeats: Lightning's ``DistributedSampler`` pads
+        the split with repeated samples to equal lengths, which skews the synced metrics.
+        Ranks may then differ by one batch, which evaluation allows (no per-step collective)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1 or len(dataset) < trainer.world_size:
+            return None  # Lightning's own sampler: every rank needs at least one sample
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                            rank=trainer.global_rank, shuffle=False)
