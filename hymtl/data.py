@@ -509,14 +509,19 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, manife
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (created if missing), held for the ``with`` block."""
+    """An exclusive ``flock`` on ``path`` (created if missing), held for the ``with`` block.
+
+    The holder removes the file before unlocking, leaving no trace; a process that opens a new
+    file meanwhile can at worst download concurrently, which stays safe (atomic replace).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        if fcntl is not None:  # POSIX; elsewhere concurrent downloads stay safe (atomic replace), only wasteful
+        if fcntl is not None:  # POSIX; elsewhere concurrent downloads stay safe, only wasteful
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
+            path.unlink(missing_ok=True)
             if fcntl is not None:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
