@@ -1,0 +1,178 @@
+"""Evaluate a checkpoint on a folder of images: ``python -m hymtl.eval ckpt_path=PATH [data.root=FOLDER]``.
+
+Runs ``trainer.test`` on the folder's test split (its ``test/``, else its validation split) and
+reports accuracy, per-class precision / recall / F1 / support, their macro averages and the
+confusion matrix (torchmetrics, see :class:`hymtl.callbacks.ClassificationReport`), printed as a
+table and saved as ``eval.json`` — with the test figures — in ``<run>/eval/<date>_<time>/``,
+where ``<run>`` is the training run the checkpoint belongs to. Without ``data.root`` the folder
+the checkpoint was trained on (its run's ``.hydra/config.yaml``) is used.
+
+The checkpoint is read with ``weights_only=True`` (no code from the file runs); a folder whose
+classes differ from the checkpoint's is refused with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hymtl.callbacks import ClassificationReport
+from hymtl.errors import HymtlError
+from hymtl.fileio import atomic_write_json
+from hymtl.model import TransferModule
+from hymtl.runtime import config_dir, configure_backends, device_name
+
+log = logging.getLogger("hymtl.eval")
+
+
+class EvalError(HymtlError):
+    """The checkpoint or the folder cannot be evaluated."""
+
+
+def checkpoint_run_dir(ckpt_path: str | os.PathLike) -> Path:
+    """The training run a checkpoint belongs to: ``<run>`` for ``<run>/checkpoints/x.ckpt``,
+    else the checkpoint's own folder."""
+    path = Path(ckpt_path).expanduser().resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _eval_dir(ckpt_path: str | None, fallback: str) -> str:
+    """``hydra.run.dir`` of an evaluation: ``<run>/eval`` of an existing checkpoint, else ``fallback/eval``."""
+    if ckpt_path and Path(str(ckpt_path)).expanduser().is_file():
+        return str(checkpoint_run_dir(ckpt_path) / "eval")
+    return str(Path(fallback) / "eval")
+
+
+OmegaConf.register_new_resolver("hymtl_eval_dir", _eval_dir, replace=True)
+
+
+def trained_data_root(ckpt_path: str | os.PathLike) -> Path | None:
+    """``data.root`` of the checkpoint's training run, from its ``.hydra/config.yaml`` (or None)."""
+    config_file = checkpoint_run_dir(ckpt_path) / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return None
+    try:
+        root = OmegaConf.select(OmegaConf.load(config_file), "data.root", throw_on_resolution_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable old config only means: ask for data.root
+        return None
+    return Path(str(root)).expanduser() if root else None
+
+
+def load_checkpoint(ckpt_path: str | os.PathLike) -> TransferModule:
+    """The module of a checkpoint, read with ``weights_only=True``; one-line errors."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise EvalError(f"checkpoint not found: {path}")
+    try:
+        return TransferModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, weights_only=True)
+    except HymtlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torn, foreign or unsafe files all mean "cannot use this file"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvalError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The printed table: per class, macro average, accuracy, loss, confusion matrix."""
+    names = result["class_names"]
+    width = max(10, *(len(n) for n in names)) + 2
+    lines = [
+        f"checkpoint  {result['checkpoint']}",
+        f"data        {result['data_root']} (split {result['split']}, {result['num_images']} images)",
+        "",
+        f"{'class':<{width}}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}",
+    ]
+    for name in names:
+        row = result["per_class"][name]
+        lines.append(f"{name:<{width}}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}")
+    macro = result["macro"]
+    lines.append(f"{'macro avg':<{width}}{macro['precision']:>10.3f}{macro['recall']:>8.3f}{macro['f1']:>8.3f}{macro['support']:>9d}")
+    lines.append(f"{'accuracy':<{width}}{'':>18}{result['accuracy']:>8.3f}{result['num_images']:>9d}")
+    if result.get("loss") is not None:
+        lines.append(f"{'loss':<{width}}{'':>18}{result['loss']:>8.3f}")
+    cell = max(6, *(len(n) + 1 for n in names))
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+              " " * width + "".join(f"{n:>{cell}}" for n in names)]
+    for name, row in zip(names, result["confusion_matrix"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test ``cfg.ckpt_path`` on ``cfg.data``; write ``eval.json`` into the run dir; return the result."""
+    if not cfg.get("ckpt_path"):
+        raise EvalError("no checkpoint given: python -m hymtl.eval ckpt_path=PATH [data.root=FOLDER]")
+    pl.seed_everything(cfg.seed, workers=True)
+    configure_backends()
+    model = load_checkpoint(cfg.ckpt_path)
+
+    data_cfg = cfg.data
+    if data_cfg.get("root") is None:
+        root = trained_data_root(cfg.ckpt_path)
+        if root is None:
+            raise EvalError(f"no data.root given and the run of {cfg.ckpt_path} names none: pass data.root=FOLDER")
+        log.info("data.root not given: using the checkpoint's training folder %s", root)
+        data_cfg = OmegaConf.merge(data_cfg, {"root": str(root)})
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    if datamodule.class_names != model.class_names:
+        raise EvalError(
+            f"the classes of {datamodule.root} {datamodule.class_names} do not match "
+            f"the checkpoint's {model.class_names}"
+        )
+    datamodule.preprocessing = model.preprocessing
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    report = next((c for c in callbacks if isinstance(c, ClassificationReport)), None)
+    if report is None:
+        report = ClassificationReport()
+        callbacks.append(report)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+
+    result = {
+        "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
+        "data_root": str(datamodule.root.resolve()),
+        "split": datamodule.test_split_name,
+        "backbone": model.hparams.backbone,
+        "device": device_name(trainer),
+        "loss": float(tested["test/loss"]) if "test/loss" in tested else None,
+        **report.report,
+    }
+    if trainer.is_global_zero:
+        output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+        result["output"] = str(output_dir / "eval.json")
+        atomic_write_json(output_dir / "eval.json", result)
+        print(format_report(result), flush=True)
+        print(f"\nsaved {result['output']}", flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the accuracy (so a sweep over checkpoints can compare them)."""
+    try:
+        return evaluate(cfg)["accuracy"]
+    except Exception as exc:
+        error = exc
+        for _ in range(16):  # Hydra's instantiate wraps the errors of constructors
+            if isinstance(error, HymtlError) or error.__cause__ is None:
+                break
+            error = error.__cause__
+        if not isinstance(error, HymtlError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
