@@ -83,12 +83,23 @@ def _run_sort_key(path: Path, root: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.relative_to(root).parts)
 
 
+def _is_training_run(folder: Path) -> bool:
+    """False for the folders of ``hymtl.eval`` (``<run>/eval/<stamp>/``), which have a ``.hydra/`` too."""
+    config = folder / ".hydra" / "config.yaml"
+    try:
+        task = (yaml.safe_load(config.read_text()) or {}).get("task_name") if config.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        task = None
+    return task != "eval"
+
+
 def collect_runs(root: str | Path) -> list[Run]:
-    """Every run folder below ``root`` (``root`` itself included), in job order."""
+    """Every training run folder below ``root`` (``root`` itself included), in job order."""
     root = Path(root)
     if not root.is_dir():
         raise SummaryError(f"not a folder: {root}")
-    folders = sorted((p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")),
+    folders = sorted((p.parent.parent for p in root.glob("**/.hydra/overrides.yaml")
+                      if _is_training_run(p.parent.parent)),
                      key=lambda p: _run_sort_key(p, root))
     runs = []
     for folder in folders:

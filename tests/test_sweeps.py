@@ -38,6 +38,9 @@ def test_summary_groups_seeds_and_matches_hand_computed_mean_and_std(tmp_path, c
                   {"test/acc": test, "val/acc_best": val, "epochs": epochs, "wall_time_s": wall, "examples_per_sec": eps})
     # job 10 must sort after 9, not after 1
     _fake_run(sweep / "10", ["model=efficientnet_lite0", "mode=finetune", "seed=1"], error="ValueError: boom")
+    # an evaluation of run 0 (python -m hymtl.eval) is not a run of the sweep
+    _fake_run(sweep / "0" / "eval" / "2026-01-01_00-00-00", ["ckpt_path=x.ckpt"])
+    (sweep / "0" / "eval" / "2026-01-01_00-00-00" / ".hydra" / "config.yaml").write_text("task_name: eval\n")
 
     assert summarize.main([str(sweep)]) == 0
     printed = capsys.readouterr().out
