@@ -100,7 +100,8 @@ def test_run_writes_csv_out_file_and_json_on_stdout(tiny_checkpoint, tmp_path, m
     assert [p["label"] for p in doc["predictions"]] == [r["label"] for r in rows]
 
 
-def compose_predict(*overrides: str):
+def compose_app(config_name: str, *overrides: str):
+    """An entry point's config (conf/<config_name>.yaml) through Hydra's compose API."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -109,9 +110,13 @@ def compose_predict(*overrides: str):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("predict", overrides=list(overrides))
+            return compose(config_name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_predict(*overrides: str):
+    return compose_app("predict", *overrides)
 
 
 @pytest.mark.parametrize(
