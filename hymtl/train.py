@@ -58,7 +58,8 @@ def _override_hparams(cfg: DictConfig) -> dict[str, Any]:
         key = override.key_or_group
         if override.is_delete() or key.startswith("hydra"):
             continue
-        value = OmegaConf.select(cfg, key, default=None)
+        absent = object()  # experiment=…, hparams_search=…: global groups with no key of their own
+        value = OmegaConf.select(cfg, key, default=absent)
         if value is None or isinstance(value, (bool, int, float, str)):
             columns[key] = value
     return columns
