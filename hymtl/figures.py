@@ -155,8 +155,8 @@ def epoch_curves(
         top = max([top] + [v for v in values if math.isfinite(v)])
     for x, label in (markers or {}).items():
         ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", fontsize=8, color="grey")
+        ax.annotate(label, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=8, color="grey")  # the curves rarely go there
     longest = max((len(v) for v in series.values()), default=1)
     ax.set_xlim(0.8, max(longest, 1) + 0.2)
     ax.xaxis.get_major_locator().set_params(integer=True)
