@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
 
 from hymtl.errors import BackboneError, HymtlError
 from hymtl.figures import epoch_curves
@@ -45,7 +47,7 @@ def choose_backbone(name: str) -> str:
         pretrained_net("resnet18")
         return "resnet18"
     except BackboneError as exc:
-        print(f"resnet18 unavailable ({str(exc).split(';')[0]}); using efficientnet_lite0")
+        print(f"resnet18: {str(exc).split(' and cannot')[0]}; using the offline efficientnet_lite0")
         return "efficientnet_lite0"
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/hymenoptera_data", help="the ants/bees folder (downloaded if missing)")
     parser.add_argument("--backbone", default="auto", help="auto, resnet18, efficientnet_lite0, …")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per scenario (the tutorial: 25 / 5)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per scenario (the tutorial: 25 / 5)")
     parser.add_argument("--freeze-epochs", type=int, default=1, help="two-phase: head-only epochs first")
     parser.add_argument("--batch-size", type=int, default=8, help="the tutorial uses 4")
     parser.add_argument("--num-workers", default="auto")
@@ -104,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                           markers={args.freeze_epochs + 0.5: "unfreeze"} if second else None)
     save_figure(figure, out / "two_phase_curve.png")
 
-    # 4. the grid: predicted label, true label in green (right) or red (wrong)
-    grid = show_predictions(combined, test_iter, loader.class_names, num_rows=2, num_cols=4, scale=2)
+    # 4. the grid: predicted label, true label in green (right) or red (wrong); val images in
+    # a seeded random order (the val loader lists all ants first)
+    shuffled = DataLoader(test_iter.dataset, batch_size=8, shuffle=True, collate_fn=test_iter.collate_fn,
+                          generator=torch.Generator().manual_seed(args.seed))
+    grid = show_predictions(combined, shuffled, loader.class_names, num_rows=2, num_cols=4, scale=2)
     save_figure(grid, out / "predictions.png")
     print(f"\nwrote {', '.join(p.name for p in sorted(out.glob('*.png')))} to {out} "
           f"in {time.perf_counter() - started:.0f} s")

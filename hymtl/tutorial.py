@@ -434,6 +434,9 @@ def train_fine_tuning(
             num_sanity_val_steps=0,
             callbacks=[throughput, _EpochCurve(history, title, live)],
         )
+        # Lightning keeps the modes it finds; a net left in eval mode (after a previous call or
+        # show_predictions) must train in train mode (frozen BatchNorm: see ClassifierModule)
+        module.train()
         trainer.fit(module, train_dataloaders=train_iter, val_dataloaders=test_iter)
     net.eval()  # the tutorial evaluates and shows predictions next
     history.examples_per_sec = throughput.examples_per_sec

@@ -151,8 +151,9 @@ def test_fixed_extractor_trains_only_the_head_and_keeps_frozen_batchnorm(tiny_lo
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # weights and BN statistics
     assert not torch.equal(head, net.fc.weight)
 
-    # original=True: BatchNorm follows train() as in the original tutorial; statistics move
-    net = replace_head(freeze(TinyNet()), 2)
+    # original=True: BatchNorm follows train() as in the original tutorial; statistics move,
+    # also for a net left in eval mode by an earlier call (it trains in train mode)
+    net = replace_head(freeze(TinyNet()), 2).eval()
     before = net.bn.running_mean.clone()
     train_fine_tuning(net, tiny_loader.dataloaders["train"], tiny_loader.dataloaders["val"],
                       learning_rate=0.05, num_epochs=1, param_group=False, original=True, curve_path=False)
