@@ -26,6 +26,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
 #: seconds a collective (or the launch-time handshake) may wait for a silent rank before the
@@ -183,16 +184,46 @@ def ddp_strategy(
         process_group_backend: ``None`` (nccl on GPUs, gloo on CPUs) or explicit.
         ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel``.
     """
-    from lightning.pytorch.strategies import DDPStrategy
-
     if find_unused_parameters == "auto":
         find_unused_parameters = unfreeze_at_epoch is not None and int(unfreeze_at_epoch) > 0
     if start_method == "auto":
         start_method = choose_start_method()
-    return DDPStrategy(
+    return _DDPStrategy(
         timeout=timedelta(seconds=float(timeout_s)),
         find_unused_parameters=bool(find_unused_parameters),
         start_method=start_method,
         process_group_backend=process_group_backend,
         **ddp_kwargs,
     )
+
+
+class _DDPStrategy(DDPStrategy):
+    """Lightning's DDP, plus: when a collective fails in the process that launched the other
+    local ranks (``start_method="popen"``), those are ended too. Lightning only ends them on
+    Ctrl-C; after any other error a rank still waiting in a collective would outlive the job."""
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        procs = getattr(self.launcher, "procs", None)
+        if procs and rank_failure_message(exception) is not None:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+def rank_failure_message(exc: BaseException) -> str | None:
+    """One line for an error that means "the other DDP ranks are gone or silent" (a rank died,
+    or a collective ran past ``timeout_s``), else ``None``. For entry points to print instead of
+    the communication library's traceback."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(exc).strip()
+    markers = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe")
+    if not (isinstance(exc, dist.DistError) or any(m in text.lower() for m in markers)):
+        return None
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} lost the other DDP ranks ({detail[:300]}): "
+            "another rank probably died or stopped answering - see its log (train_ddp_process_<R>.log, "
+            "train_rank<R>.log or torchrun's report)")

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from hymtl.callbacks import HParamsLogger, ThroughputMonitor, print_tutorial_lines
 from hymtl.checkpointing import RunInterrupted, check_resumable, resolve_resume
 from hymtl.data import SKIPPED_FILE_NAME, read_skipped, summarize_skipped
+from hymtl.distributed import rank_failure_message
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureExtractor
 from hymtl.fileio import atomic_write_json
@@ -263,6 +264,10 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():  # any failure of one run is reported and recorded; the others go on
             _record_failure(cfg, exc, error)
             return float("nan")
+        failure = rank_failure_message(exc) if error is None else None
+        if failure is not None:  # a DDP rank died or stopped answering: one line, not gloo's/NCCL's traceback
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(1)
         if error is None:
             raise
         print(f"error: {error}", file=sys.stderr)
