@@ -127,6 +127,7 @@ def test_hymenoptera_missing_folder_without_download_is_a_data_error(tmp_path):
 
 # --------------------------------------------------------------------------- training
 def test_train_fine_tuning_prints_two_lines_returns_history_and_saves_curve(tiny_loader, tmp_path, capsys):
+    torch.manual_seed(0)
     net = TinyNet()
     curve = tmp_path / "curve.png"
     history = train_fine_tuning(net, tiny_loader.dataloaders["train"], tiny_loader.dataloaders["val"],
@@ -185,6 +186,7 @@ def test_bad_arguments_are_user_errors(tiny_loader):
 
 
 def test_show_predictions_grid_titles_colours_and_modes(tiny_loader, tmp_path):
+    torch.manual_seed(0)
     net = TinyNet()
     train_fine_tuning(net, tiny_loader.dataloaders["train"], tiny_loader.dataloaders["val"],
                       learning_rate=0.05, num_epochs=3, curve_path=False)
