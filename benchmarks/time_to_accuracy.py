@@ -1,0 +1,255 @@
+"""Time to accuracy on ants/bees: this project's defaults vs the classic tutorial recipe.
+
+    .venv/bin/python benchmarks/time_to_accuracy.py --data ../shared/data/hymenoptera_data
+
+For each configuration it runs ``python -m hymtl.train`` in a fresh process and reports:
+
+* wall time: model load + decoding + training + test, as measured inside ``hymtl.train.train``
+  (``metrics.json: wall_time_s``; Python imports excluded);
+* images/s: training images processed per second of that wall time (epochs x train images / wall);
+* test accuracy (the best checkpoint on the test split; ants/bees: val doubles as test);
+* peak memory: the largest resident set of the run's processes (``wait4`` ru_maxrss).
+
+Rows: ``frozen`` (cold feature cache, then a warm rerun), ``finetune``, ``two_phase``
+(``model=efficientnet_lite0``, the offline backbone, and ``frozen`` with ``efficientnet_lite2``),
+beside the classic recipe run in the same invocation (batch 4, SGD lr 1e-3 momentum 0.9, StepLR
+7/0.1, 25 epochs, fp32, no feature cache, same backbone and data), with the ratios.
+
+Then the floor, in-process: decode-only (DataLoader + eval transforms, no model), forward-only
+(random batches; fp32 / bf16 autocast x contiguous / channels-last), training steps (fp32 vs
+bf16), and predict throughput (files -> probabilities, decoding included).
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` (the table) after every row, so a long
+run that is cut short still leaves its numbers. ``--quick`` runs a reduced version (classic
+recipe for 2 epochs, no lite2) for development: its numbers are not the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CLASSIC = [
+    "mode.lr=1e-3", "mode.head_lr_mult=1", "mode.backbone_lr_mult=1", "mode.optimizer.momentum=0.9",
+    "mode.optimizer.weight_decay=0", "mode.scheduler._target_=hymtl.model.step_schedule",
+    "data.batch_size=4", "trainer.precision=32-true", "model.channels_last=false",
+    "mode.precompute_features=false",
+]
+
+
+def run_config(name: str, overrides: list[str], data: str, out: Path, env: dict) -> dict:
+    """One ``python -m hymtl.train`` run; its metrics plus peak RSS and the command."""
+    run_dir = out / "runs" / name
+    cmd = [sys.executable, "-m", "hymtl.train", *overrides, f"data.root={data}", f"hydra.run.dir={run_dir}"]
+    log_path = out / "runs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    row = {"name": name, "command": "python -m hymtl.train " + " ".join(shlex.quote(o) for o in overrides),
+           "process_s": elapsed, "peak_rss_gb": usage.ru_maxrss / 1024**2, "returncode": proc.returncode}
+    metrics_path = run_dir / "metrics.json"
+    if proc.returncode != 0 or not metrics_path.is_file():
+        row["error"] = log_path.read_text()[-1500:]
+        return row
+    m = json.loads(metrics_path.read_text())
+    row.update(wall_s=m["wall_time_s"], test_acc=m.get("test/acc"), epochs=m.get("epochs"),
+               backbone=m.get("backbone"), mode=m.get("mode"))
+    return row
+
+
+def train_images(data: str) -> int:
+    from hymtl.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(data)
+    dm.preprocessing = __import__("hymtl.backbones", fromlist=["get_spec"]).get_spec("efficientnet_lite0").preprocessing
+    dm.setup()
+    return len(dm.train_samples)
+
+
+# --------------------------------------------------------------------------- the floor
+def floor(data: str, quick: bool) -> dict:
+    """Decode-only, forward-only, train-step and predict rates, measured in this process."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hymtl.backbones import create_backbone
+    from hymtl.data import ImageFolderDataModule, ImageSampleDataset, build_transforms
+
+    results: dict = {"threads": torch.get_num_threads()}
+    backbone = create_backbone("efficientnet_lite0")
+    pre = backbone.preprocessing
+    dm = ImageFolderDataModule(data, preprocessing=pre)
+    dm.setup()
+    samples = dm.val_samples
+
+    def rate(fn, n_items: int, repeat: int = 2) -> float:
+        fn()  # warm-up (worker start, allocator, oneDNN kernels)
+        best = 0.0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            best = max(best, n_items / (time.perf_counter() - t))
+        return best
+
+    for workers in (0, 2):
+        for draft in (False, True):
+            ds = ImageSampleDataset(samples, build_transforms(pre, train=False))
+            ds.decode_size = pre.resize_size if draft else None
+            loader = DataLoader(ds, batch_size=32, num_workers=workers, persistent_workers=workers > 0)
+            results[f"decode_workers{workers}_{'draft' if draft else 'full'}"] = rate(lambda: [b for b in loader], len(ds), 1)
+
+    model = backbone.model.eval()
+    head = torch.nn.Linear(backbone.num_features, 2)
+    n = 32 if quick else 64
+    x = torch.randn(n, 3, pre.input_size, pre.input_size)
+    for cl in (False, True):
+        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+        for dtype in (None, torch.bfloat16):
+            def fwd():
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                    model(xx)
+            results[f"forward_{'channels_last' if cl else 'contiguous'}_{'bf16' if dtype else 'fp32'}"] = rate(fwd, n)
+
+    # training steps (backbone + head, SGD) at batch 16, channels-last
+    model.train().to(memory_format=torch.channels_last)
+    xt = torch.randn(16, 3, pre.input_size, pre.input_size).contiguous(memory_format=torch.channels_last)
+    yt = torch.randint(0, 2, (16,))
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=1e-4, momentum=0.9)
+    for dtype in (None, torch.bfloat16):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(head(model(xt)), yt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[f"train_step_{'bf16' if dtype else 'fp32'}"] = rate(lambda: [step() for _ in range(2)], 32, 1)
+
+    # predict: files -> probabilities (decode + transforms in 2 workers, bf16, channels-last)
+    model.eval()
+    ds = ImageSampleDataset(samples, build_transforms(pre, train=False))
+    ds.decode_size = pre.resize_size
+    loader = DataLoader(ds, batch_size=64, num_workers=2, persistent_workers=True)
+
+    def predict():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for images, _ in loader:
+                head(model(images.contiguous(memory_format=torch.channels_last))).float().softmax(-1)
+
+    results["predict_bf16_channels_last"] = rate(predict, len(ds), 1)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+def fmt(v, spec: str = ".1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], floor_results: dict | None, info: dict) -> str:
+    by = {r["name"]: r for r in rows}
+    lines = [
+        f"Machine: {info['machine']}; {info['cores']} cores; torch {info['torch']}; {info['when']}"
+        + (f"; **{info['note']}**" if info.get("note") else ""),
+        "",
+        "| run | backbone | wall s | images/s | test acc | peak RSS GB | vs classic |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        classic = by.get(r.get("classic_of") or "")
+        if classic and classic.get("wall_s") and r.get("wall_s"):
+            ratio = (f"{classic['wall_s'] / r['wall_s']:.1f}x faster, "
+                     f"acc {r['test_acc'] - classic['test_acc']:+.3f}")
+        else:
+            ratio = ""
+        if "error" in r:
+            lines.append(f"| {r['name']} | | failed (rc {r['returncode']}) | | | {fmt(r['peak_rss_gb'], '.2f')} | |")
+            continue
+        lines.append(f"| {r['name']} | {r.get('backbone', '')} | {fmt(r.get('wall_s'))} | {fmt(r.get('images_per_s'))} | "
+                     f"{fmt(r.get('test_acc'), '.3f')} | {fmt(r.get('peak_rss_gb'), '.2f')} | {ratio} |")
+    if floor_results:
+        lines += ["", "Floor (efficientnet_lite0, images/s, best of 2):", "", "| measurement | images/s |", "|---|---:|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in floor_results.items() if k != "threads"]
+    lines += ["", "Commands (run from the repository root, `data.root=` added):", ""]
+    lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hymenoptera_data"))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / time.strftime("%Y-%m-%d_%H-%M-%S")))
+    parser.add_argument("--quick", action="store_true", help="reduced settings for development (not the benchmark)")
+    parser.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--note", default="", help="e.g. 'CPU shared with other jobs'")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = str(Path(args.data).resolve())
+
+    import torch
+
+    info = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note}
+    cache = Path(tempfile.mkdtemp(prefix="hymtl-bench-cache-"))  # a cold cache for the first frozen run
+    env = {**os.environ, "HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}
+    lite0 = ["model=efficientnet_lite0"]
+    classic_epochs = 2 if args.quick else 25
+    configs = [
+        ("frozen", ["mode=frozen", *lite0], None),
+        ("frozen (warm cache)", ["mode=frozen", *lite0], None),
+        ("finetune", ["mode=finetune", *lite0], None),
+        ("two_phase", ["mode=two_phase", *lite0], None),
+        ("classic frozen", ["mode=frozen", *lite0, *CLASSIC, f"mode.epochs={classic_epochs}"], None),
+        ("classic finetune", ["mode=finetune", *lite0, *CLASSIC, f"mode.epochs={classic_epochs}"], None),
+    ]
+    if not args.quick:
+        configs.insert(2, ("frozen lite2", ["mode=frozen", "model=efficientnet_lite2", "mode.feature_views=0"], None))
+    classic_of = {"frozen": "classic frozen", "frozen (warm cache)": "classic frozen", "frozen lite2": "classic frozen",
+                  "finetune": "classic finetune", "two_phase": "classic finetune"}
+    n_train = train_images(data)
+    rows: list[dict] = []
+    floor_results = None
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps({"info": info, "rows": rows, "floor": floor_results}, indent=2))
+        (out / "results.md").write_text(markdown(rows, floor_results, info))
+
+    for name, overrides, _ in configs:
+        if args.only and name not in args.only:
+            continue
+        print(f"running {name}: {' '.join(overrides)}", flush=True)
+        row = run_config(name.replace(" ", "_").replace("(", "").replace(")", ""), overrides, data, out, env)
+        row["name"], row["classic_of"] = name, classic_of.get(name)
+        if row.get("wall_s") and row.get("epochs"):
+            row["images_per_s"] = row["epochs"] * n_train / row["wall_s"]
+        rows.append(row)
+        save()
+        print(f"  wall {fmt(row.get('wall_s'))} s, test acc {fmt(row.get('test_acc'), '.3f')}, "
+              f"peak RSS {row['peak_rss_gb']:.2f} GB" + (f"  FAILED: {row['error'][-300:]}" if "error" in row else ""),
+              flush=True)
+    if not args.no_floor:
+        print("measuring the floor", flush=True)
+        floor_results = floor(data, args.quick)
+        save()
+    print(markdown(rows, floor_results, info))
+    print(f"reproduce: .venv/bin/python benchmarks/time_to_accuracy.py --data {args.data}" + (" --quick" if args.quick else ""))
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
