@@ -7,8 +7,8 @@
   temporary file beside the target, fsyncs it and ``os.replace``-s it: the old checkpoint stays
   whole until the new one is complete.
 * :class:`RNGStateCheckpoint` — Lightning checkpoints do not hold the random number generators;
-  this callback stores the torch/CUDA/numpy/python states and puts them back at the start of the
-  first epoch after a resume, so the shuffling and augmentations continue as if never stopped.
+  this callback stores the torch/CUDA/numpy/python states and puts them back when a resumed fit
+  starts, so the shuffling and augmentations continue as if never stopped.
 * :class:`GracefulStop` — SIGINT (Ctrl-C) and SIGTERM finish the batch in progress, save
   ``interrupted.ckpt`` and stop with :class:`RunInterrupted`; ``last.ckpt`` (end of the last
   whole epoch) is left untouched and is what ``ckpt_path=last`` resumes from, exactly.
@@ -97,9 +97,11 @@ def _fsync_dir(folder: Path) -> None:
 class RNGStateCheckpoint(Callback):
     """Saves the global RNG states with every checkpoint and restores them on resume.
 
-    Restored at the start of the first training epoch after loading (not at load time): the
-    uninterrupted run draws the next epoch's shuffling and worker seeds right after that point,
-    so the resumed run draws the same numbers. States are plain tensors/ints (``weights_only``).
+    Saved when Lightning writes the end-of-epoch checkpoint (``on_train_epoch_end``), after which
+    the uninterrupted run draws nothing until the next epoch's ``iter(train_dataloader)`` (the
+    shuffling, the worker seeds, then the augmentations). A resumed run creates that iterator
+    in ``FitLoop.setup_data``, right after ``on_fit_start`` and before ``on_train_epoch_start``,
+    so the states are put back in ``on_fit_start``. States are plain tensors/ints (``weights_only``).
     """
 
     def __init__(self) -> None:
@@ -120,7 +122,7 @@ class RNGStateCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None
