@@ -50,7 +50,6 @@ from hymtl.checkpoints import (
     load_onnx,
     load_torchscript,
     sha256_bytes,
-    sidecar_path,
     write_sidecar,
 )
 from hymtl.data import VAL_DIR_NAMES, find_classes
