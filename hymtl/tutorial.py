@@ -328,6 +328,8 @@ def _quiet() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*number of training batches.*log_every_n_steps.*")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            # frozen BatchNorm layers are in eval mode on purpose (see ClassifierModule)
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             yield
     finally:
         for lg, level in zip(loggers, levels):
