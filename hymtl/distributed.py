@@ -8,8 +8,8 @@ Three ways a ``trainer=ddp`` run starts, and what each needs:
 * a Hydra multirun (``-m``) or an in-process call (pytest, notebooks): re-running the command
   line would start a second sweep (a second sweep folder) or a second test session, and the
   launcher's environment variables would make the next job of the sweep hang. The strategy
-  switches to ``start_method="spawn"`` there: children are forked from inside the job and
-  only the weights and ``callback_metrics`` come back.
+  switches to ``start_method="spawn"`` there: the job starts fresh processes itself and gets
+  back the weights, the best checkpoint's path and ``callback_metrics``.
 * ``torchrun`` (one or many nodes): every rank is started by torchrun and Lightning spawns
   nothing. Each rank runs Hydra itself, so the run folder's time stamp (``${hymtl_now:…}`` in
   ``conf/hydra/default.yaml``) is agreed through torchrun's own key-value store: rank 0's launch

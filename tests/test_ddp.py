@@ -126,6 +126,47 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.stem: p.read_text() for p in folder.glob("rank*_*.txt")}
 
 
+# --------------------------------------------------------------------------- launch context (in-process)
+_LAUNCH_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "NODE_RANK")
+
+
+def test_launch_context_follows_the_environment(monkeypatch):
+    from hymtl import distributed as d
+
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert not d.launched_by_torchrun() and not d.relaunched_by_lightning()
+    assert d.choose_start_method() == "spawn"  # not inside @hydra.main: never re-run sys.argv
+    assert (d._devices("auto"), d._num_nodes(1), d._rank_suffix(), d._rank_zero(".hydra")) == ("auto", 1, "", ".hydra")
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a local rank Lightning's subprocess launcher started
+    assert d.relaunched_by_lightning() and d.choose_start_method() == "popen"
+
+    # torchrun, 2 nodes x 4 processes, global rank 6
+    for var, value in zip(_LAUNCH_VARS, ("6", "1", "2", "4", "8", "1")):
+        monkeypatch.setenv(var, value)
+    assert d.launched_by_torchrun() and not d.relaunched_by_lightning()
+    assert (d._devices("auto"), d._num_nodes(1), d.launch_rank()) == (4, 2, 6)
+    assert (d._rank_suffix(), d._rank_zero(".hydra")) == ("_rank6", None)
+    assert d.rank_failure_message(RuntimeError("gloo: connection reset")) is None  # no process group here
+
+
+@pytest.mark.parametrize("mode, find_unused", [("two_phase", True), ("finetune", False), ("frozen", False)])
+def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, find_unused):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    cfg = compose("trainer=ddp_cpu", f"mode={mode}", "trainer.strategy.timeout_s=42")
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("cpu", 2, 1)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs["find_unused_parameters"] is find_unused
+    assert strategy._timeout.total_seconds() == 42 and strategy.process_group_backend == "gloo"
+    assert strategy._start_method == "spawn"  # composed, not launched from the command line
+
+
 # --------------------------------------------------------------------------- tests
 @pytest.mark.slow
 def test_two_phase_ddp_keeps_ranks_in_sync_one_run_dir_and_resumes(tiny_folder, tmp_path):
