@@ -217,9 +217,18 @@ def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
         root = OmegaConf.select(OmegaConf.load(saved), "data.root", throw_on_resolution_failure=False)
     except Exception:  # an unreadable saved config only means: no default
         return []
-    if not root or not Path(str(root)).expanduser().is_dir():
+    if not root:
         return []
     root = Path(str(root)).expanduser()
+    if not root.is_absolute():  # relative to where the training was launched (Hydra records it)
+        try:
+            launched = OmegaConf.select(OmegaConf.load(saved.with_name("hydra.yaml")), "hydra.runtime.cwd")
+        except Exception:
+            launched = None
+        if launched and (Path(launched) / root).is_dir():
+            root = Path(launched) / root
+    if not root.is_dir():
+        return []
     sub = {d.lower(): root / d for d in find_classes(root)}
     for name in (*VAL_DIR_NAMES, "test"):
         if name in sub:

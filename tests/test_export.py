@@ -143,3 +143,18 @@ def test_bad_export_input(tiny_checkpoint, overrides, message):
     with pytest.raises(HymtlError) as info:
         export(compose_app("export", *(o.replace("CKPT", str(tiny_checkpoint)) for o in overrides)))
     assert str(info.value).startswith(message.replace("CKPT", str(tiny_checkpoint)))
+
+
+def test_default_parity_images_come_from_the_training_run(tiny_folder, tmp_path):
+    from hymtl.export import default_parity_inputs
+
+    run = tmp_path / "outputs" / "day" / "time"
+    (run / ".hydra").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert default_parity_inputs(ckpt) == []  # no config: the export asks for parity.inputs
+    # a relative data.root is relative to where the training was launched
+    (run / ".hydra" / "config.yaml").write_text(f"data:\n  root: {tiny_folder.name}\n")
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {tiny_folder.parent}\n")
+    assert default_parity_inputs(ckpt) == [str(tiny_folder / "val")]
+    (run / ".hydra" / "config.yaml").write_text("data:\n  root: ${paths.nowhere}/x\n")  # unresolvable
+    assert default_parity_inputs(ckpt) == []
