@@ -220,7 +220,8 @@ def rank_failure_message(exc: BaseException) -> str | None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
     text = str(exc).strip()
-    markers = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe")
+    # the communication libraries' words (a gloo/NCCL timeout names its library), not any "timeout"
+    markers = ("gloo", "nccl", "c10d", "connection reset", "connection closed", "broken pipe")
     if not (isinstance(exc, dist.DistError) or any(m in text.lower() for m in markers)):
         return None
     detail = text.splitlines()[0] if text else type(exc).__name__
