@@ -63,34 +63,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(path, buffer.getbuffer())
-        _chmod_like_new_file(path)
-        _fsync_dir(path.parent)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
             stale.unlink(missing_ok=True)
-
-
-def _chmod_like_new_file(path: Path) -> None:
-    """mkstemp makes 0600 files; a checkpoint gets the permissions open() would give (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (power loss); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- RNG state
