@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import random
-import shutil
 import signal
 import stat
 import tempfile

@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hymtl import checkpoints
 from hymtl.callbacks import ClassificationReport
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_json
@@ -68,17 +69,12 @@ def trained_data_root(ckpt_path: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(ckpt_path: str | os.PathLike) -> TransferModule:
-    """The module of a checkpoint, read with ``weights_only=True``; one-line errors."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise EvalError(f"checkpoint not found: {path}")
+    """The module of a checkpoint via :func:`hymtl.checkpoints.load_checkpoint` (CRC-checked,
+    ``weights_only``: no code from the file runs); its errors as one-line :class:`EvalError`."""
     try:
-        return TransferModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, weights_only=True)
-    except HymtlError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torn, foreign or unsafe files all mean "cannot use this file"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvalError(f"cannot load checkpoint {path}: {reason}") from None
+        return checkpoints.load_checkpoint(ckpt_path)
+    except checkpoints.LoadError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def format_report(result: dict[str, Any]) -> str:

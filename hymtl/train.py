@@ -42,11 +42,6 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
-def _scalar(metrics: dict, key: str) -> float | None:
-    value = metrics.get(key)
-    return None if value is None else float(value)
-
-
 def _override_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The command line's overrides as HParams columns (``mode.lr`` -> its resolved value):
     whatever a sweep varies is then comparable in TensorBoard. Groups (``mode=frozen``) are

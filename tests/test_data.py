@@ -19,7 +19,6 @@ from hymtl.data import (
     ImageFolderDataModule,
     download_and_extract,
     load_rgb,
-    resolve_layout,
     scan_split,
     stratified_split,
 )

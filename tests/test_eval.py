@@ -116,19 +116,19 @@ def test_unusable_checkpoints_are_one_line_errors_and_never_run_code(tiny_checkp
 
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(EvalError, match="cannot load checkpoint"):
+    with pytest.raises(EvalError, match="cannot read checkpoint"):
         load_checkpoint(garbage)
 
     torn = tmp_path / "torn.ckpt"
     torn.write_bytes(Path(tiny_checkpoint).read_bytes()[:5000])
-    with pytest.raises(EvalError, match="cannot load checkpoint"):
+    with pytest.raises(EvalError, match="cannot read checkpoint"):
         load_checkpoint(torn)
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     with open(evil, "wb") as f:
         pickle.dump({"state_dict": {}, "hyper_parameters": _Payload(marker)}, f)
-    with pytest.raises(EvalError, match="cannot load checkpoint"):
+    with pytest.raises(EvalError, match="cannot read checkpoint"):
         load_checkpoint(evil)
     assert not marker.exists()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
