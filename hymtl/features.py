@@ -262,6 +262,9 @@ class FeatureExtractor:
         loader = DataLoader(
             _Indexed(Subset(source, missing)), batch_size=per_batch, shuffle=False, collate_fn=_collate_decoded,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            # its own generator: creating the iterator draws a seed, and drawing it from the global
+            # RNG would make a run that extracts differ from one that reads the cache
+            generator=torch.Generator(),
         )
         with self._eval_mode():
             for positions, batch in loader:
