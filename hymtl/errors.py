@@ -15,3 +15,22 @@ class BackboneError(HymtlError):
 
 class DownloadError(HymtlError):
     """A download failed or its checksum did not match."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of ``str(exc)`` (else the exception's type name), for one-line reports."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text[:limit] if limit else text
+
+
+def user_error(exc: BaseException | None) -> HymtlError | None:
+    """The :class:`HymtlError` behind ``exc``, following ``__cause__``/``__context__`` (Hydra's
+    ``instantiate`` wraps the errors of the constructors it calls); ``None`` for a bug."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, HymtlError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
