@@ -21,13 +21,12 @@ Lowest layer, beside ``runtime``: imports nothing of ours.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import OmegaConf
 
 #: seconds a collective (or the launch-time handshake) may wait for a silent rank before the
 #: job fails instead of hanging; override with ``trainer.strategy.timeout_s``
@@ -127,39 +126,31 @@ def _agree_on_launch_time(mine: float, timeout_s: float) -> float:
         ) from None
 
 
-def _now(pattern: str) -> str:
+def launch_time_string(pattern: str) -> str:
+    """:func:`launch_time` formatted with ``pattern`` (``${hymtl_now:%Y-%m-%d}``)."""
     return datetime.fromtimestamp(launch_time()).strftime(pattern)
 
 
-def _rank_zero(value: Any) -> Any:
+def on_rank_zero(value: Any) -> Any:
     """``value`` on global rank 0 (or outside torchrun), else ``None``."""
     return value if not launched_by_torchrun() or launch_rank() == 0 else None
 
 
-def _rank_suffix() -> str:
+def rank_suffix() -> str:
     """``""`` on global rank 0 (or outside torchrun), else ``"_rank<R>"``."""
     return "" if not launched_by_torchrun() or launch_rank() == 0 else f"_rank{launch_rank()}"
 
 
-def _devices(default: Any = "auto") -> Any:
+def devices_per_node(default: Any = "auto") -> Any:
     """Processes per node: torchrun's ``--nproc_per_node`` under torchrun, else ``default``."""
     return int(os.environ["LOCAL_WORLD_SIZE"]) if launched_by_torchrun() else default
 
 
-def _num_nodes(default: int = 1) -> int:
+def num_nodes(default: int = 1) -> int:
     """Nodes: torchrun's world size / processes per node under torchrun, else ``default``."""
     if launched_by_torchrun():
         return max(1, world_size() // int(os.environ["LOCAL_WORLD_SIZE"]))
     return int(default)
-
-
-# conf/trainer/ddp*.yaml: ${hymtl_devices:auto}, ${hymtl_num_nodes:1}
-OmegaConf.register_new_resolver("hymtl_devices", _devices, replace=True)
-OmegaConf.register_new_resolver("hymtl_num_nodes", _num_nodes, replace=True)
-# conf/hydra/default.yaml: ${hymtl_now:%Y-%m-%d}, ${hymtl_rank_zero:.hydra}, ${hymtl_rank_suffix:}
-OmegaConf.register_new_resolver("hymtl_now", _now, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("hymtl_rank_zero", _rank_zero, replace=True)
-OmegaConf.register_new_resolver("hymtl_rank_suffix", _rank_suffix, replace=True)
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -188,7 +179,7 @@ def ddp_strategy(
         find_unused_parameters = unfreeze_at_epoch is not None and int(unfreeze_at_epoch) > 0
     if start_method == "auto":
         start_method = choose_start_method()
-    return _DDPStrategy(
+    return _strategy_class()(
         timeout=timedelta(seconds=float(timeout_s)),
         find_unused_parameters=bool(find_unused_parameters),
         start_method=start_method,
@@ -197,18 +188,25 @@ def ddp_strategy(
     )
 
 
-class _DDPStrategy(DDPStrategy):
-    """Lightning's DDP, plus: when a collective fails in the process that launched the other
-    local ranks (``start_method="popen"``), those are ended too. Lightning only ends them on
-    Ctrl-C; after any other error a rank still waiting in a collective would outlive the job."""
+@functools.lru_cache(maxsize=None)
+def _strategy_class() -> type:
+    """The strategy class, built on first use: importing this module stays free of Lightning."""
+    from lightning.pytorch.strategies import DDPStrategy
 
-    def on_exception(self, exception: BaseException) -> None:
-        super().on_exception(exception)
-        procs = getattr(self.launcher, "procs", None)
-        if procs and rank_failure_message(exception) is not None:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
+    class _DDPStrategy(DDPStrategy):
+        """Lightning's DDP, plus: when a collective fails in the process that launched the other
+        local ranks (``start_method="popen"``), those are ended too. Lightning only ends them on
+        Ctrl-C; after any other error a rank still waiting in a collective would outlive the job."""
+
+        def on_exception(self, exception: BaseException) -> None:
+            super().on_exception(exception)
+            procs = getattr(self.launcher, "procs", None)
+            if procs and rank_failure_message(exception) is not None:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+
+    return _DDPStrategy
 
 
 def rank_failure_message(exc: BaseException) -> str | None:

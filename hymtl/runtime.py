@@ -1,14 +1,13 @@
 """Where the configs are, and what the hardware supports (precision, cuDNN).
 
-Lowest layer beside ``errors``/``fileio``: imported by entry points, imports nothing of ours.
+Lowest layer beside ``errors``/``fileio``: imports nothing of ours, and torch only when a
+function needs it (``config_dir`` is read before ``--help``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -31,6 +30,8 @@ def cpu_has_native_bf16() -> bool:
 def auto_precision(accelerator: str = "auto") -> str:
     """Lightning precision for this machine: bf16/16 mixed on CUDA, bf16 mixed on CPUs with
     native bf16, else fp32."""
+    import torch
+
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if use_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
@@ -39,6 +40,8 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 def configure_backends() -> None:
     """cuDNN autotuning for fixed-size batches; TF32 matmuls on Ampere+."""
+    import torch
+
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
@@ -50,10 +53,3 @@ def device_name(trainer) -> str:
     if trainer.world_size > 1:
         return f"{trainer.world_size}x {root.type}"
     return str(root)
-
-
-# ${hymtl_precision:ACCELERATOR} in conf/trainer/*.yaml
-OmegaConf.register_new_resolver("hymtl_precision", auto_precision, replace=True)
-
-# ${hymtl_now:…} & co. in conf/hydra/default.yaml (one run folder for all DDP ranks)
-import hymtl.distributed  # noqa: E402,F401

@@ -137,7 +137,7 @@ def test_launch_context_follows_the_environment(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert not d.launched_by_torchrun() and not d.relaunched_by_lightning()
     assert d.choose_start_method() == "spawn"  # not inside @hydra.main: never re-run sys.argv
-    assert (d._devices("auto"), d._num_nodes(1), d._rank_suffix(), d._rank_zero(".hydra")) == ("auto", 1, "", ".hydra")
+    assert (d.devices_per_node("auto"), d.num_nodes(1), d.rank_suffix(), d.on_rank_zero(".hydra")) == ("auto", 1, "", ".hydra")
 
     monkeypatch.setenv("LOCAL_RANK", "1")  # a local rank Lightning's subprocess launcher started
     assert d.relaunched_by_lightning() and d.choose_start_method() == "popen"
@@ -146,8 +146,8 @@ def test_launch_context_follows_the_environment(monkeypatch):
     for var, value in zip(_LAUNCH_VARS, ("6", "1", "2", "4", "8", "1")):
         monkeypatch.setenv(var, value)
     assert d.launched_by_torchrun() and not d.relaunched_by_lightning()
-    assert (d._devices("auto"), d._num_nodes(1), d.launch_rank()) == (4, 2, 6)
-    assert (d._rank_suffix(), d._rank_zero(".hydra")) == ("_rank6", None)
+    assert (d.devices_per_node("auto"), d.num_nodes(1), d.launch_rank()) == (4, 2, 6)
+    assert (d.rank_suffix(), d.on_rank_zero(".hydra")) == ("_rank6", None)
     assert d.rank_failure_message(RuntimeError("gloo: connection reset")) is None  # no process group here
 
 

@@ -1,0 +1,131 @@
+"""What every command-line entry point shares: the config resolvers and one error policy.
+
+Each entry point (``train``, ``eval``, ``predict``, ``export``) is a Hydra main that hands its
+task to :func:`run_entry`::
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+    def main(cfg):
+        return run_entry(evaluate, cfg)
+
+The policy, the same everywhere:
+
+* a user error (:class:`~hymtl.errors.HymtlError`, also when Hydra's ``instantiate`` wrapped it)
+  prints ``error: <one line>`` on stderr and exits 2;
+* Ctrl-C / SIGTERM during a run (``hymtl.resume.RunInterrupted``) prints what was saved and exits
+  with the signal's code (130 / 143);
+* a DDP rank that died or went silent prints one line and exits 1;
+* inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
+  folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
+* anything else is a bug: its traceback is the report.
+
+Importing this module registers the ``${hymtl_…:}`` resolvers of ``conf/``. It imports neither
+torch nor Lightning, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from hymtl import distributed, runtime
+from hymtl.errors import user_error
+from hymtl.fileio import atomic_write_json
+
+log = logging.getLogger("hymtl")
+
+T = TypeVar("T")
+
+#: exit code of a user error (bad input or environment the user can fix)
+USER_ERROR_EXIT = 2
+#: exit code when a DDP rank lost the others
+RANK_FAILURE_EXIT = 1
+
+
+def _eval_dir(ckpt_path: str | None, fallback: str) -> str:
+    from hymtl.runs import eval_dir  # the run folder's room; imported when eval composes
+
+    return eval_dir(ckpt_path, fallback)
+
+
+def register_resolvers() -> None:
+    """The ``${hymtl_…:}`` interpolations used in ``conf/`` (idempotent)."""
+    resolvers: dict[str, tuple[Callable[..., Any], bool]] = {
+        # conf/trainer/default.yaml: bf16 where the hardware has it
+        "hymtl_precision": (runtime.auto_precision, False),
+        # conf/trainer/ddp*.yaml: torchrun's process counts
+        "hymtl_devices": (distributed.devices_per_node, False),
+        "hymtl_num_nodes": (distributed.num_nodes, False),
+        # conf/hydra/default.yaml: one run folder for every rank of a launch
+        "hymtl_now": (distributed.launch_time_string, True),
+        "hymtl_rank_zero": (distributed.on_rank_zero, False),
+        "hymtl_rank_suffix": (distributed.rank_suffix, False),
+        # conf/eval.yaml: <run of the checkpoint>/eval
+        "hymtl_eval_dir": (_eval_dir, False),
+    }
+    for name, (function, cached) in resolvers.items():
+        OmegaConf.register_new_resolver(name, function, use_cache=cached, replace=True)
+
+
+register_resolvers()
+
+
+def in_multirun() -> bool:
+    """True inside one job of a Hydra multirun (``-m``)."""
+    return distributed.in_hydra_multirun()
+
+
+def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
+    """Run ``task(cfg)`` under the error policy of the module docstring; return its value
+    (``nan`` for a failed job of a multirun)."""
+    try:
+        return task(cfg)
+    except Exception as exc:
+        error = user_error(exc)
+        if in_multirun():  # one job failed: report and record it, the sweep goes on
+            record_failure(exc, error)
+            return float("nan")
+        failure = distributed.rank_failure_message(exc) if error is None else None
+        if failure is not None:  # not gloo's/NCCL's traceback
+            print(f"error: {failure}", file=sys.stderr, flush=True)
+            sys.exit(RANK_FAILURE_EXIT)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+    except BaseException as exc:
+        from hymtl.resume import RunInterrupted  # loaded already: a run was under way
+
+        if isinstance(exc, RunInterrupted):  # state saved; a sweep stops as a whole
+            print(exc.message, file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        raise
+
+
+def record_failure(exc: BaseException, error: BaseException | None) -> None:
+    """Log a failed multirun job and write ``error.json`` (message, type, traceback) in its run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    root = exc
+    for _ in range(16):  # Hydra's InstantiationException wraps the real error (bounded: no cycles)
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    message = str(error) if error is not None else f"{type(root).__name__}: {root}"
+    if error is None:  # a bug or an environment problem: the traceback is the report
+        log.exception("run failed: %s", message)
+    else:
+        log.error("run failed: %s", message)
+    try:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        atomic_write_json(output_dir / "error.json", {
+            "error": message.strip().splitlines()[0] if message.strip() else type(exc).__name__,
+            "type": type(error or root).__name__,
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        })
+    except Exception:  # noqa: BLE001 - never let the report of one failure end the sweep
+        log.exception("could not write error.json")
