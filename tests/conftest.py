@@ -63,7 +63,10 @@ def compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from hymtl.cli import register_resolvers
     from hymtl.runtime import config_dir
+
+    register_resolvers()
 
     def _compose(*overrides: str):
         GlobalHydra.instance().clear()
