@@ -236,7 +236,7 @@ INVALID_NUMBERS = [
 
 def test_invalid_numbers_are_refused_before_anything_runs(compose):
     from hymtl.errors import HymtlError
-    from hymtl.train import check_numbers
+    from hymtl.config import check_numbers
 
     check_numbers(compose("data=folder", "data.root=/nowhere", "mode=two_phase"))  # the defaults pass
     for override, message in INVALID_NUMBERS:

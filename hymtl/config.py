@@ -1,0 +1,70 @@
+"""What a composed training config may hold, checked before anything runs, and how its groups
+of ``_target_`` entries (callbacks, loggers) become objects.
+
+Hydra types nothing (``mode.epochs=-1`` composes, and Lightning reads it as "train forever"), so
+the numbers the user types are checked here, once, with messages that name the key as typed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from hymtl.errors import HymtlError
+
+#: key -> (kind, lower bound, bound is exclusive): the numbers a run's config may hold
+NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
+    "seed": ("integer", 0, False),
+    "mode.epochs": ("integer", 1, False),
+    "trainer.max_epochs": ("integer", 1, False),
+    "mode.lr": ("number", 0, True),
+    "model.lr": ("number", -math.inf, False),  # its sign is the module's check (it names lr and the mults)
+    "mode.head_lr_mult": ("number", 0, False),
+    "mode.backbone_lr_mult": ("number", 0, False),
+    "mode.freeze_epochs": ("number", 0, False),
+    "mode.feature_views": ("integer", 0, False),
+    "data.val_fraction": ("number", 0, False),
+    "data.batch_size": ("integer", 1, False),
+    "data.num_workers": ("integer", 0, False),  # or "auto"
+}
+
+
+def _parse(key: str, value: Any, kind: str) -> float:
+    try:
+        parsed = float(value)
+    except (TypeError, ValueError):
+        parsed = math.nan
+    if not math.isfinite(parsed) or (kind == "integer" and parsed != int(parsed)):
+        raise HymtlError(f"{key} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
+    return parsed
+
+
+def _bound_message(key: str, value: Any, kind: str, low: float, exclusive: bool) -> str:
+    if key == "data.num_workers":
+        return f"{key} must be 'auto' or an integer >= 0, got {value}"
+    if exclusive or low == 1:
+        return f"{key} must be a positive {kind}, got {value}"
+    return f"{key} must not be negative, got {value}"
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Raise :class:`HymtlError` (one line naming the key) for a number of :data:`NUMBER_RULES`
+    that is not a number, not an integer where one is needed, or out of range."""
+    for key, (kind, low, exclusive) in NUMBER_RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or (key == "data.num_workers" and value == "auto"):
+            continue
+        parsed = _parse(key, value, kind)
+        if parsed < low or (exclusive and parsed == low):
+            raise HymtlError(_bound_message(key, value, kind, low, exclusive))
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Every ``_target_`` entry of a config group (``callbacks``, ``logger``), instantiated."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(entry) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
