@@ -65,3 +65,13 @@ def test_unknown_mode_and_key_are_hydra_errors(compose):
 def test_folder_data_requires_root(compose):
     cfg = compose("data=folder")
     assert OmegaConf.is_missing(cfg.data, "root")
+
+
+@pytest.mark.parametrize("model", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_every_offline_backbone_has_its_weights_after_the_setup(compose, model, monkeypatch):
+    """The README lists these as offline: scripts/setup.sh (extra `offline`) installs their weights."""
+    from hymtl.backbones import create_backbone
+
+    monkeypatch.setenv("HYMTL_OFFLINE", "1")
+    built = create_backbone(compose(f"model={model}").model.backbone, pretrained=True)
+    assert built.weights.startswith("imagenet:"), built.weights
