@@ -1,0 +1,48 @@
+"""Image folders for training: one module per job.
+
+* :mod:`~hymtl.data.folders` — layouts (train/val[/test] or flat + split), scanning, class
+  order, the hidden-file rule;
+* :mod:`~hymtl.data.images` — decoding (EXIF, transparency), transforms, the bad-file policy
+  and ``skipped.txt``, the image dataset that drops a bad file;
+* :mod:`~hymtl.data.loaders` — DataLoader plumbing (worker count, the skipping collate, workers);
+* :mod:`~hymtl.data.download` — download, safe extraction, manifests, the download lock;
+* :mod:`~hymtl.data.datamodule` — :class:`ImageFolderDataModule`, the LightningDataModule.
+"""
+
+from hymtl.data.datamodule import FeatureTensorDataset, ImageFolderDataModule, MultiViewDataset
+from hymtl.data.download import MANIFEST_DIR, download_and_extract, verify_manifest
+from hymtl.data.folders import (
+    IMAGE_EXTENSIONS,
+    TORCHVISION_EXTENSIONS,
+    VAL_DIR_NAMES,
+    Sample,
+    SplitLayout,
+    find_classes,
+    is_image_file,
+    is_visible,
+    resolve_layout,
+    scan_split,
+    stratified_split,
+    walk_images,
+)
+from hymtl.data.images import (
+    RUNTIME_SUFFIX,
+    SKIPPED_FILE_NAME,
+    BadFile,
+    ImageSampleDataset,
+    build_transforms,
+    check_image_file,
+    format_skipped,
+    load_rgb,
+    read_skipped,
+    summarize_skipped,
+)
+from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
+
+__all__ = [
+    "BadFile", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR", "RUNTIME_SUFFIX",
+    "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS", "VAL_DIR_NAMES",
+    "build_transforms", "check_image_file", "collate_skipping", "default_num_workers", "download_and_extract",
+    "find_classes", "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout",
+    "scan_split", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
+]

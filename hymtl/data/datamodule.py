@@ -1,0 +1,372 @@
+"""Image folders as a LightningDataModule: the splits of :mod:`hymtl.data.folders`, the checked
+files of :mod:`hymtl.data.images`, the loaders of :mod:`hymtl.data.loaders`, the download of
+:mod:`hymtl.data.download`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hymtl.backbones import Preprocessing
+from hymtl.data.download import MANIFEST_DIR, download_and_extract, exclusive_lock
+from hymtl.data.folders import (
+    IMAGE_EXTENSIONS,
+    Sample,
+    SplitLayout,
+    find_classes,
+    resolve_layout,
+    scan_split,
+    stratified_split,
+)
+from hymtl.data.images import (
+    RUNTIME_SUFFIX,
+    BadFile,
+    ImageSampleDataset,
+    build_transforms,
+    check_image_file,
+    format_skipped,
+    load_rgb,
+    summarize_skipped,
+)
+from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
+from hymtl.errors import DataError
+from hymtl.features import Features, file_identity, view_seed
+from hymtl.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class MultiViewDataset(Dataset):
+    """Each image decoded once, as a ``(1 + num_views, 3, H, W)`` tensor: the eval view, then
+    ``num_views`` training-augmented views; view ``i`` is drawn with the seed
+    :func:`hymtl.features.view_seed` ``(seed, path, i)``, so it is the same tensor in every run
+    and worker. The :class:`hymtl.features.ViewSource` of the feature cache; a file that fails
+    to decode gives ``None`` (the extractor leaves it out).
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocessing: Preprocessing, num_views: int = 0, seed: int = 0):
+        self.samples = list(samples)
+        self.num_views = int(num_views)
+        self.seed = int(seed)
+        self.decode_size = preprocessing.resize_size
+        self.eval_transform = build_transforms(preprocessing, train=False)
+        self.train_transform = build_transforms(preprocessing, train=True)
+        # everything that shapes the pixels of a view: the cache fingerprint of these views
+        self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
+                       f"seed={self.seed}\ndecode_size={self.decode_size}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def identity(self, index: int) -> tuple[str, int, int]:
+        return file_identity(self.samples[index].path)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        path = self.samples[index].path
+        try:
+            image = load_rgb(path, self.decode_size)
+        except Exception as exc:  # noqa: BLE001 - a file that fails to decode is left out, not fatal
+            log.warning("skipping %s: cannot decode: %s", path, exc)
+            return None
+        views = [self.eval_transform(image)]
+        for view in range(1, self.num_views + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, os.path.abspath(path), view))
+                views.append(self.train_transform(image))
+        return torch.stack(views)
+
+
+class FeatureTensorDataset(Dataset):
+    """``(feature vector, label)`` pairs from cached backbone features ``(N, V, F)``.
+
+    ``random_view``: each access returns one of the image's V cached views (plain + augmented)
+    at random, the cached stand-in for on-the-fly augmentation; otherwise view 0 (plain).
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, random_view: bool = False):
+        if features.dim() != 3 or features.shape[0] != labels.shape[0]:
+            raise ValueError(f"features (N, V, F) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        self.features, self.labels, self.random_view = features, labels, random_view
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: int):
+        view = int(torch.randint(self.features.shape[1], ())) if self.random_view else 0
+        return self.features[index, view], self.labels[index]
+
+
+# --------------------------------------------------------------------------- the DataModule
+class ImageFolderDataModule(LightningDataModule):
+    """Train/val/test splits of an image folder (see the module docstring for the layout).
+
+    Args:
+        root: the folder. When missing and ``download_url`` is set, it is downloaded.
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers; ``"auto"``: one per usable core (max 8).
+        val_fraction, seed: the split of a flat ``<class>/`` folder.
+        download_url, sha256, manifest: where to fetch ``root`` from and how to check it.
+        preprocessing: the backbone's :class:`Preprocessing` (set by the entry point from the model).
+        extensions: image file extensions to read (any case, dot optional); default
+            ``IMAGE_EXTENSIONS``. ``TORCHVISION_EXTENSIONS`` follows ``ImageFolder`` exactly.
+        strict: decode every file before training and stop with a :class:`DataError` at the
+            first sign of a bad file or an unusable class folder (default: skip and report them).
+        skipped_file: where to write the skipped files (``reason<TAB>path``); the train entry
+            point sets ``<run dir>/skipped.txt``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/hymenoptera_data",
+        batch_size: int = 32,
+        num_workers: int | str = "auto",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        download_url: str | None = None,
+        sha256: str | None = None,
+        manifest: str | None = None,
+        preprocessing: Preprocessing | dict | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        extensions: Sequence[str] | None = None,
+        strict: bool = False,
+        skipped_file: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise DataError(f"data.batch_size must be a positive integer, got {batch_size}")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.batch_size = int(batch_size)
+        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.download_url = download_url
+        self.sha256 = sha256
+        self.manifest = (MANIFEST_DIR / manifest if manifest and not os.path.isabs(manifest) else manifest)
+        self.preprocessing = Preprocessing.from_dict(preprocessing) if isinstance(preprocessing, dict) else preprocessing
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.extensions = frozenset("." + e.lower().lstrip(".") for e in extensions) if extensions else IMAGE_EXTENSIONS
+        self.strict = bool(strict)
+        self.skipped_file = skipped_file
+        self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
+        self._class_names: list[str] | None = None
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    # -- discovery -----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download the folder when it is missing and a URL is known (rank 0 only, by Lightning)."""
+        if self.root.is_dir():
+            return
+        if not self.download_url:
+            raise DataError(f"data folder not found: {self.root}")
+        # torchrun starts every rank at once, each calling this before the Trainer exists: the
+        # first to take the lock downloads, the others wait and then find the folder in place
+        with exclusive_lock(self.root.parent / f".{self.root.name}.lock"):
+            if self.root.is_dir():
+                return
+            download_and_extract(self.download_url, self.root, sha256=self.sha256,
+                                 manifest=Path(self.manifest) if self.manifest else None)
+
+    @property
+    def layout(self) -> SplitLayout:
+        return resolve_layout(self.root)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class-folder names of the training split that hold at least one usable image."""
+        if self._class_names is None:
+            self._discover()
+        return self._class_names
+
+    def _discover(self) -> None:
+        """Scan every split, check every file (see :func:`check_image_file`), drop class folders
+        without a usable training image, split a flat folder; record and report what was left out."""
+        layout = self.layout
+        source = layout.train if layout.train is not None else self.root
+        names = find_classes(source)
+        names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
+        if len(names) < 2:
+            raise DataError(f"need at least two class folders in {source}, found {names}")
+        ext = self.extensions
+        train = scan_split(source, names, ext)
+        val = scan_split(layout.val, names, ext) if layout.val is not None else None
+        test = scan_split(layout.test, names, ext) if layout.test is not None else None
+        every = train + (val or []) + (test or [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            reasons = {s.path: r for s in every if (r := check_image_file(s.path, decode=self.strict)) is not None}
+        bad = [BadFile(s.path, reasons[s.path]) for s in every if s.path in reasons]
+        counts = [0] * len(names)
+        for s in train:
+            counts[s.label] += s.path not in reasons
+        empty = [name for name, n in zip(names, counts) if n == 0]
+        bad += [BadFile(str(Path(source) / name), "class folder without a usable image: class ignored") for name in empty]
+        self.skipped = bad
+        self._write_skipped(bad, len(every))
+        if bad:
+            first = bad[0]
+            if self.strict:
+                raise DataError(f"data.strict=true: {summarize_skipped(bad)} in {self.root}; first: "
+                                f"{first.path} ({first.reason})" + self._see_skipped())
+            log.warning("%s of %d in %s%s", summarize_skipped(bad), len(every), self.root, self._see_skipped())
+            for b in bad[:20]:
+                log.warning("  skipped %s: %s", b.path, b.reason)
+            if len(bad) > 20:
+                log.warning("  ... and %d more", len(bad) - 20)
+        usable = [name for name, n in zip(names, counts) if n > 0]
+        if len(usable) < 2:
+            found = f"only {usable}" if usable else "none"
+            raise DataError(f"need at least two classes with usable images in {source}, found {found} "
+                            f"({summarize_skipped(bad)})" + self._see_skipped())
+        relabel = {names.index(name): i for i, name in enumerate(usable)}
+
+        def keep(samples: list[Sample]) -> list[Sample]:
+            return [Sample(s.path, relabel[s.label]) for s in samples if s.path not in reasons and s.label in relabel]
+
+        train, val, test = keep(train), keep(val) if val is not None else None, keep(test) if test is not None else None
+        if val is None:
+            train, val = stratified_split(train, self.val_fraction, self.seed)
+        self._class_names = usable
+        self.train_samples, self.val_samples = train, val
+        self.test_samples = test if test is not None else list(val)
+
+    def _see_skipped(self) -> str:
+        return f"; list in {self.skipped_file}" if self.skipped_file else ""
+
+    def _write_skipped(self, bad: Sequence[BadFile], checked: int) -> None:
+        if not self.skipped_file:
+            return
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        header = (f"files left out of the run: reason<TAB>path ({len(bad)} of {checked} checked in {self.root})\n"
+                  f"decode failures during training are appended with the suffix '{RUNTIME_SUFFIX.strip()}'")
+        atomic_write_text(self.skipped_file, format_skipped(bad, header))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocessing is None:
+            raise DataError("ImageFolderDataModule.preprocessing is not set (take it from the backbone)")
+        if self._class_names is None:  # scanned and checked once, also when setup runs per stage
+            self._discover()
+        for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
+            if not samples:
+                raise DataError(f"no images in the {split} split of {self.root}")
+
+    @property
+    def test_split_name(self) -> str:
+        """``"test"`` when the folder has one, else ``"val"`` (val doubles as test)."""
+        return self.layout.test_source
+
+    # -- loaders -------------------------------------------------------------------------
+    def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train),
+                                     skip_bad=True, failure_log=self.skipped_file)
+        dataset.decode_size = self.preprocessing.resize_size  # big JPEGs: reduced-scale decoding
+        sampler = None if train else self._eval_sampler(dataset)
+        return SkippingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=collate_skipping,
+            worker_init_fn=worker_init,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.serves_features("fit"):
+            return self._feature_loader(self.train_samples, train=True)
+        return self._loader(self.train_samples, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.serves_features("fit"):
+            return self._feature_loader(self.val_samples, train=False)
+        return self._loader(self.val_samples, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.serves_features("test"):
+            return self._feature_loader(self.test_samples, train=False)
+        return self._loader(self.test_samples, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples, train=False)
+
+    # -- cached backbone features (hymtl.features) ---------------------------------------
+    def serve_features(self, extractor, num_views: int = 0, until_epoch: int | None = None) -> None:
+        """Serve backbone features from ``extractor`` (a :class:`hymtl.features.FeatureExtractor`)
+        instead of images: for the whole run and its test when ``until_epoch`` is ``None`` (a
+        frozen backbone), else while ``trainer.current_epoch < until_epoch`` (the head-only phase
+        of two-phase training: the Trainer must then reload dataloaders at that epoch). Each
+        training image contributes its plain view plus ``num_views`` augmented views.
+        """
+        self._feature_plan = (extractor, int(num_views), until_epoch)
+        self._feature_sets: dict = {}
+
+    def serves_features(self, stage: str) -> bool:
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
+        plan = getattr(self, "_feature_plan", None)
+        if plan is None or stage == "predict":
+            return False
+        until = plan[2]
+        if until is None:
+            return True
+        trainer = self.trainer
+        return stage == "fit" and (trainer.current_epoch if trainer is not None else 0) < until
+
+    def _feature_loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
+        extractor, num_views, _ = self._feature_plan
+        key = (train, tuple(s.path for s in samples))
+        if key not in self._feature_sets:
+            source = MultiViewDataset(samples, self.preprocessing, num_views if train else 0, self.seed)
+            features = self._extract_features(extractor, source)
+            labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
+            self._feature_sets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train)
+        dataset = self._feature_sets[key]
+        # tensors already in memory: worker processes would only add start-up time
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
+                          sampler=None if train else self._eval_sampler(dataset))
+
+    def _extract_features(self, extractor, source):
+        """All of ``source``'s features. Under DDP each rank runs the backbone over its own share
+        (``range(rank, N, world_size)``, filling the cache for those images) on its own device,
+        and the shares are gathered once, so every rank holds the whole split."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return extractor.extract(source)
+        extractor.device = trainer.strategy.root_device  # not cuda:0 for every rank
+        mine = extractor.extract(source, indices=range(trainer.global_rank, len(source), trainer.world_size))
+        shares: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, (mine.indices, mine.tensor.cpu()))
+        by_index = {i: t for indices, tensor in shares for i, t in zip(indices, tensor)}
+        kept = sorted(by_index)
+        tensor = torch.stack([by_index[i] for i in kept]) if kept else mine.tensor[:0]
+        return Features(kept, tensor)
+
+    def _eval_sampler(self, dataset) -> Sampler | None:
+        """Under DDP, val/test shards without repeats: Lightning's ``DistributedSampler`` pads
+        the split with repeated samples to equal lengths, which skews the synced metrics.
+        Ranks may then differ by one batch, which evaluation allows (no per-step collective)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1 or len(dataset) < trainer.world_size:
+            return None  # Lightning's own sampler: every rank needs at least one sample
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                            rank=trainer.global_rank, shuffle=False)

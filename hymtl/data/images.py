@@ -1,0 +1,242 @@
+"""Decoding images (EXIF, transparency, 16-bit, reduced-scale JPEG), transforms, and the bad-file policy.
+
+Images of any common format and letter case are read with their EXIF orientation applied
+and converted to RGB.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from hymtl.data.folders import Sample
+from hymtl.errors import first_line
+
+if TYPE_CHECKING:
+    from hymtl.backbones import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied (first frame of animations).
+
+    ``min_size``: a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
+    scaling, PIL ``draft``: 1/2, 1/4 or 1/8) whose both sides stay >= ``min_size``; a
+    2592x1944 photo headed for a 256-pixel resize decodes ~8x faster. Other formats ignore it.
+    """
+    with Image.open(path) as img:
+        if min_size and img.format == "JPEG" and min(img.size) >= 2 * min_size:
+            img.draft(img.mode, (min_size, min_size))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # composite transparency on white instead of letting convert() drop it to black
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        if img.mode.startswith("I;16") or img.mode == "I":
+            img = img.point(lambda v: v / 256).convert("L")
+        return img.convert("RGB")
+
+
+class ImageSampleDataset(Dataset):
+    """``(image tensor, label)`` pairs from a list of samples.
+
+    ``skip_bad``: a file that fails to decode gives ``None`` instead of an exception (dropped
+    by :func:`collate_skipping`), is logged once per process and appended to ``failure_log``
+    (``skipped.txt``; appends of one short line are atomic, so DataLoader workers can share it).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform=None, skip_bad: bool = False,
+                 failure_log: str | os.PathLike | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.failure_log = failure_log
+        self._reported: set[str] = set()
+
+    #: decode JPEGs at a reduced scale whose sides stay >= this (see load_rgb); set by the DataModule
+    decode_size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        if not self.skip_bad:
+            image = load_rgb(sample.path, self.decode_size)
+            return (self.transform(image) if self.transform else image), sample.label
+        try:
+            image = load_rgb(sample.path, self.decode_size)
+        except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
+            self._report(sample.path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
+            return None
+        try:  # geometry can fail on a valid file too (a 10000x2 strip resized to 0 rows)
+            return (self.transform(image) if self.transform else image), sample.label
+        except Exception as exc:  # noqa: BLE001
+            self._report(sample.path, f"cannot transform {image.width}x{image.height}: "
+                                      f"{first_line(exc)}{RUNTIME_SUFFIX}")
+            return None
+
+    def _report(self, path: str, reason: str) -> None:
+        if path in self._reported:
+            return
+        self._reported.add(path)
+        log.warning("skipping %s: %s", path, reason)
+        if self.failure_log:
+            try:
+                with open(self.failure_log, "a", encoding="utf-8") as f:
+                    f.write(f"{reason}\t{_escape(path)}\n")
+            except OSError as exc:
+                log.warning("could not record the skipped file in %s: %s", self.failure_log, exc)
+
+
+# --------------------------------------------------------------------------- bad files
+# Real folders hold empty files, truncated downloads, HTML saved as .jpg, broken symlinks and
+# decompression bombs. Every file is checked once, cheaply, before training (stat + the image
+# header: no pixels decoded); files that still fail to decode during training are dropped from
+# their batch (also inside DataLoader workers) and reported. ``strict`` decodes every file up
+# front instead and makes any bad file an error.
+SKIPPED_FILE_NAME = "skipped.txt"
+RUNTIME_SUFFIX = " (during training)"
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file left out of the run, and why."""
+
+    path: str
+    reason: str
+
+
+def _pixel_limit() -> int | None:
+    return Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (None: disabled by the user)
+
+
+def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
+    """Why ``path`` cannot be used as an image, or ``None`` when it can.
+
+    Cheap by default: ``stat`` plus the image header (format and size, no pixels). Images over
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused from the
+    header alone, never decoded. ``decode=True`` also decodes the pixels exactly as training
+    does (:func:`load_rgb`): what ``data.strict=true`` runs.
+    """
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else "file vanished"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot stat: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"  # a FIFO would block Image.open forever
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    limit = _pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            # between 1x and 2x the limit Pillow only warns: the size test below refuses those
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if limit and width * height > limit:
+                    return (f"decompression bomb refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
+                            f"decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+                if width < 1 or height < 1:
+                    return f"invalid size {width}x{height}"
+        if decode:
+            load_rgb(path).close()
+    except PermissionError:
+        return "unreadable: permission denied"
+    except Image.DecompressionBombError as exc:
+        return f"decompression bomb refused: {exc} (PIL.Image.MAX_IMAGE_PIXELS); not decoded"
+    except UnidentifiedImageError:
+        return "not an image: format not recognised"
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "unusable file", whatever its type
+        return f"cannot decode: {first_line(exc)}"
+    return None
+
+
+def _escape(path: str) -> str:
+    """Paths on one line of skipped.txt (a name may hold a tab or a newline)."""
+    return path.encode("unicode_escape").decode("ascii") if any(c in path for c in "\t\n\r\\") else path
+
+
+def format_skipped(bad: Sequence[BadFile], header: str = "") -> str:
+    """``skipped.txt``: ``reason<TAB>path`` lines, after a ``#`` header."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{b.reason}\t{_escape(b.path)}" for b in bad]
+    return "\n".join(lines) + "\n"
+
+
+def read_skipped(path: str | os.PathLike) -> list[BadFile]:
+    """The entries of a ``skipped.txt`` (one per path: the first reason wins), in file order."""
+    seen: dict[str, BadFile] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "\t" not in line:
+            continue
+        reason, name = line.split("\t", 1)
+        seen.setdefault(name, BadFile(name, reason))
+    return list(seen.values())
+
+
+def summarize_skipped(bad: Sequence[BadFile]) -> str:
+    """``"3 files skipped: 2 empty file (0 bytes), 1 broken symlink"`` (most frequent first)."""
+    counts: dict[str, int] = {}
+    for b in bad:
+        kind = b.reason.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{len(bad)} file{'s' if len(bad) != 1 else ''} skipped: {parts}" if bad else "no files skipped"
+
+
+_INTERPOLATION = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
+    """Eval: resize + center crop (the backbone's recipe). Train: the tutorial's
+    RandomResizedCrop + horizontal flip at the backbone's input size and interpolation."""
+    interpolation = _INTERPOLATION[preprocessing.interpolation]
+    if train:
+        geometry = [
+            T.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation, antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            # max_size: a 10000x10 strip would otherwise become 256x256000 (GBs) before the crop;
+            # capped, it is padded by the crop instead. Aspect ratios up to 4:1 are unaffected.
+            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True,
+                     max_size=4 * preprocessing.resize_size),
+            T.CenterCrop(preprocessing.input_size),
+        ]
+    return T.Compose(
+        [
+            T.ToImage(),
+            *geometry,
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+        ]
+    )
