@@ -14,8 +14,9 @@ restore, unlike ``BackboneFinetuning``). The optimizer holds the backbone's para
 the first step with a learning-rate factor of 0 until the switch, so no parameter group is
 ever added mid-run and any scheduler state stays consistent.
 
-The steps, metrics and logging live in ``ClassificationModule``, shared with
-``ClassifierModule``: any ``nn.Module`` classifier under the same steps (the tutorial API's).
+The constructor checks, steps, metrics and logging live in ``ClassificationModule``, shared
+with the tutorial API's ``hymtl.tutorial.ClassifierModule`` (any ``nn.Module`` classifier
+under the same steps).
 """
 
 from __future__ import annotations
@@ -69,13 +70,52 @@ def constant_schedule() -> Callable[[int, int], float]:
 
 
 class ClassificationModule(LightningModule):
-    """Steps, torchmetrics and epoch logging shared by :class:`TransferModule` and :class:`ClassifierModule`.
+    """Constructor checks, steps, torchmetrics and epoch logging shared by :class:`TransferModule`
+    and the tutorial's ``ClassifierModule``.
 
-    Subclasses build the network, call :meth:`init_metrics` in ``__init__`` and define
-    ``forward`` (preprocessed images -> logits) and ``configure_optimizers``. Logged per epoch:
-    ``{train,val,test}/loss``, ``…/acc`` (micro: the fraction of images right), ``…/acc_macro``
-    and ``val/acc_best``.
+    Subclasses call ``save_hyperparameters`` and then :meth:`init_classification` in ``__init__``,
+    build the network, and define ``forward`` (preprocessed images -> logits) and
+    ``configure_optimizers``. Logged per epoch: ``{train,val,test}/loss``, ``…/acc`` (micro: the
+    fraction of images right), ``…/acc_macro`` and ``val/acc_best``.
     """
+
+    def init_classification(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None,
+        lr: float,
+        head_lr_mult: float,
+        optimizer: dict | None,
+        scheduler: dict | None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """Check the arguments every classifier shares (positive learning rates, at least two
+        classes, one name per class; names default to ``"0"``, ``"1"``, …), keep the optimizer and
+        scheduler configs and the class names as plain hyperparameters (checkpoints must load with
+        ``weights_only=True``), and set up the loss and metrics (:meth:`init_metrics`)."""
+        if lr <= 0 or head_lr_mult <= 0:
+            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        if int(num_classes) < 2:
+            raise HymtlError(f"need at least two classes, got {num_classes}")
+        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
+        self.hparams.update(
+            optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
+            scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
+            class_names=class_names,
+        )
+        self.init_metrics(num_classes, label_smoothing)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    @property
+    def total_epochs(self) -> int:
+        """The fit's ``max_epochs`` (1 outside a trainer or for an open-ended fit): schedules span it."""
+        trainer = self._trainer
+        return trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
 
     def init_metrics(self, num_classes: int, label_smoothing: float = 0.0) -> None:
         """Loss and one metric object per stage (train/val/test) for ``num_classes`` classes."""
@@ -150,11 +190,6 @@ def build_optimization(groups: list[dict], optimizer: dict, factors: list[Callab
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def _total_epochs(module: LightningModule) -> int:
-    trainer = module._trainer
-    return trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
-
-
 class TransferModule(ClassificationModule):
     """Backbone + linear head for ``num_classes`` classes, with freeze/unfreeze hooks.
 
@@ -189,22 +224,12 @@ class TransferModule(ClassificationModule):
         channels_last: bool = True,
     ):
         super().__init__()
-        if lr <= 0 or head_lr_mult <= 0 or backbone_lr_mult < 0:
-            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        if backbone_lr_mult < 0:
+            raise HymtlError(f"backbone_lr_mult must not be negative, got {backbone_lr_mult}")
         if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
             raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
-        if int(num_classes) < 2:
-            raise HymtlError(f"need at least two classes, got {num_classes}")
-        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names"])
-        # plain containers only: checkpoints must load with weights_only=True
-        self.hparams.update(
-            optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
-            scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
-            class_names=class_names,
-        )
+        self.init_classification(num_classes, class_names, lr, head_lr_mult, optimizer, scheduler, label_smoothing)
 
         built = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
         self.backbone = built.model
@@ -212,17 +237,12 @@ class TransferModule(ClassificationModule):
         self.weights_source = built.weights
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
         self.backbone_frozen = False
-        self.init_metrics(num_classes, label_smoothing)
 
         if unfreeze_at_epoch is None:
             # never trains: freeze now, so DDP does not even register the backbone's parameters
             self.freeze_backbone()
 
     # ------------------------------------------------------------------ freezing
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.hparams.class_names)
-
     def freeze_backbone(self) -> None:
         """Stop training the backbone: no gradients, BatchNorm statistics fixed (eval mode)."""
         self.backbone_frozen = True
@@ -288,7 +308,7 @@ class TransferModule(ClassificationModule):
         if hp.unfreeze_at_epoch is not None:
             groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_mult, "name": "backbone"})
         schedule = instantiate(hp.scheduler)
-        total = _total_epochs(self)
+        total = self.total_epochs
         start = hp.unfreeze_at_epoch or 0
 
         def head_factor(epoch: int) -> float:
@@ -299,117 +319,6 @@ class TransferModule(ClassificationModule):
             return 0.0 if epoch < start else schedule(epoch - start, max(1, total - start))
 
         return build_optimization(groups, hp.optimizer, [head_factor, backbone_factor][: len(groups)])
-
-
-class ClassifierModule(ClassificationModule):
-    """Any ``nn.Module`` classifier (images -> logits) trained by Lightning with the project's
-    steps and metrics: the tutorial API's module (``hymtl.tutorial.train_fine_tuning``).
-
-    The network is the user's (torchvision, timm, their own). What trains is the network's
-    own ``requires_grad`` state, read when the optimizer is built: frozen parameters are left
-    out, which is the fixed-feature-extractor scenario.
-
-    Args:
-        net: the classifier.
-        num_classes, class_names: its classes (names default to ``"0"``, ``"1"``, …).
-        lr: learning rate of every trainable parameter outside the head.
-        head_parameters: the head's parameters, trained at ``lr * head_lr_mult`` (the
-            tutorial's ``param_group=True``); ``None``: one group, every trainable parameter at ``lr``.
-        optimizer, scheduler: Hydra configs as for :class:`TransferModule` (default: SGD with
-            momentum 0.9, cosine decay over the run).
-        frozen_batchnorm_eval: keep BatchNorm layers whose parameters are all frozen in eval
-            mode (running statistics untouched, as a frozen ``TransferModule`` backbone);
-            ``False``: every layer follows ``train()``, as in the original tutorial.
-        loss_reduction: ``"mean"``, or ``"sum"`` to backpropagate the batch's summed loss as the
-            original tutorial's ``train_ch13`` does (the logged loss stays the per-image mean).
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        num_classes: int,
-        class_names: Sequence[str] | None = None,
-        lr: float = 1e-3,
-        head_parameters: Sequence[nn.Parameter] | None = None,
-        head_lr_mult: float = 10.0,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        label_smoothing: float = 0.0,
-        frozen_batchnorm_eval: bool = True,
-        loss_reduction: str = "mean",
-    ):
-        super().__init__()
-        if lr <= 0 or head_lr_mult <= 0:
-            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
-        if int(num_classes) < 2:
-            raise HymtlError(f"need at least two classes, got {num_classes}")
-        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
-        if loss_reduction not in ("mean", "sum"):
-            raise HymtlError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        self.save_hyperparameters(ignore=["net", "head_parameters", "optimizer", "scheduler", "class_names"])
-        self.hparams.update(
-            optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
-            scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
-            class_names=class_names,
-        )
-        self.net = net
-        # names, not objects: they survive .to(device) and state-dict round trips
-        self.head_names: set[str] | None = None
-        if head_parameters is not None:
-            wanted = {id(p) for p in head_parameters}
-            self.head_names = {n for n, p in net.named_parameters() if id(p) in wanted}
-            if len(self.head_names) != len(wanted):
-                raise HymtlError("head_parameters must be parameters of net")
-        self.init_metrics(num_classes, label_smoothing)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.hparams.class_names)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of preprocessed images."""
-        return self.net(images)
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        return loss * batch[-1].numel() if self.hparams.loss_reduction == "sum" else loss
-
-    def train(self, mode: bool = True) -> "ClassifierModule":
-        super().train(mode)
-        if mode:
-            self._frozen_batchnorm_to_eval()
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning leaves the user's modes alone at fit start (it restores them around validation)
-        self._frozen_batchnorm_to_eval()
-
-    def _frozen_batchnorm_to_eval(self) -> None:
-        if not self.hparams.frozen_batchnorm_eval:
-            return
-        for module in self.net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                params = list(module.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise HymtlError("no parameter of the network requires grad: nothing to train")
-        head_names = self.head_names or set()
-        body = [p for n, p in trainable if n not in head_names]
-        head = [p for n, p in trainable if n in head_names]
-        groups = [g for g in (
-            {"params": body, "lr": hp.lr, "name": "body"},
-            {"params": head, "lr": hp.lr * hp.head_lr_mult, "name": "head"},
-        ) if g["params"]]
-        schedule = instantiate(hp.scheduler)
-        total = _total_epochs(self)
-        return build_optimization(groups, hp.optimizer, [lambda epoch: schedule(epoch, total)] * len(groups))
 
 
 def _plain(cfg: Any) -> Any:

@@ -162,7 +162,7 @@ def test_fixed_extractor_trains_only_the_head_and_keeps_frozen_batchnorm(tiny_lo
 
 
 def test_param_group_puts_the_head_at_ten_times_the_rate(tiny_loader):
-    from hymtl.model import ClassifierModule
+    from hymtl.tutorial import ClassifierModule
 
     net = TinyNet()
     module = ClassifierModule(net, 2, lr=0.01, head_parameters=list(net.fc.parameters()))
