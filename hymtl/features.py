@@ -24,15 +24,18 @@ Cache location: the ``cache_dir`` argument (``feature_cache.dir`` in the config)
 ``$HYMTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/hymtl`` (``~/.cache/hymtl``). ``cache_dir=False``
 (``feature_cache.enabled=false``) computes in memory and writes nothing.
 
-Sharding (DDP): entries are per image and written atomically, so ranks can fill the cache
-concurrently without coordination. Each rank extracts its own share, then, after a barrier,
-every rank reads all entries (all hits)::
+Serving (:class:`FeatureServer`, ``feature_cache:`` in conf/): the datamodule is given the
+server and asks it, for every loader, whether that stage gets features instead of images; the
+server asks the LightningModule (``backbone_trains_at(epoch)``): features while the backbone
+is frozen, images from the epoch it trains (the Trainer then reloads the dataloaders:
+:meth:`FeatureServer.trainer_kwargs`). Feature batches are :class:`FeatureBatch` tuples, so the
+module knows it is given features, not images.
 
-    extractor.extract(source, indices=range(rank, len(source), world_size))
-    strategy.barrier()
-    feats = extractor.extract(source)      # (N, 1 + K, F), read from the cache
-
-(with the cache disabled, all-gather the per-rank tensors instead).
+Sharding (DDP): each rank runs the backbone over its own share of a split,
+``range(rank, len(source), world_size)`` (reading and filling the cache entries of those
+images only, on its own device), then one ``all_gather_object`` of the shares' ``(indices,
+features)`` gives every rank the whole split. Each image is computed once, by one rank; the
+cache is not read back, so the same protocol works with the cache disabled.
 """
 
 from __future__ import annotations
@@ -48,8 +51,12 @@ from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from hymtl.data.folders import Sample
+from hymtl.data.images import BadImageDropper, build_transforms
+from hymtl.data.loaders import SkippingDataLoader, collate_skipping
+from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,7 @@ CACHE_FORMAT = 1  # bump when the entry layout changes: old folders are then nev
 
 
 class ViewSource(Protocol):
-    """What :class:`FeatureExtractor` needs from a dataset (``hymtl.data.MultiViewDataset``).
+    """What :class:`FeatureExtractor` needs from a dataset (:class:`MultiViewDataset`).
 
     ``source[i]`` is a ``(1 + num_views, 3, H, W)`` tensor: view 0 the plain eval view, then
     the augmented views, each drawn reproducibly from (seed, path, view index).
@@ -259,17 +266,15 @@ class FeatureExtractor:
     def _compute(self, source: ViewSource, missing: Sequence[int], views: int, results: dict) -> None:
         # every item is (V, 3, H, W): batch whole images so a batch holds ~batch_size views
         per_batch = max(1, self.batch_size // views)
-        loader = DataLoader(
-            _Indexed(Subset(source, missing)), batch_size=per_batch, shuffle=False, collate_fn=_collate_decoded,
+        loader = SkippingDataLoader(
+            _Indexed(Subset(source, missing)), batch_size=per_batch, shuffle=False, collate_fn=collate_skipping,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             # its own generator: creating the iterator draws a seed, and drawing it from the global
             # RNG would make a run that extracts differ from one that reads the cache
             generator=torch.Generator(),
         )
         with self._eval_mode():
-            for positions, batch in loader:
-                if batch is None:
-                    continue
+            for positions, batch in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
                 feats = self.forward(batch.flatten(0, 1)).view(n, v, -1)
                 for pos, item in zip(positions.tolist(), feats):
@@ -281,16 +286,9 @@ class FeatureExtractor:
         self.stats["computed"] += sum(i in results for i in missing)
 
 
-def _collate_decoded(items):
-    """``(positions, views)`` of the items that decoded (a source gives ``None`` for a bad file)."""
-    items = [(pos, views) for pos, views in items if views is not None]
-    if not items:
-        return None, None
-    return torch.tensor([pos for pos, _ in items]), torch.stack([views for _, views in items])
-
-
 class _Indexed(Dataset):
-    """``(position, item)`` pairs, so a batch knows which samples it holds."""
+    """``(position, item)`` pairs, so a batch knows which samples it holds (``None`` for an item
+    that failed to decode: :func:`~hymtl.data.loaders.collate_skipping` drops it)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -299,4 +297,186 @@ class _Indexed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, position: int):
-        return position, self.dataset[position]
+        item = self.dataset[position]
+        return None if item is None else (position, item)
+
+
+# --------------------------------------------------------------------------- the datasets
+class MultiViewDataset(Dataset):
+    """Each image decoded once, as a ``(1 + num_views, 3, H, W)`` tensor: the eval view, then
+    ``num_views`` training-augmented views; view ``i`` is drawn with the seed
+    :func:`view_seed` ``(seed, path, i)``, so it is the same tensor in every run and worker.
+    The :class:`ViewSource` of the feature cache. A file that fails to decode or to transform
+    gives ``None`` (the extractor leaves it out), by the rule of the image loaders
+    (:class:`hymtl.data.images.BadImageDropper`: logged, appended to ``failure_log``).
+    """
+
+    def __init__(self, samples: Sequence[Sample], preprocessing, num_views: int = 0, seed: int = 0,
+                 failure_log: str | os.PathLike | None = None):
+        self.samples = list(samples)
+        self.num_views = int(num_views)
+        self.seed = int(seed)
+        self.decode_size = preprocessing.resize_size
+        self.eval_transform = build_transforms(preprocessing, train=False)
+        self.train_transform = build_transforms(preprocessing, train=True)
+        self.dropper = BadImageDropper(self.decode_size, failure_log)
+        # everything that shapes the pixels of a view: the cache fingerprint of these views
+        self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
+                       f"seed={self.seed}\ndecode_size={self.decode_size}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def identity(self, index: int) -> tuple[str, int, int]:
+        return file_identity(self.samples[index].path)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        path = self.samples[index].path
+        return self.dropper(path, lambda image: self._views(image, os.path.abspath(path)))
+
+    def _views(self, image, path: str) -> torch.Tensor:
+        views = [self.eval_transform(image)]
+        for view in range(1, self.num_views + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, path, view))
+                views.append(self.train_transform(image))
+        return torch.stack(views)
+
+
+class FeatureBatch(NamedTuple):
+    """A batch (or one item) of cached backbone features, not of images: what the module's steps
+    give the head directly (``TransferModule(features=…)``). ``index`` names each row's image:
+    its position in the split the loader serves (the test figures decode those few images)."""
+
+    features: torch.Tensor  # (N, F)
+    index: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,): last, like the labels of an image batch
+
+
+class FeatureTensorDataset(Dataset):
+    """:class:`FeatureBatch` items from cached backbone features ``(N, V, F)``.
+
+    ``random_view``: each access returns one of the image's V cached views (plain + augmented)
+    at random, the cached stand-in for on-the-fly augmentation; otherwise view 0 (plain).
+    ``index``: the position of each row's image in its split (default ``0..N-1``).
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, random_view: bool = False,
+                 index: torch.Tensor | None = None):
+        if features.dim() != 3 or features.shape[0] != labels.shape[0]:
+            raise ValueError(f"features (N, V, F) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        self.features, self.labels, self.random_view = features, labels, random_view
+        self.index = torch.arange(features.shape[0]) if index is None else torch.as_tensor(index, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: int) -> FeatureBatch:
+        view = int(torch.randint(self.features.shape[1], ())) if self.random_view else 0
+        return FeatureBatch(self.features[index, view], self.index[index], self.labels[index])
+
+
+# --------------------------------------------------------------------------- serving
+def autocast_dtype(precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision (``"bf16-mixed"`` -> bfloat16, ``"16-mixed"``
+    -> float16, otherwise ``None``): features computed with the numerics of the uncached path."""
+    precision = str(precision or "32-true")
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else None
+
+
+class FeatureServer:
+    """Serves backbone features computed once (:class:`FeatureExtractor`, with the disk cache)
+    instead of images while the module's backbone is frozen: ``mode=frozen`` for the whole run
+    and its test, ``two_phase`` for its head-only epochs. Built from ``feature_cache:`` in conf/
+    and given to the datamodule (``ImageFolderDataModule(features=…)``), which asks it per loader.
+
+    What it serves is decided by the module being trained, found as ``trainer.lightning_module``
+    and never read from the config: features for ``fit`` while ``backbone_trains_at(epoch)`` is
+    false, for ``test`` when the backbone never trains (``hparams.unfreeze_at_epoch is None``).
+    The backbone (``module.backbone``, named ``hparams.backbone``, run channels-last when
+    ``hparams.channels_last``), the device (``trainer.strategy.root_device``) and the autocast
+    dtype (``trainer.precision``) come from the module and the Trainer too.
+
+    Args:
+        precompute: serve features at all (``mode.precompute_features``); ``False``: images always.
+        views: augmented views cached per training image, beside the plain view (``mode.feature_views``).
+        enabled: the disk cache; ``False`` computes in memory and writes nothing.
+        dir: the cache root; ``None``: :func:`default_cache_dir`.
+        batch_size: images per extraction forward pass.
+    """
+
+    def __init__(self, precompute: bool = False, views: int = 0, enabled: bool = True,
+                 dir: str | os.PathLike | None = None, batch_size: int = 64):
+        if int(views) < 0:
+            raise HymtlError(f"feature views must be >= 0, got {views}")
+        if int(batch_size) < 1:
+            raise HymtlError(f"feature_cache.batch_size must be a positive integer, got {batch_size}")
+        self.precompute = bool(precompute)
+        self.views = int(views)
+        self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
+        self.batch_size = int(batch_size)
+        self.extractor: FeatureExtractor | None = None  # built at the first feature loader
+        self._module = None
+        self._datasets: dict = {}
+
+    def trainer_kwargs(self, unfreeze_at_epoch: int | None) -> dict:
+        """Extra Trainer arguments: a two-phase run needs new dataloaders (images) at the switch."""
+        return {"reload_dataloaders_every_n_epochs": int(unfreeze_at_epoch)} if self.precompute and unfreeze_at_epoch else {}
+
+    def serves(self, trainer, stage: str) -> bool:
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
+        if not self.precompute or trainer is None or stage not in ("fit", "test"):
+            return False
+        module = getattr(trainer, "lightning_module", None)
+        if not callable(getattr(module, "backbone_trains_at", None)):
+            return False  # a module without a backbone schedule is always given images
+        if stage == "test":
+            return module.hparams.unfreeze_at_epoch is None
+        return not module.backbone_trains_at(trainer.current_epoch)
+
+    def dataset(self, datamodule, samples: Sequence[Sample], train: bool) -> FeatureTensorDataset:
+        """The features of ``samples`` (a split of ``datamodule``: its ``trainer``, ``preprocessing``,
+        ``seed``, ``num_workers`` and ``skipped_file`` are used), computed once per split and run."""
+        trainer = datamodule.trainer
+        module = trainer.lightning_module
+        if module is not self._module:  # another module: other weights, other features
+            self._module, self._datasets = module, {}
+            self.extractor = FeatureExtractor(
+                module.backbone,
+                name=module.hparams.backbone,
+                cache_dir=self.cache_dir,
+                device=trainer.strategy.root_device,
+                batch_size=self.batch_size,
+                num_workers=datamodule.num_workers,
+                autocast_dtype=autocast_dtype(trainer.precision),
+                channels_last=bool(module.hparams.channels_last),
+            )
+            log.info("head-only epochs train on cached backbone features (%s)",
+                     self.extractor.cache_root or "in memory: feature_cache.enabled=false")
+        key = (train, tuple(s.path for s in samples))
+        if key not in self._datasets:
+            source = MultiViewDataset(samples, datamodule.preprocessing, self.views if train else 0, datamodule.seed,
+                                      failure_log=datamodule.skipped_file)
+            features = self._extract(trainer, source)
+            labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
+            self._datasets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train,
+                                                       index=torch.tensor(features.indices, dtype=torch.long))
+        return self._datasets[key]
+
+    def _extract(self, trainer, source: MultiViewDataset) -> Features:
+        """All of ``source``'s features; under DDP by shares, gathered (see the module docstring)."""
+        if trainer.world_size <= 1:
+            return self.extractor.extract(source)
+        mine = self.extractor.extract(source, indices=range(trainer.global_rank, len(source), trainer.world_size))
+        shares: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(shares, (mine.indices, mine.tensor.cpu()))
+        by_index = {i: t for indices, tensor in shares for i, t in zip(indices, tensor)}
+        kept = sorted(by_index)
+        tensor = torch.stack([by_index[i] for i in kept]) if kept else mine.tensor[:0]
+        return Features(kept, tensor)
+
+    def __getstate__(self) -> dict:
+        # DDP spawn pickles the datamodule: the module and features stay behind (rebuilt there)
+        return {**self.__dict__, "extractor": None, "_module": None, "_datasets": {}}

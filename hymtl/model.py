@@ -34,6 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
+from hymtl.features import FeatureBatch
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "momentum": 0.9}
 DEFAULT_SCHEDULER = {"_target_": "hymtl.model.cosine_schedule"}
@@ -139,8 +140,9 @@ class ClassificationModule(LightningModule):
         self.val_acc_best.persistent(True)  # survives resume
 
     def _shared_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
+        inputs, labels = batch[0], batch[-1]
+        # a FeatureBatch holds the backbone's features of the images, computed once (hymtl.features)
+        logits = self(features=inputs) if isinstance(batch, FeatureBatch) else self(inputs)
         loss = self.criterion(logits, labels)
         metrics.update(logits.detach(), labels)
         loss_metric.update(loss.detach(), weight=labels.numel())
@@ -292,11 +294,12 @@ class TransferModule(ClassificationModule):
                 return self.backbone(images)
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of preprocessed images ``(N, 3, H, W)``, or for a batch of backbone
-        features ``(N, F)``: the head-only step on features cached by :mod:`hymtl.features`."""
-        if images.dim() == 2:
-            return self.head(images)
+    def forward(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for a batch of preprocessed images ``(N, 3, H, W)``, or, given ``features=``, for
+        the backbone's features of a batch ``(N, F)``: the head-only step on the features cached
+        by :mod:`hymtl.features` (its :class:`~hymtl.features.FeatureBatch` batches)."""
+        if features is not None:
+            return self.head(features)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
         return self.head(self.forward_features(images))

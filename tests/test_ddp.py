@@ -79,7 +79,7 @@ class FeatureStats(Callback):
         self.out_dir = Path(out_dir)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        extractor = trainer.datamodule._feature_plan[0]
+        extractor = trainer.datamodule.features.extractor
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(extractor.stats))
 

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hymtl.backbones import create_backbone
-from hymtl.data import ImageFolderDataModule, MultiViewDataset, load_rgb
-from hymtl.features import FeatureExtractor, default_cache_dir
+from hymtl.data import RUNTIME_SUFFIX, ImageFolderDataModule, load_rgb, read_skipped
+from hymtl.features import FeatureBatch, FeatureExtractor, FeatureServer, MultiViewDataset, default_cache_dir
 
 from lightning.pytorch import Callback
 
@@ -191,7 +192,7 @@ def test_cached_features_are_what_the_model_computes(backbone, samples, tmp_path
     transform = build_transforms(backbone.preprocessing, train=False)
     images = torch.stack([transform(load_rgb(s.path)) for s in samples])
     with torch.inference_mode():
-        assert torch.allclose(model(feats.tensor[:, 0]), model(images), atol=1e-4)
+        assert torch.allclose(model(features=feats.tensor[:, 0]), model(images), atol=1e-4)
 
 
 def _metrics(tmp_path: Path, name: str) -> dict:
@@ -231,3 +232,122 @@ def test_two_phase_switches_from_features_to_images(tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     shapes = json.loads((tmp_path / "run" / "batch_dims.json").read_text())
     assert shapes == {"train": {"0": 2, "1": 4}, "val": {"0": 2, "1": 4}, "test": 4}, shapes
+
+
+# --------------------------------------------------------------------------- serving (FeatureServer)
+class _Module:
+    """What the server asks of a LightningModule: its backbone schedule."""
+
+    def __init__(self, unfreeze_at_epoch):
+        self.hparams = SimpleNamespace(unfreeze_at_epoch=unfreeze_at_epoch)
+
+    def backbone_trains_at(self, epoch: int) -> bool:
+        start = self.hparams.unfreeze_at_epoch
+        return start is not None and epoch >= start
+
+
+def _trainer(module, epoch: int = 0):
+    return SimpleNamespace(lightning_module=module, current_epoch=epoch)
+
+
+def test_the_server_asks_the_module_what_to_serve():
+    server = FeatureServer(precompute=True)
+    frozen, unfreezes_at_2, finetune = _Module(None), _Module(2), _Module(0)
+    assert all(server.serves(_trainer(frozen, e), "fit") for e in range(5)) and server.serves(_trainer(frozen), "test")
+    # mode=frozen model.unfreeze_at_epoch=2: features for epochs 0 and 1 only, images for the test
+    assert [server.serves(_trainer(unfreezes_at_2, e), "fit") for e in range(4)] == [True, True, False, False]
+    assert not server.serves(_trainer(unfreezes_at_2, 0), "test")
+    assert not server.serves(_trainer(finetune), "fit") and not server.serves(_trainer(frozen), "predict")
+    assert not FeatureServer(precompute=False).serves(_trainer(frozen), "fit")
+    assert not server.serves(None, "fit")  # no Trainer (the datamodule on its own): images
+    assert server.trainer_kwargs(2) == {"reload_dataloaders_every_n_epochs": 2}
+    assert server.trainer_kwargs(None) == server.trainer_kwargs(0) == FeatureServer().trainer_kwargs(2) == {}
+
+
+def test_a_bad_file_in_the_feature_views_follows_the_image_loaders_rule(backbone, samples, tmp_path):
+    """Decode and transform failures give None, are reported once and land in skipped.txt."""
+    log_file = tmp_path / "skipped.txt"
+    Path(samples[2].path).write_bytes(b"\xff\xd8\xff broken jpeg")
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1, failure_log=log_file)
+    assert source[2] is None and source[0].shape[0] == 2
+
+    def fail(image):
+        raise ValueError("no rows left\nsecond line")
+
+    source.eval_transform = fail
+    assert source[1] is None
+    reasons = {b.path: b.reason for b in read_skipped(log_file)}
+    assert reasons[samples[2].path].startswith("cannot decode: ") and reasons[samples[2].path].endswith(RUNTIME_SUFFIX)
+    assert reasons[samples[1].path] == f"cannot transform 48x40: no rows left{RUNTIME_SUFFIX}"
+
+
+class _BatchKinds(Callback):
+    """The kind of each stage's first batch per epoch ("features" or "images"), and the backbone's
+    forward calls during the test."""
+
+    def __init__(self):
+        self.kinds: dict = {"train": {}, "val": {}, "test": None}
+        self.test_backbone_calls = 0
+
+    @staticmethod
+    def _kind(batch) -> str:
+        return "features" if isinstance(batch, FeatureBatch) else "images"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.kinds["train"].setdefault(trainer.current_epoch, self._kind(batch))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.kinds["val"].setdefault(trainer.current_epoch, self._kind(batch))
+
+    def on_test_start(self, trainer, pl_module):
+        def count(*_):
+            self.test_backbone_calls += 1
+
+        self._hook = pl_module.backbone.register_forward_hook(count)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.kinds["test"] = self.kinds["test"] or self._kind(batch)
+
+    def on_test_end(self, trainer, pl_module):
+        self._hook.remove()
+
+
+def _fit_and_test(tiny_folder, tmp_path, unfreeze_at_epoch, epochs: int, callbacks=()):
+    import lightning.pytorch as pl
+
+    from hymtl.model import TransferModule
+
+    features = FeatureServer(precompute=True, views=1, dir=str(tmp_path / "cache"), batch_size=8)
+    datamodule = ImageFolderDataModule(str(tiny_folder), batch_size=4, num_workers=0, backbone="efficientnet_lite0",
+                                       features=features, skipped_file=tmp_path / "skipped.txt")
+    model = TransferModule("efficientnet_lite0", pretrained=False, num_classes=2, class_names=datamodule.class_names,
+                           unfreeze_at_epoch=unfreeze_at_epoch)
+    probe = _BatchKinds()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[probe, *callbacks],
+                         **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return probe, features
+
+
+def test_a_direct_unfreeze_override_stops_the_features_at_the_switch(tiny_folder, tmp_path):
+    """unfreeze_at_epoch=2 on a module of a frozen mode: the data side asks the module, so the
+    loaders switch to images at epoch 2 (the bug of a regime read from the mode's keys)."""
+    probe, _ = _fit_and_test(tiny_folder, tmp_path, unfreeze_at_epoch=2, epochs=3)
+    assert probe.kinds["train"] == probe.kinds["val"] == {0: "features", 1: "features", 2: "images"}
+    assert probe.kinds["test"] == "images"
+
+
+def test_frozen_test_figures_come_from_the_features_without_running_the_backbone(tiny_folder, tmp_path):
+    from hymtl.callbacks import TestFigures
+
+    figures = TestFigures(num_images=4, num_wrong=4, save_dir=str(tmp_path / "figures"))
+    probe, features = _fit_and_test(tiny_folder, tmp_path, unfreeze_at_epoch=None, epochs=1, callbacks=[figures])
+    assert probe.kinds == {"train": {0: "features"}, "val": {0: "features"}, "test": "features"}
+    assert probe.test_backbone_calls == 0  # the figures' images are decoded, not run through the network
+    assert features.extractor.device == torch.device("cpu")  # the Trainer's device, not a guess
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "confusion_matrix.png", "most_wrong.png", "predictions.png"]

@@ -9,7 +9,7 @@
 * :mod:`~hymtl.data.datamodule` — :class:`ImageFolderDataModule`, the LightningDataModule.
 """
 
-from hymtl.data.datamodule import FeatureTensorDataset, ImageFolderDataModule, MultiViewDataset
+from hymtl.data.datamodule import ImageFolderDataModule
 from hymtl.data.download import MANIFEST_DIR, download_and_extract, verify_manifest
 from hymtl.data.folders import (
     IMAGE_EXTENSIONS,

@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from hymtl.backbones import Preprocessing
+from hymtl.backbones import Preprocessing, preprocessing_of
 from hymtl.data.download import MANIFEST_DIR, download_and_extract, exclusive_lock
 from hymtl.data.folders import (
     IMAGE_EXTENSIONS,
@@ -34,75 +34,13 @@ from hymtl.data.images import (
     build_transforms,
     check_image_file,
     format_skipped,
-    load_rgb,
     summarize_skipped,
 )
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
 from hymtl.errors import DataError
-from hymtl.features import Features, file_identity, view_seed
 from hymtl.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-class MultiViewDataset(Dataset):
-    """Each image decoded once, as a ``(1 + num_views, 3, H, W)`` tensor: the eval view, then
-    ``num_views`` training-augmented views; view ``i`` is drawn with the seed
-    :func:`hymtl.features.view_seed` ``(seed, path, i)``, so it is the same tensor in every run
-    and worker. The :class:`hymtl.features.ViewSource` of the feature cache; a file that fails
-    to decode gives ``None`` (the extractor leaves it out).
-    """
-
-    def __init__(self, samples: Sequence[Sample], preprocessing: Preprocessing, num_views: int = 0, seed: int = 0):
-        self.samples = list(samples)
-        self.num_views = int(num_views)
-        self.seed = int(seed)
-        self.decode_size = preprocessing.resize_size
-        self.eval_transform = build_transforms(preprocessing, train=False)
-        self.train_transform = build_transforms(preprocessing, train=True)
-        # everything that shapes the pixels of a view: the cache fingerprint of these views
-        self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
-                       f"seed={self.seed}\ndecode_size={self.decode_size}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def identity(self, index: int) -> tuple[str, int, int]:
-        return file_identity(self.samples[index].path)
-
-    def __getitem__(self, index: int) -> torch.Tensor | None:
-        path = self.samples[index].path
-        try:
-            image = load_rgb(path, self.decode_size)
-        except Exception as exc:  # noqa: BLE001 - a file that fails to decode is left out, not fatal
-            log.warning("skipping %s: cannot decode: %s", path, exc)
-            return None
-        views = [self.eval_transform(image)]
-        for view in range(1, self.num_views + 1):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(self.seed, os.path.abspath(path), view))
-                views.append(self.train_transform(image))
-        return torch.stack(views)
-
-
-class FeatureTensorDataset(Dataset):
-    """``(feature vector, label)`` pairs from cached backbone features ``(N, V, F)``.
-
-    ``random_view``: each access returns one of the image's V cached views (plain + augmented)
-    at random, the cached stand-in for on-the-fly augmentation; otherwise view 0 (plain).
-    """
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, random_view: bool = False):
-        if features.dim() != 3 or features.shape[0] != labels.shape[0]:
-            raise ValueError(f"features (N, V, F) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
-        self.features, self.labels, self.random_view = features, labels, random_view
-
-    def __len__(self) -> int:
-        return self.features.shape[0]
-
-    def __getitem__(self, index: int):
-        view = int(torch.randint(self.features.shape[1], ())) if self.random_view else 0
-        return self.features[index, view], self.labels[index]
 
 
 # --------------------------------------------------------------------------- the DataModule
@@ -115,13 +53,17 @@ class ImageFolderDataModule(LightningDataModule):
         num_workers: DataLoader workers; ``"auto"``: one per usable core (max 8).
         val_fraction, seed: the split of a flat ``<class>/`` folder.
         download_url, sha256, manifest: where to fetch ``root`` from and how to check it.
-        preprocessing: the backbone's :class:`Preprocessing` (set by the entry point from the model).
+        backbone: the backbone's registry name: the images are prepared as it expects
+            (:func:`hymtl.backbones.preprocessing_of`), unless ``preprocessing`` is given.
+        preprocessing: a :class:`Preprocessing` (or its dict) to use instead.
         extensions: image file extensions to read (any case, dot optional); default
             ``IMAGE_EXTENSIONS``. ``TORCHVISION_EXTENSIONS`` follows ``ImageFolder`` exactly.
         strict: decode every file before training and stop with a :class:`DataError` at the
             first sign of a bad file or an unusable class folder (default: skip and report them).
-        skipped_file: where to write the skipped files (``reason<TAB>path``); the train entry
-            point sets ``<run dir>/skipped.txt``.
+        skipped_file: where to write the skipped files (``reason<TAB>path``); conf/ sets
+            ``<run dir>/skipped.txt``.
+        features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
+            frozen), the train/val/test loaders give cached backbone features instead of images.
     """
 
     def __init__(
@@ -135,11 +77,13 @@ class ImageFolderDataModule(LightningDataModule):
         sha256: str | None = None,
         manifest: str | None = None,
         preprocessing: Preprocessing | dict | None = None,
+        backbone: str | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         extensions: Sequence[str] | None = None,
         strict: bool = False,
         skipped_file: str | os.PathLike | None = None,
+        features=None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -152,12 +96,15 @@ class ImageFolderDataModule(LightningDataModule):
         self.download_url = download_url
         self.sha256 = sha256
         self.manifest = (MANIFEST_DIR / manifest if manifest and not os.path.isabs(manifest) else manifest)
-        self.preprocessing = Preprocessing.from_dict(preprocessing) if isinstance(preprocessing, dict) else preprocessing
+        if isinstance(preprocessing, dict):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.preprocessing = preprocessing if preprocessing is not None or not backbone else preprocessing_of(backbone)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.extensions = frozenset("." + e.lower().lstrip(".") for e in extensions) if extensions else IMAGE_EXTENSIONS
         self.strict = bool(strict)
         self.skipped_file = skipped_file
+        self.features = features
         self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
         self._class_names: list[str] | None = None
         self.train_samples: list[Sample] = []
@@ -261,7 +208,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is None:
-            raise DataError("ImageFolderDataModule.preprocessing is not set (take it from the backbone)")
+            raise DataError("ImageFolderDataModule needs the backbone's name (backbone=) or its preprocessing")
         if self._class_names is None:  # scanned and checked once, also when setup runs per stage
             self._discover()
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
@@ -275,9 +222,9 @@ class ImageFolderDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
-        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train),
-                                     skip_bad=True, failure_log=self.skipped_file)
-        dataset.decode_size = self.preprocessing.resize_size  # big JPEGs: reduced-scale decoding
+        # big JPEGs: reduced-scale decoding
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train), skip_bad=True,
+                                     failure_log=self.skipped_file, decode_size=self.preprocessing.resize_size)
         sampler = None if train else self._eval_sampler(dataset)
         return SkippingDataLoader(
             dataset,
@@ -291,6 +238,12 @@ class ImageFolderDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+
+    def _feature_loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
+        dataset = self.features.dataset(self, samples, train)
+        # tensors already in memory: worker processes would only add start-up time
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
+                          sampler=None if train else self._eval_sampler(dataset))
 
     def train_dataloader(self) -> DataLoader:
         if self.serves_features("fit"):
@@ -310,56 +263,21 @@ class ImageFolderDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_samples, train=False)
 
-    # -- cached backbone features (hymtl.features) ---------------------------------------
-    def serve_features(self, extractor, num_views: int = 0, until_epoch: int | None = None) -> None:
-        """Serve backbone features from ``extractor`` (a :class:`hymtl.features.FeatureExtractor`)
-        instead of images: for the whole run and its test when ``until_epoch`` is ``None`` (a
-        frozen backbone), else while ``trainer.current_epoch < until_epoch`` (the head-only phase
-        of two-phase training: the Trainer must then reload dataloaders at that epoch). Each
-        training image contributes its plain view plus ``num_views`` augmented views.
-        """
-        self._feature_plan = (extractor, int(num_views), until_epoch)
-        self._feature_sets: dict = {}
-
     def serves_features(self, stage: str) -> bool:
-        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
-        plan = getattr(self, "_feature_plan", None)
-        if plan is None or stage == "predict":
-            return False
-        until = plan[2]
-        if until is None:
-            return True
-        trainer = self.trainer
-        return stage == "fit" and (trainer.current_epoch if trainer is not None else 0) < until
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now
+        (the :class:`~hymtl.features.FeatureServer` decides)."""
+        return self.features is not None and self.features.serves(self.trainer, stage)
 
-    def _feature_loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
-        extractor, num_views, _ = self._feature_plan
-        key = (train, tuple(s.path for s in samples))
-        if key not in self._feature_sets:
-            source = MultiViewDataset(samples, self.preprocessing, num_views if train else 0, self.seed)
-            features = self._extract_features(extractor, source)
-            labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
-            self._feature_sets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train)
-        dataset = self._feature_sets[key]
-        # tensors already in memory: worker processes would only add start-up time
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
-                          sampler=None if train else self._eval_sampler(dataset))
-
-    def _extract_features(self, extractor, source):
-        """All of ``source``'s features. Under DDP each rank runs the backbone over its own share
-        (``range(rank, N, world_size)``, filling the cache for those images) on its own device,
-        and the shares are gathered once, so every rank holds the whole split."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size <= 1:
-            return extractor.extract(source)
-        extractor.device = trainer.strategy.root_device  # not cuda:0 for every rank
-        mine = extractor.extract(source, indices=range(trainer.global_rank, len(source), trainer.world_size))
-        shares: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(shares, (mine.indices, mine.tensor.cpu()))
-        by_index = {i: t for indices, tensor in shares for i, t in zip(indices, tensor)}
-        kept = sorted(by_index)
-        tensor = torch.stack([by_index[i] for i in kept]) if kept else mine.tensor[:0]
-        return Features(kept, tensor)
+    def test_images(self, positions: Sequence[int]) -> torch.Tensor:
+        """The test split's images at ``positions``, prepared as for evaluation ``(n, 3, S, S)``:
+        what the test figures show when the test batches held features (a file that no longer
+        decodes shows blank)."""
+        size = self.preprocessing.input_size
+        dataset = ImageSampleDataset([self.test_samples[int(i)] for i in positions],
+                                     build_transforms(self.preprocessing, train=False), skip_bad=True,
+                                     decode_size=self.preprocessing.resize_size)
+        images = [item[0] if item is not None else torch.zeros(3, size, size) for item in dataset]
+        return torch.stack(images) if images else torch.zeros(0, 3, size, size)
 
     def _eval_sampler(self, dataset) -> Sampler | None:
         """Under DDP, val/test shards without repeats: Lightning's ``DistributedSampler`` pads

@@ -13,7 +13,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,46 +51,37 @@ def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Imag
         return img.convert("RGB")
 
 
-class ImageSampleDataset(Dataset):
-    """``(image tensor, label)`` pairs from a list of samples.
+class BadImageDropper:
+    """The one rule for an image that fails inside a DataLoader: decode ``path`` (:func:`load_rgb`
+    at ``decode_size``) and apply ``make`` to the image; a failure at either step gives ``None``
+    instead of an exception (the batch drops it: :func:`hymtl.data.loaders.collate_skipping`),
+    is logged once per process and appended to ``failure_log`` (``skipped.txt``; appends of one
+    short line are atomic, so DataLoader workers can share it).
 
-    ``skip_bad``: a file that fails to decode gives ``None`` instead of an exception (dropped
-    by :func:`collate_skipping`), is logged once per process and appended to ``failure_log``
-    (``skipped.txt``; appends of one short line are atomic, so DataLoader workers can share it).
+    Args:
+        decode_size: decode JPEGs at a reduced scale whose sides stay >= this (see :func:`load_rgb`).
+        failure_log: where to append ``reason<TAB>path`` lines; ``None``: log only.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform=None, skip_bad: bool = False,
-                 failure_log: str | os.PathLike | None = None):
-        self.samples = list(samples)
-        self.transform = transform
-        self.skip_bad = skip_bad
+    def __init__(self, decode_size: int | None = None, failure_log: str | os.PathLike | None = None):
+        self.decode_size = decode_size
         self.failure_log = failure_log
         self._reported: set[str] = set()
 
-    #: decode JPEGs at a reduced scale whose sides stay >= this (see load_rgb); set by the DataModule
-    decode_size: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        sample = self.samples[index]
-        if not self.skip_bad:
-            image = load_rgb(sample.path, self.decode_size)
-            return (self.transform(image) if self.transform else image), sample.label
+    def __call__(self, path: str, make: Callable[[Image.Image], Any]) -> Any | None:
         try:
-            image = load_rgb(sample.path, self.decode_size)
+            image = load_rgb(path, self.decode_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
-            self._report(sample.path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
+            self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
             return None
         try:  # geometry can fail on a valid file too (a 10000x2 strip resized to 0 rows)
-            return (self.transform(image) if self.transform else image), sample.label
+            return make(image)
         except Exception as exc:  # noqa: BLE001
-            self._report(sample.path, f"cannot transform {image.width}x{image.height}: "
-                                      f"{first_line(exc)}{RUNTIME_SUFFIX}")
+            self.report(path, f"cannot transform {image.width}x{image.height}: {first_line(exc)}{RUNTIME_SUFFIX}")
             return None
 
-    def _report(self, path: str, reason: str) -> None:
+    def report(self, path: str, reason: str) -> None:
+        """Log and record ``path`` as skipped (once per process)."""
         if path in self._reported:
             return
         self._reported.add(path)
@@ -101,6 +92,39 @@ class ImageSampleDataset(Dataset):
                     f.write(f"{reason}\t{_escape(path)}\n")
             except OSError as exc:
                 log.warning("could not record the skipped file in %s: %s", self.failure_log, exc)
+
+
+class ImageSampleDataset(Dataset):
+    """``(image tensor, label)`` pairs from a list of samples.
+
+    Args:
+        transform: applied to the decoded RGB image (``None``: the PIL image itself).
+        skip_bad: a file that fails to decode or to transform gives ``None`` instead of an
+            exception (:class:`BadImageDropper`: logged, appended to ``failure_log``).
+        failure_log: ``skipped.txt`` of the run.
+        decode_size: decode JPEGs at a reduced scale whose sides stay >= this (see :func:`load_rgb`).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform=None, skip_bad: bool = False,
+                 failure_log: str | os.PathLike | None = None, decode_size: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.decode_size = decode_size
+        self.dropper = BadImageDropper(decode_size, failure_log)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _prepare(self, image: Image.Image):
+        return self.transform(image) if self.transform else image
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        if not self.skip_bad:
+            return self._prepare(load_rgb(sample.path, self.decode_size)), sample.label
+        item = self.dropper(sample.path, self._prepare)
+        return None if item is None else (item, sample.label)
 
 
 # --------------------------------------------------------------------------- bad files
