@@ -1,4 +1,5 @@
-"""Callbacks: throughput, the tutorial's summary lines, test-time figures and reports, hp_metric.
+"""Callbacks: throughput, the tutorial's summary lines, test-time figures and reports, hp_metric,
+and the run summary (``metrics.json``): each publishes its own results.
 
 The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself from
 ``trainer.current_epoch`` (see ``hymtl/model.py`` for why that is resume- and DDP-safe).
@@ -7,8 +8,10 @@ The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself fr
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,8 +29,10 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from hymtl.errors import HymtlError, first_line
 from hymtl.figures import confusion_matrix_figure, most_wrong_grid, prediction_grid
-from hymtl.fileio import atomic_write_bytes
+from hymtl.fileio import atomic_write_bytes, atomic_write_json
+from hymtl.runtime import device_name
 
 log = logging.getLogger("hymtl.callbacks")
 
@@ -36,7 +41,8 @@ class ThroughputMonitor(Callback):
     """Counts training examples and the seconds spent in training batches (validation excluded).
 
     ``examples_per_sec`` is the tutorial's figure: training examples processed per second of
-    training, over the whole fit, summed over devices.
+    training, over the whole fit, summed over devices. Published as the logged metric
+    ``train/examples_per_sec`` at every epoch's end (what :class:`RunSummary` reports).
     """
 
     def __init__(self) -> None:
@@ -294,17 +300,46 @@ class ClassificationReport(_TestOutputsTap):
         self.metrics.reset()
 
 
+def command_line_hparams() -> dict[str, Any]:
+    """The command line's overrides as HParams columns (``mode.lr=1e-2`` -> ``{"mode.lr": 0.01}``):
+    whatever a sweep varies is then comparable in TensorBoard. Config-group choices
+    (``mode=frozen``, ``experiment=…``) and ``hydra.*`` are left out: groups are represented by
+    the scalar keys of the curated list in conf/callbacks/default.yaml. Empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices.keys())
+    columns = {}
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra") or key in groups:
+            continue
+        value = override.value()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            columns[key] = value
+    return columns
+
+
 class HParamsLogger(Callback):
     """``hp_metric`` plus the run's hyperparameters for TensorBoard's HParams dashboard.
 
     Logged once per run: after ``trainer.test`` when ``metric`` is a ``test/`` metric, else at the
     end of fit (e.g. ``val/acc_best``). ``hparams`` maps dashboard column names to scalar values
-    (``None`` is shown as ``"null"``: the dashboard needs one type per column).
+    (``None`` is shown as ``"null"``: the dashboard needs one type per column); with
+    ``command_line=True`` the command line's overrides are columns too
+    (:func:`command_line_hparams`, read when the callback is built: DDP-spawned children have
+    no Hydra state).
     """
 
-    def __init__(self, metric: str = "test/acc", hparams: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, metric: str = "test/acc", hparams: Mapping[str, Any] | None = None,
+                 command_line: bool = True) -> None:
         self.metric = metric
         self.hparams: dict[str, Any] = dict(hparams or {})
+        if command_line:
+            self.hparams.update(command_line_hparams())
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.metric.startswith("test/"):
@@ -325,3 +360,116 @@ class HParamsLogger(Callback):
             if isinstance(logger, TensorBoardLogger) and not math.isnan(value):
                 logger.log_hyperparams(params, metrics={"hp_metric": value})
                 logger.experiment.flush()
+
+
+# --------------------------------------------------------------------------- the run's summary
+class RunSummary(Callback):
+    """The final numbers of a run, published by the run itself: ``metrics.json`` (written
+    atomically by global rank zero) and the tutorial's two lines.
+
+    Collected at the end of fit (``train/*``, ``val/*``, ``epochs``, the best checkpoint, the
+    device) and, when a test follows (``expect_test``), completed after ``trainer.test``
+    (``test/*``); then written. Keys: ``train/*``, ``val/*``, ``test/*``, ``examples_per_sec``
+    (the logged ``train/examples_per_sec`` of :class:`ThroughputMonitor`), ``epochs``,
+    ``wall_time_s`` (since this callback was built), ``mode``, ``backbone``, ``class_names``,
+    ``test_split``, ``best_checkpoint``, ``device``, ``skipped_files`` (lines of
+    ``skipped_file``, with one warning that summarises them).
+
+    The result is in :attr:`metrics` in the process that ran the stages. Under a spawning DDP
+    launcher the stages run in child processes, so the caller reads the file back with
+    :meth:`result` (or :meth:`read`); there the fit's part is also written when fit ends, for
+    the test's children to complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str | None = None, backbone: str | None = None,
+                 skipped_file: str | os.PathLike | None = None, expect_test: bool = True) -> None:
+        self.started = time.perf_counter()  # monotonic clock: comparable in spawned children
+        self.path = Path(path)
+        self.mode = mode
+        self.backbone = backbone
+        self.skipped_file = Path(skipped_file) if skipped_file else None
+        self.expect_test = bool(expect_test)
+        self.metrics: dict[str, Any] = {}
+        self._fit: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        throughput = metrics.pop("train/examples_per_sec", None)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        class_names = getattr(pl_module, "class_names", None)
+        metrics.update({
+            "examples_per_sec": throughput,
+            "epochs": trainer.current_epoch,
+            "class_names": list(class_names) if class_names is not None else None,
+            "test_split": getattr(trainer.datamodule, "test_split_name", None),
+            "best_checkpoint": best or None,
+            "device": device_name(trainer),
+        })
+        self._fit = metrics
+        if not self.expect_test:
+            self._finish(trainer, {})
+        elif _spawned(trainer) and trainer.is_global_zero:
+            atomic_write_json(self.path, self._assemble(metrics, {}))  # for the test's children
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.expect_test:
+            return
+        if self._fit is None:  # the fit ran in other (spawned) processes: its part is on disk
+            self._fit = self.read(self.path) if self.path.is_file() else {}
+        self._finish(trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> dict[str, Any]:
+        """The run's metrics: :attr:`metrics` where this process ran the stages, else ``metrics.json``."""
+        return dict(self.metrics) if self.metrics else self.read(self.path)
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict[str, Any]:
+        """A ``metrics.json`` written by :class:`RunSummary`."""
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise HymtlError(f"cannot read the run's metrics {path}: {first_line(exc)}") from None
+
+    # ------------------------------------------------------------------ assembly
+    def _assemble(self, fit: Mapping[str, Any], test: Mapping[str, Any]) -> dict[str, Any]:
+        metrics = {k: v for k, v in fit.items() if k.startswith(("train/", "val/"))}
+        metrics.update(test)
+        metrics.update({
+            "examples_per_sec": fit.get("examples_per_sec"),
+            "epochs": fit.get("epochs", 0),
+            "wall_time_s": time.perf_counter() - self.started,
+            "mode": self.mode,
+            "backbone": self.backbone,
+            "class_names": fit.get("class_names"),
+            "test_split": fit.get("test_split"),
+            "best_checkpoint": fit.get("best_checkpoint"),
+            "device": fit.get("device"),
+        })
+        return metrics
+
+    def _finish(self, trainer: Trainer, test: Mapping[str, Any]) -> None:
+        from hymtl.data.images import read_skipped, summarize_skipped
+
+        metrics = self._assemble(self._fit or {}, test)
+        skipped = read_skipped(self.skipped_file) if self.skipped_file else []  # up-front check + decode failures in workers
+        metrics["skipped_files"] = len(skipped)
+        if skipped and trainer.is_global_zero:
+            log.warning("%s (list in %s)", summarize_skipped(skipped), self.skipped_file)
+        self.metrics = metrics
+        if trainer.is_global_zero:
+            atomic_write_json(self.path, metrics)
+        if "test/acc" in metrics and "train/loss" in metrics:
+            print_tutorial_lines(
+                metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
+                metrics["examples_per_sec"] or 0.0, metrics["device"],
+            )
+
+
+def _spawned(trainer: Trainer) -> bool:
+    """True when the stages run in processes the launcher starts per stage (spawn/fork): the
+    caller's callback objects see none of their hooks."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder
+from hymtl.errors import HymtlError
 from test_train import TINY_MODEL, run_train
 
 RUN_NAME = "run/tensorboard"  # the run as TensorBoard names it below --logdir outputs
@@ -190,3 +192,71 @@ def test_dashboard_renders_in_headless_chromium(tb_server, tmp_path):
     assert len(image.getcolors(maxcolors=1 << 16) or []) > 200 or image.getcolors(maxcolors=1 << 16) is None
     if os.environ.get("HYMTL_SCREENSHOT_DIR"):  # to look at it
         shutil.copy(shot, Path(os.environ["HYMTL_SCREENSHOT_DIR"]) / "tensorboard_scalars.png")
+
+
+# --------------------------------------------------------------------------- callbacks in process
+def _tiny_fit(callbacks):
+    """Two epochs of a tiny classifier on random tensors, in this process; returns the test step."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hymtl.tutorial import ClassifierModule
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 2)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    module = ClassifierModule(net, 2, class_names=["ants", "bees"], lr=0.01)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    return lambda: trainer.test(module, DataLoader(data, batch_size=8), verbose=False)
+
+
+def test_run_summary_writes_metrics_json_after_the_test_and_prints_the_two_lines(tmp_path, capsys, caplog):
+    from hymtl.callbacks import RunSummary, ThroughputMonitor
+
+    skipped = tmp_path / "skipped.txt"
+    skipped.write_text("unreadable\tbad/one.jpg\n")
+    summary = RunSummary(tmp_path / "metrics.json", mode="finetune", backbone="tiny", skipped_file=skipped)
+    test = _tiny_fit([ThroughputMonitor(), summary])
+    assert not (tmp_path / "metrics.json").exists()  # a test follows: nothing written yet
+    test()
+
+    written = RunSummary.read(tmp_path / "metrics.json")
+    assert written == json.loads(json.dumps(summary.metrics)) == json.loads(json.dumps(summary.result()))
+    assert {"train/loss", "train/acc", "val/acc", "val/acc_best", "test/acc", "test/loss"} <= set(written)
+    assert "train/examples_per_sec" not in written and written["examples_per_sec"] > 0
+    assert written["epochs"] == 2 and written["wall_time_s"] > 0
+    assert (written["mode"], written["backbone"], written["class_names"]) == ("finetune", "tiny", ["ants", "bees"])
+    assert written["device"] == "cpu" and written["best_checkpoint"] is None and written["skipped_files"] == 1
+    assert str(skipped) in caplog.text  # one warning that points at the list
+    out = capsys.readouterr().out
+    assert re.search(r"^loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}\n\d+\.\d examples/sec on cpu$", out, re.M)
+
+
+def test_run_summary_without_a_test_writes_at_the_end_of_fit(tmp_path):
+    from hymtl.callbacks import RunSummary
+
+    summary = RunSummary(tmp_path / "metrics.json", mode="frozen", backbone="tiny", expect_test=False)
+    _tiny_fit([summary])
+    written = RunSummary.read(tmp_path / "metrics.json")
+    assert written["epochs"] == 2 and written["skipped_files"] == 0 and "test/acc" not in written
+    assert written["examples_per_sec"] is None  # no ThroughputMonitor: nothing published
+    with pytest.raises(HymtlError, match="cannot read the run's metrics"):
+        RunSummary.read(tmp_path / "missing.json")
+
+
+def test_hparams_logger_reads_the_command_lines_overrides(compose):
+    from hydra.core.hydra_config import HydraConfig
+
+    from hymtl.callbacks import HParamsLogger
+
+    cfg = compose("mode=frozen", "mode.lr=0.01", "seed=3", "data.batch_size=4", "experiment=tutorial")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        logger = HParamsLogger(hparams={"mode": "frozen"})
+        assert logger.hparams == {"mode": "frozen", "mode.lr": 0.01, "seed": 3, "data.batch_size": 4}
+        assert HParamsLogger(command_line=False).hparams == {}
+    finally:
+        HydraConfig.instance().cfg = None
