@@ -26,7 +26,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, first_line, user_error
 from hymtl.fileio import atomic_write_text
 
 log = logging.getLogger("hymtl.summarize")
@@ -107,7 +107,7 @@ def collect_runs(root: str | Path) -> list[Run]:
         try:
             overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
         except (OSError, yaml.YAMLError) as exc:
-            log.warning("skipping %s: unreadable overrides.yaml (%s)", folder, exc)
+            log.warning("skipping %s: unreadable overrides.yaml (%s)", folder, first_line(exc))
             continue
         run = Run(name=name, overrides=[str(o) for o in overrides])
         metrics_file, error_file = folder / "metrics.json", folder / "error.json"
@@ -242,7 +242,7 @@ class SweepSummary(Callback):
         try:
             markdown = summarize(sweep_dir)
         except HymtlError as exc:
-            log.warning("no sweep summary: %s", exc)
+            log.warning("no sweep summary: %s", first_line(exc))
             return
         print(markdown, flush=True)
         log.info("sweep summary written to %s and %s", sweep_dir / "summary.md", sweep_dir / "summary.csv")
@@ -258,8 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(summarize(args.dir, write=not args.no_write))
-    except HymtlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:  # a bug: the traceback is the report
+            raise
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 2
     return 0
 
