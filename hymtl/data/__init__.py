@@ -29,6 +29,7 @@ from hymtl.data.images import (
     RUNTIME_SUFFIX,
     SKIPPED_FILE_NAME,
     BadFile,
+    BadImageDropper,
     ImageSampleDataset,
     build_transforms,
     check_image_file,
@@ -40,7 +41,7 @@ from hymtl.data.images import (
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
 
 __all__ = [
-    "BadFile", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR", "RUNTIME_SUFFIX",
+    "BadFile", "BadImageDropper", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR", "RUNTIME_SUFFIX",
     "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS", "VAL_DIR_NAMES",
     "build_transforms", "check_image_file", "collate_skipping", "default_num_workers", "download_and_extract",
     "find_classes", "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout",

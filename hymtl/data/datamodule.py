@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- the DataModule
 class ImageFolderDataModule(LightningDataModule):
-    """Train/val/test splits of an image folder (see the module docstring for the layout).
+    """Train/val/test splits of an image folder (the layouts of :mod:`hymtl.data.folders`).
 
     Args:
         root: the folder. When missing and ``download_url`` is set, it is downloaded.

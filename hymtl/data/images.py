@@ -1,7 +1,8 @@
 """Decoding images (EXIF, transparency, 16-bit, reduced-scale JPEG), transforms, and the bad-file policy.
 
 Images of any common format and letter case are read with their EXIF orientation applied
-and converted to RGB.
+and converted to RGB. Inside a DataLoader, a file that fails to decode or to transform is
+dropped by one rule, :class:`BadImageDropper` (the image and feature datasets both use it).
 """
 
 from __future__ import annotations
