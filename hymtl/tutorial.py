@@ -15,8 +15,11 @@ with hymtl imports, offline on the PyPI-weighted backbone, and on ResNet18 where
 Nothing here trains by itself: :func:`train_fine_tuning` wraps the network in
 :class:`ClassifierModule` (the steps and metrics of :class:`hymtl.model.ClassificationModule`,
 as every training run) and calls Lightning's ``Trainer.fit``; the data comes
-from :class:`hymtl.data.ImageFolderDataModule` (download + per-file checksums); the figures
-from :mod:`hymtl.figures` (the same grid the TensorBoard test figures use).
+from :class:`hymtl.data.ImageFolderDataModule` (download + per-file checksums). Both the
+datamodule and the Trainer are instantiated from ``conf/`` composed as ``python -m hymtl.train``
+composes it (Hydra's compose API, :func:`composed_config`): one source for the data's URL,
+manifest and split, and the Trainer's settings. The figures come from :mod:`hymtl.figures`
+(the same grid the TensorBoard test figures use).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -50,7 +53,7 @@ from hymtl.errors import HymtlError
 from hymtl.figures import epoch_curves, prediction_grid
 from hymtl.fileio import atomic_write_bytes
 from hymtl.model import ClassificationModule, build_optimization, constant_schedule
-from hymtl.runtime import auto_precision, config_dir, device_name
+from hymtl.runtime import config_dir, device_name
 
 __all__ = [
     "Hymenoptera",
@@ -65,6 +68,32 @@ __all__ = [
     "show_predictions",
     "save_figure",
 ]
+
+
+# --------------------------------------------------------------------------- the configs
+#: the tutorial's folder for what it saves (curves); also ``paths.output_dir`` of its composed config
+TUTORIAL_DIR = Path("outputs") / "tutorial"
+
+
+def composed_config(*overrides: str) -> DictConfig:
+    """``conf/`` composed as ``python -m hymtl.train <overrides>`` composes it (Hydra's compose
+    API): the tutorial's data and Trainer come from the same files as every run. Safe inside
+    another Hydra app or compose context (its global state is put back)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from hymtl.cli import register_resolvers
+
+    register_resolvers()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="tutorial"):
+            # no Hydra run here: the run folder the config names is the tutorial's
+            return compose("config", overrides=[f"paths.output_dir={TUTORIAL_DIR}", *overrides])
+    finally:
+        restore_gh_from_backup(backup)
 
 
 # --------------------------------------------------------------------------- data
@@ -102,18 +131,19 @@ class Hymenoptera:
         if isinstance(preprocessing, str):
             preprocessing = preprocessing_of(preprocessing)
         self.preprocessing = preprocessing or Preprocessing()  # 224 / 256, ImageNet mean and std
-        source = OmegaConf.load(Path(config_dir()) / "data" / "hymenoptera.yaml")
-        self.datamodule = ImageFolderDataModule(
+        data = composed_config("data=hymenoptera").data  # URL, manifest, split, seed: conf/data/
+        overrides: dict[str, Any] = {} if download else {"download_url": None}
+        self.datamodule: ImageFolderDataModule = instantiate(data, _partial_=True)(
             root=str(root),
             batch_size=batch_size,
             num_workers=num_workers,
-            download_url=source.download_url if download else None,
-            sha256=source.get("sha256"),
-            manifest=source.get("manifest"),
             preprocessing=self.preprocessing,
             # a notebook keeps these loaders for many calls: no idle worker processes in between
             persistent_workers=False,
             extensions=TORCHVISION_EXTENSIONS if imagefolder_rules else None,
+            skipped_file=None,  # no run folder: skipped files are logged, not listed in a file
+            features=None,  # no feature cache: the loaders serve images
+            **overrides,
         )
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
@@ -521,14 +551,18 @@ def train_fine_tuning(
     history = History()
     throughput = ThroughputMonitor()
     accelerator, devices = _accelerator(device)
-    if precision is None:
-        precision = "32-true" if original else auto_precision(accelerator)
+    overrides = [f"trainer.accelerator={accelerator}"]
+    if precision is None and original:
+        precision = "32-true"
+    if precision is not None:
+        overrides.append(f"trainer.precision={precision}")
+    # conf/trainer/default.yaml, as every run's (precision: bf16 where the hardware has it)
+    trainer_cfg = composed_config(*overrides).trainer
     with _quiet():
-        trainer = pl.Trainer(
+        trainer: pl.Trainer = instantiate(trainer_cfg, _partial_=True)(
             max_epochs=int(num_epochs),
-            accelerator=accelerator,
             devices=devices,
-            precision=precision,
+            # a notebook's call: no run folder, no checkpoints, no progress bars; two lines printed
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -548,7 +582,7 @@ def train_fine_tuning(
     history.figure = epoch_curves(history.series(), title=title)
     if curve_path is None and not live:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        curve_path = Path("outputs") / "tutorial" / f"{stamp}-train_fine_tuning.png"
+        curve_path = TUTORIAL_DIR / f"{stamp}-train_fine_tuning.png"
     if curve_path:
         history.curve_path = save_figure(history.figure, curve_path)
     print(history.lines(), flush=True)
