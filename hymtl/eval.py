@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl import checkpoints
+from hymtl import loading
 from hymtl.callbacks import ClassificationReport
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_json
@@ -69,11 +69,11 @@ def trained_data_root(ckpt_path: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(ckpt_path: str | os.PathLike) -> TransferModule:
-    """The module of a checkpoint via :func:`hymtl.checkpoints.load_checkpoint` (CRC-checked,
+    """The module of a checkpoint via :func:`hymtl.loading.load_checkpoint` (CRC-checked,
     ``weights_only``: no code from the file runs); its errors as one-line :class:`EvalError`."""
     try:
-        return checkpoints.load_checkpoint(ckpt_path)
-    except checkpoints.LoadError as exc:
+        return loading.load_checkpoint(ckpt_path)
+    except loading.LoadError as exc:
         raise EvalError(str(exc)) from None
 
 

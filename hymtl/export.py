@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hymtl.checkpoints import (
+from hymtl.loading import (
     ONNX_METADATA_KEY,
     TORCHSCRIPT_METADATA_FILE,
     LoadError,

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from hymtl.backbones import Preprocessing
-from hymtl.checkpoints import load_checkpoint, load_onnx, load_torchscript, metadata_preprocessing
+from hymtl.loading import load_checkpoint, load_onnx, load_torchscript, metadata_preprocessing
 from hymtl.data import build_transforms, default_num_workers, is_image_file, load_rgb
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_text

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from hymtl.checkpoints import load_checkpoint, load_onnx, sidecar_path
+from hymtl.loading import load_checkpoint, load_onnx, sidecar_path
 from hymtl.errors import HymtlError
 from test_predict import compose_app
 
@@ -118,7 +118,7 @@ def test_parity_check_catches_a_different_model(onnx_export, real_checkpoint, re
 
 
 def test_dynamo_exporter_will_not_silently_change_the_opset(tiny_checkpoint):
-    from hymtl.checkpoints import export_metadata
+    from hymtl.loading import export_metadata
     from hymtl.export import ExportError, onnx_bytes
 
     model = load_checkpoint(tiny_checkpoint)

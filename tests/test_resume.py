@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, make_image_folder
-from hymtl.checkpointing import LAST, AtomicCheckpointIO, resolve_resume, run_dir_of
+from hymtl.resume import LAST, AtomicCheckpointIO, resolve_resume, run_dir_of
 from hymtl.errors import HymtlError
 
 # two-phase so that the resumed run must also land in the right phase (unfreeze at epoch 1)
@@ -87,7 +87,7 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
 _WRITER = r"""
 import sys, torch
-from hymtl.checkpointing import AtomicCheckpointIO
+from hymtl.resume import AtomicCheckpointIO
 from hymtl.fileio import atomic_write_json
 folder = sys.argv[1]
 io = AtomicCheckpointIO()

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from hymtl.backbones import Preprocessing
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, first_line
 from hymtl.fileio import atomic_write_json
 
 SIDECAR_FORMAT = "hymtl-export"
@@ -53,11 +53,6 @@ _MAX_SIDECAR_BYTES = 1 << 20  # a sidecar is a few hundred bytes; anything huge 
 
 class LoadError(HymtlError):
     """A checkpoint, exported model or sidecar that is missing, truncated, tampered or foreign."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
@@ -83,7 +78,7 @@ def _check_zip(path: Path) -> None:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise LoadError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({_first_line(exc)})"
+            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc)})"
         ) from None
     if damaged is not None:
         raise LoadError(f"cannot read checkpoint {path}: {damaged} fails its CRC check (the file was damaged or edited)")
@@ -104,10 +99,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"refusing to load checkpoint {path}: it asks to call {name}, which weights-only loading does not "
                 "allow (a checkpoint that runs code when unpickled; not made by hymtl or tampered with)"
             ) from None
-        raise LoadError(f"cannot read checkpoint {path}: corrupt pickle data ({_first_line(exc)[:200]})") from None
+        raise LoadError(f"cannot read checkpoint {path}: corrupt pickle data ({first_line(exc, 200)})") from None
     except Exception as exc:
         raise LoadError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({_first_line(exc)[:200]})"
+            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc, 200)})"
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
             or not isinstance(checkpoint.get("hyper_parameters"), dict):
@@ -151,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike):
     except HymtlError as exc:
         raise LoadError(f"checkpoint {path}: {exc}") from None
     except Exception as exc:  # a tampered hyperparameter of the wrong type
-        raise LoadError(f"checkpoint {path}: invalid hyperparameters ({_first_line(exc)})") from None
+        raise LoadError(f"checkpoint {path}: invalid hyperparameters ({first_line(exc)})") from None
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -259,7 +254,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"sidecar {path} is not valid JSON (truncated or edited?): {_first_line(exc)}") from None
+        raise LoadError(f"sidecar {path} is not valid JSON (truncated or edited?): {first_line(exc)}") from None
     meta = validate_metadata(meta, f"sidecar {path}")
     if not meta.get("sha256"):
         raise LoadError(f"sidecar {path} has no sha256 of its model file")
@@ -299,7 +294,7 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
         proto = onnx.load_model_from_string(data)
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"cannot read ONNX model {path}: truncated, corrupt or invalid ({_first_line(exc)})") from None
+        raise LoadError(f"cannot read ONNX model {path}: truncated, corrupt or invalid ({first_line(exc)})") from None
     if meta is None:
         props = {p.key: p.value for p in proto.metadata_props}
         if ONNX_METADATA_KEY not in props:
@@ -310,14 +305,14 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
         try:
             meta = json.loads(props[ONNX_METADATA_KEY])
         except json.JSONDecodeError as exc:
-            raise LoadError(f"ONNX model {path}: its hymtl metadata is not valid JSON ({_first_line(exc)})") from None
+            raise LoadError(f"ONNX model {path}: its hymtl metadata is not valid JSON ({first_line(exc)})") from None
         meta = validate_metadata(meta, f"ONNX model {path} (metadata)")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, …)
-        raise LoadError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
+        raise LoadError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     size = meta["preprocessing"]["input_size"]
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or list(inputs[0].shape[1:]) != [3, size, size]:
@@ -347,6 +342,6 @@ def load_torchscript(path: str | os.PathLike):
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
-        raise LoadError(f"cannot read TorchScript model {path}: truncated or corrupt ({_first_line(exc)})") from None
+        raise LoadError(f"cannot read TorchScript model {path}: truncated or corrupt ({first_line(exc)})") from None
     module.eval()
     return module, meta
