@@ -112,6 +112,22 @@ class ClassificationModule(LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
 
+    def frozen_modules(self) -> Sequence[nn.Module]:
+        """The parts that do not train right now: kept in eval mode (BatchNorm statistics fixed)
+        whatever ``train()`` says. Subclasses name them; none by default."""
+        return ()
+
+    def hold_frozen_in_eval(self) -> None:
+        """Put :meth:`frozen_modules` in eval mode."""
+        for module in self.frozen_modules():
+            module.eval()
+
+    def train(self, mode: bool = True) -> "ClassificationModule":
+        # Lightning calls .train() at every epoch start and after validation: frozen parts stay in eval
+        super().train(mode)
+        self.hold_frozen_in_eval()
+        return self
+
     @property
     def total_epochs(self) -> int:
         """The fit's ``max_epochs`` (1 outside a trainer or for an open-ended fit): schedules span it."""
@@ -257,12 +273,8 @@ class TransferModule(ClassificationModule):
         self.backbone.requires_grad_(True)
         self.backbone.train(self.training)
 
-    def train(self, mode: bool = True) -> "TransferModule":
-        # Lightning calls .train() at every epoch start and after validation: keep BN frozen
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        return self
+    def frozen_modules(self) -> Sequence[nn.Module]:
+        return (self.backbone,) if self.backbone_frozen else ()
 
     def backbone_trains_at(self, epoch: int) -> bool:
         start = self.hparams.unfreeze_at_epoch

@@ -319,24 +319,21 @@ class ClassifierModule(ClassificationModule):
         loss = super().training_step(batch, batch_idx)
         return loss * batch[-1].numel() if self.hparams.loss_reduction == "sum" else loss
 
-    def train(self, mode: bool = True) -> "ClassifierModule":
-        super().train(mode)
-        if mode:
-            self._frozen_batchnorm_to_eval()
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning leaves the user's modes alone at fit start (it restores them around validation)
-        self._frozen_batchnorm_to_eval()
-
-    def _frozen_batchnorm_to_eval(self) -> None:
+    def frozen_modules(self) -> list[nn.Module]:
+        """BatchNorm layers whose parameters are all frozen (with ``frozen_batchnorm_eval``)."""
         if not self.hparams.frozen_batchnorm_eval:
-            return
+            return []
+        frozen = []
         for module in self.net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 params = list(module.parameters(recurse=False))
                 if params and not any(p.requires_grad for p in params):
-                    module.eval()
+                    frozen.append(module)
+        return frozen
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning leaves the user's modes alone at fit start (it restores them around validation)
+        self.hold_frozen_in_eval()
 
     def configure_optimizers(self):
         hp = self.hparams
