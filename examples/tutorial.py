@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from hymtl.errors import BackboneError, HymtlError
+from hymtl.errors import BackboneError, HymtlError, first_line
 from hymtl.figures import epoch_curves
 from hymtl.tutorial import (
     History,
@@ -121,5 +121,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except HymtlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(2)
