@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl import loading
-from hymtl.callbacks import ClassificationReport
+from hymtl.cli import run_entry
 from hymtl.errors import HymtlError
-from hymtl.fileio import atomic_write_json
-from hymtl.model import TransferModule
-from hymtl.runtime import config_dir, configure_backends, device_name
+from hymtl.runtime import config_dir
+
+if TYPE_CHECKING:
+    from hymtl.model import TransferModule
 
 log = logging.getLogger("hymtl.eval")
 
@@ -39,38 +35,11 @@ class EvalError(HymtlError):
     """The checkpoint or the folder cannot be evaluated."""
 
 
-def checkpoint_run_dir(ckpt_path: str | os.PathLike) -> Path:
-    """The training run a checkpoint belongs to: ``<run>`` for ``<run>/checkpoints/x.ckpt``,
-    else the checkpoint's own folder."""
-    path = Path(ckpt_path).expanduser().resolve()
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def _eval_dir(ckpt_path: str | None, fallback: str) -> str:
-    """``hydra.run.dir`` of an evaluation: ``<run>/eval`` of an existing checkpoint, else ``fallback/eval``."""
-    if ckpt_path and Path(str(ckpt_path)).expanduser().is_file():
-        return str(checkpoint_run_dir(ckpt_path) / "eval")
-    return str(Path(fallback) / "eval")
-
-
-OmegaConf.register_new_resolver("hymtl_eval_dir", _eval_dir, replace=True)
-
-
-def trained_data_root(ckpt_path: str | os.PathLike) -> Path | None:
-    """``data.root`` of the checkpoint's training run, from its ``.hydra/config.yaml`` (or None)."""
-    config_file = checkpoint_run_dir(ckpt_path) / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        return None
-    try:
-        root = OmegaConf.select(OmegaConf.load(config_file), "data.root", throw_on_resolution_failure=False)
-    except Exception:  # noqa: BLE001 - an unreadable old config only means: ask for data.root
-        return None
-    return Path(str(root)).expanduser() if root else None
-
-
 def load_checkpoint(ckpt_path: str | os.PathLike) -> TransferModule:
     """The module of a checkpoint via :func:`hymtl.loading.load_checkpoint` (CRC-checked,
     ``weights_only``: no code from the file runs); its errors as one-line :class:`EvalError`."""
+    from hymtl import loading
+
     try:
         return loading.load_checkpoint(ckpt_path)
     except loading.LoadError as exc:
@@ -107,6 +76,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.data``; write ``eval.json`` into the run dir; return the result."""
     if not cfg.get("ckpt_path"):
         raise EvalError("no checkpoint given: python -m hymtl.eval ckpt_path=PATH [data.root=FOLDER]")
+    import lightning.pytorch as pl
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from hymtl.callbacks import ClassificationReport
+    from hymtl.fileio import atomic_write_json
+    from hymtl.runs import trained_data_root
+    from hymtl.runtime import configure_backends, device_name
+
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
     model = load_checkpoint(cfg.ckpt_path)
@@ -118,14 +96,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise EvalError(f"no data.root given and the run of {cfg.ckpt_path} names none: pass data.root=FOLDER")
         log.info("data.root not given: using the checkpoint's training folder %s", root)
         data_cfg = OmegaConf.merge(data_cfg, {"root": str(root)})
-    datamodule = instantiate(data_cfg)
+    # prepared as the checkpoint's model expects (its saved preprocessing, not the registry's)
+    datamodule = instantiate(data_cfg, preprocessing=model.preprocessing.as_dict())
     datamodule.prepare_data()
     if datamodule.class_names != model.class_names:
         raise EvalError(
             f"the classes of {datamodule.root} {datamodule.class_names} do not match "
             f"the checkpoint's {model.class_names}"
         )
-    datamodule.preprocessing = model.preprocessing
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     report = next((c for c in callbacks if isinstance(c, ClassificationReport)), None)
@@ -156,18 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the accuracy (so a sweep over checkpoints can compare them)."""
-    try:
-        return evaluate(cfg)["accuracy"]
-    except Exception as exc:
-        error = exc
-        for _ in range(16):  # Hydra's instantiate wraps the errors of constructors
-            if isinstance(error, HymtlError) or error.__cause__ is None:
-                break
-            error = error.__cause__
-        if not isinstance(error, HymtlError):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return run_entry(lambda c: evaluate(c)["accuracy"], cfg)
 
 
 if __name__ == "__main__":

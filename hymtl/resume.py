@@ -13,11 +13,9 @@
   ``interrupted.ckpt`` and stop with :class:`RunInterrupted`; ``last.ckpt`` (end of the last
   whole epoch) is left untouched and is what ``ckpt_path=last`` resumes from, exactly.
 * :func:`resolve_resume` — what ``ckpt_path=last`` / a path means, and which run folder a
-  resumed run continues in.
-* :class:`RunDirCheck` — a Hydra callback: an output folder that cannot be written ends the
-  run with one line before Hydra tries to create it.
+  resumed run continues in (the run of a checkpoint is :func:`hymtl.runs.run_dir_of`).
 
-Imports only downward (errors, fileio); used by the entry points and conf/.
+Imports only downward (errors, fileio, runs); used by the entry points and conf/.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_bytes
+from hymtl.runs import CHECKPOINTS_DIR, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ def _checkpoint_dir(trainer: Trainer) -> Path:
     callback = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "dirpath", None):
         return Path(callback.dirpath)
-    return Path(trainer.default_root_dir) / "checkpoints"
+    return Path(trainer.default_root_dir) / CHECKPOINTS_DIR
 
 
 # --------------------------------------------------------------------------- resume
@@ -211,12 +210,6 @@ class Resume:
 
     checkpoint: Path
     run_dir: Path | None
-
-
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run folder a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/.hydra``)."""
-    run = checkpoint.resolve().parent.parent
-    return run if checkpoint.resolve().parent.name == "checkpoints" and (run / ".hydra").is_dir() else None
 
 
 def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path) -> Resume | None:
@@ -235,10 +228,10 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path) -> Re
     if ckpt_path is None or str(ckpt_path).strip() == "":
         return None
     if str(ckpt_path) == "last":
-        own = output_dir / "checkpoints" / LAST
+        own = output_dir / CHECKPOINTS_DIR / LAST
         if own.is_file():
             return Resume(own, output_dir)
-        candidates = [p for p in log_dir.glob(f"*/*/checkpoints/{LAST}") if p.is_file()]
+        candidates = [p for p in log_dir.glob(f"*/*/{CHECKPOINTS_DIR}/{LAST}") if p.is_file()]
         candidates = [p for p in candidates if "multirun" not in p.relative_to(log_dir).parts]
         if not candidates:
             raise HymtlError(f"ckpt_path=last: no {LAST} under {log_dir}/<date>/<time>/checkpoints/ to resume from "
@@ -266,32 +259,3 @@ def check_resumable(path: Path, backbone: str, class_names: list[str], unfreeze_
             mismatches.append(f"{key} {hp[key]!r} (this run: {want!r})")
     if mismatches:
         raise HymtlError(f"cannot resume from {path}: it was trained with " + ", ".join(mismatches))
-
-
-# --------------------------------------------------------------------------- Hydra
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core < 1.1
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-class RunDirCheck(_HydraCallback):
-    """Hydra callback: the run (or sweep) folder must be creatable and writable; otherwise one
-    line on stderr and exit 2, before Hydra's own mkdir would end in a traceback."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        _check_writable(Path(config.hydra.run.dir))
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        _check_writable(Path(config.hydra.sweep.dir))
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hymtl-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        print(f"error: cannot write the output folder {folder}: {exc.strerror or exc}", file=sys.stderr)
-        sys.exit(2)

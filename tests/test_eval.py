@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import make_image_folder
-from hymtl.eval import EvalError, checkpoint_run_dir, evaluate, load_checkpoint
+from hymtl.eval import EvalError, evaluate, load_checkpoint
+from hymtl.runs import run_dir_of, trained_data_root
 from test_train import run_train
 
 
@@ -24,8 +25,8 @@ def _hand_report(ckpt: Path, data_root: Path) -> dict:
     from hymtl.model import TransferModule
 
     model = TransferModule.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False, weights_only=True).eval()
-    datamodule = ImageFolderDataModule(root=str(data_root), batch_size=16, num_workers=0)
-    datamodule.preprocessing = model.preprocessing
+    datamodule = ImageFolderDataModule(root=str(data_root), batch_size=16, num_workers=0,
+                                       preprocessing=model.preprocessing)
     datamodule.setup("test")
     truth, predicted = [], []
     with torch.inference_mode():
@@ -55,11 +56,9 @@ def test_eval_on_the_real_data_matches_hand_computed_metrics(real_checkpoint, tm
     result = run_train(f"ckpt_path={real_checkpoint}", "trainer.precision=32-true", "trainer.accelerator=cpu",
                        module="hymtl.eval", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted((checkpoint_run_dir(real_checkpoint) / "eval").glob("*/eval.json"))
+    outputs = sorted((run_dir_of(real_checkpoint) / "eval").glob("*/eval.json"))
     assert outputs, "no eval.json in the checkpoint's run folder"
     report = json.loads(outputs[-1].read_text())
-
-    from hymtl.eval import trained_data_root
 
     expected = _hand_report(real_checkpoint, trained_data_root(real_checkpoint))
     assert report["split"] == "val" and report["num_images"] == expected["num_images"] == 153
@@ -98,6 +97,27 @@ def test_eval_needs_a_data_folder_when_the_checkpoint_has_no_run(tiny_checkpoint
     assert result.stderr.strip().splitlines()[-1].startswith("error: no data.root given")
     with pytest.raises(EvalError, match=r"no checkpoint given: python -m hymtl.eval ckpt_path=PATH"):
         evaluate(OmegaConf.create({"ckpt_path": None, "seed": 0}))
+
+
+def test_eval_without_data_root_finds_a_relative_root_from_another_folder(tiny_checkpoint, tmp_path):
+    # a run launched from <launch>/ with data.root=images (relative), evaluated from elsewhere/
+    launch = tmp_path / "launch"
+    make_image_folder(launch / "images", per_class=2)
+    run = launch / "outputs" / "day" / "time"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    ckpt = Path(shutil.copy(tiny_checkpoint, run / "checkpoints" / "last.ckpt"))
+    (run / ".hydra" / "config.yaml").write_text("data:\n  root: images\n")
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {launch}\n")
+    assert trained_data_root(ckpt) == launch / "images"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_train(f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "data.num_workers=0",
+                       module="hymtl.eval", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next((run / "eval").glob("*/eval.json")).read_text())
+    assert report["data_root"] == str((launch / "images").resolve()) and report["num_images"] > 0
 
 
 class _Payload:

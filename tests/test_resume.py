@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, make_image_folder
-from hymtl.resume import LAST, AtomicCheckpointIO, resolve_resume, run_dir_of
+from hymtl.resume import LAST, AtomicCheckpointIO, resolve_resume
+from hymtl.runs import run_dir_of
 from hymtl.errors import HymtlError
 
 # two-phase so that the resumed run must also land in the right phase (unfreeze at epoch 1)

@@ -1,0 +1,126 @@
+"""The run folder: which run a checkpoint belongs to, what that run saved, where its data was.
+
+One run of ``hymtl.train`` is one folder (``outputs/<date>/<time>/``, or a sweep's
+``outputs/multirun/…/<n>/``)::
+
+    <run>/.hydra/config.yaml   the composed config (interpolations kept, as Hydra saves it)
+    <run>/.hydra/hydra.yaml    Hydra's own config: hydra.runtime.cwd is where the run was launched
+    <run>/checkpoints/*.ckpt   best and last checkpoints
+    <run>/eval/<stamp>/        the evaluations of its checkpoints (hymtl.eval)
+
+Resume, eval and export all ask this module, so that "the run of a checkpoint" and "the data
+it was trained on" mean the same thing everywhere. Also :class:`RunDirCheck`, the Hydra
+callback that refuses an output folder that cannot be written.
+
+Imports no torch or Lightning: Hydra loads this module before every run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CHECKPOINTS_DIR = "checkpoints"
+HYDRA_DIR = ".hydra"
+EVAL_DIR = "eval"
+
+
+def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The run folder a checkpoint belongs to: ``<run>`` for ``<run>/checkpoints/x.ckpt`` when
+    ``<run>/.hydra`` exists (a folder Hydra made), else ``None`` (a checkpoint on its own)."""
+    path = Path(checkpoint).expanduser().resolve()
+    run = path.parent.parent
+    return run if path.parent.name == CHECKPOINTS_DIR and (run / HYDRA_DIR).is_dir() else None
+
+
+def _load_saved(run_dir: Path | None, name: str) -> DictConfig | None:
+    if run_dir is None:
+        return None
+    path = run_dir / HYDRA_DIR / name
+    if not path.is_file():
+        return None
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - an unreadable saved file is as good as none
+        return None
+    return loaded if isinstance(loaded, DictConfig) else None
+
+
+def saved_config(run_dir: Path | None) -> DictConfig | None:
+    """The composed config a run saved (``<run>/.hydra/config.yaml``), or ``None``."""
+    return _load_saved(run_dir, "config.yaml")
+
+
+def launch_dir(run_dir: Path | None) -> Path | None:
+    """The folder the run was launched from (``hydra.runtime.cwd`` of ``<run>/.hydra/hydra.yaml``)."""
+    hydra_cfg = _load_saved(run_dir, "hydra.yaml")
+    cwd = OmegaConf.select(hydra_cfg, "hydra.runtime.cwd", default=None) if hydra_cfg is not None else None
+    return Path(str(cwd)) if cwd else None
+
+
+def trained_data_root(checkpoint: str | os.PathLike) -> Path | None:
+    """``data.root`` of the run that wrote ``checkpoint``, or ``None`` (no run, no saved config,
+    no root, or a root that does not resolve any more).
+
+    A relative root (the default ``${paths.data_dir}`` is ``data``) was relative to the folder
+    the training was launched from, so it is resolved against that folder, not against the
+    folder this command runs in.
+    """
+    run = run_dir_of(checkpoint)
+    config = saved_config(run)
+    if config is None:
+        return None
+    try:
+        root = OmegaConf.select(config, "data.root", throw_on_resolution_failure=False)
+    except Exception:  # noqa: BLE001 - e.g. a resolver of an older hymtl: ask for data.root
+        return None
+    if not root:
+        return None
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_absolute():
+        launched = launch_dir(run)
+        if launched is not None:
+            root = launched / root
+    return root
+
+
+def eval_dir(ckpt_path: str | None, fallback: str) -> str:
+    """Where evaluations of ``ckpt_path`` go (``hydra.run.dir`` of ``hymtl.eval``, without the
+    time stamp): ``<run>/eval`` for a checkpoint of a run, ``<its folder>/eval`` for one on its
+    own, ``<fallback>/eval`` when there is no such file (the command then fails with one line)."""
+    if ckpt_path and Path(str(ckpt_path)).expanduser().is_file():
+        checkpoint = Path(str(ckpt_path)).expanduser()
+        return str((run_dir_of(checkpoint) or checkpoint.resolve().parent) / EVAL_DIR)
+    return str(Path(fallback) / EVAL_DIR)
+
+
+# --------------------------------------------------------------------------- Hydra
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core < 1.1
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class RunDirCheck(_HydraCallback):
+    """Hydra callback: the run (or sweep) folder must be creatable and writable; otherwise one
+    line on stderr and exit 2, before Hydra's own mkdir would end in a traceback."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        _check_writable(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _check_writable(Path(config.hydra.sweep.dir))
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".hymtl-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        print(f"error: cannot write the output folder {folder}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
