@@ -33,37 +33,19 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from hymtl.loading import (
-    ONNX_METADATA_KEY,
-    TORCHSCRIPT_METADATA_FILE,
-    LoadError,
-    export_metadata,
-    load_checkpoint,
-    load_onnx,
-    load_torchscript,
-    sha256_bytes,
-    write_sidecar,
-)
-from hymtl.data import VAL_DIR_NAMES, find_classes
-from hymtl.errors import HymtlError
-from hymtl.fileio import atomic_write_bytes
-from hymtl.predict import (
-    OnnxPredictor,
-    Predictor,
-    TorchPredictor,
-    TorchScriptPredictor,
-    collect_inputs,
-    iter_batches,
-)
+from hymtl.cli import run_entry
+from hymtl.errors import HymtlError, first_line
 from hymtl.runtime import config_dir
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hymtl.inference import Predictor
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -76,20 +58,22 @@ class ExportError(HymtlError):
 class ParityError(ExportError):
     """The exported model does not reproduce the checkpoint's logits; nothing was written."""
 
-
-class ExportableClassifier(nn.Module):
-    """Backbone + head of a :class:`~hymtl.model.TransferModule`, without Lightning: what is exported."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.backbone = model.backbone
-        self.head = model.head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+    exit_code = 3  # not 2: the input was fine, the exported model is not
 
 
-def _example_input(size: int, batch: int = 2) -> torch.Tensor:
+def exportable(model: nn.Module) -> nn.Module:
+    """Backbone + head of a :class:`~hymtl.model.TransferModule`, without Lightning: what is exported
+    (the parameters keep their names, ``backbone.*`` and ``head.*``)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    return nn.Sequential(OrderedDict(backbone=model.backbone, head=model.head)).eval()
+
+
+def _example_input(size: int, batch: int = 2):
+    import torch
+
     # batch 2, not 1: tracing with 1 can specialise the batch dimension
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -98,10 +82,13 @@ def _example_input(size: int, batch: int = 2) -> torch.Tensor:
 def onnx_bytes(model: nn.Module, meta: dict, opset: int = 18, exporter: str = "dynamo") -> bytes:
     """The model as a serialized ONNX file (weights inside, ``meta`` in ``metadata_props``)."""
     import onnx
+    import torch
+
+    from hymtl.loading import ONNX_METADATA_KEY
 
     if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"onnx.exporter must be one of {', '.join(ONNX_EXPORTERS)}, got {exporter!r}")
-    net = ExportableClassifier(model).eval()
+    net = exportable(model)
     example = _example_input(meta["preprocessing"]["input_size"])
     common = dict(input_names=["images"], output_names=["logits"], opset_version=int(opset))
     try:
@@ -119,7 +106,7 @@ def onnx_bytes(model: nn.Module, meta: dict, opset: int = 18, exporter: str = "d
                     proto = onnx.load(f"{tmp}/model.onnx")
     except Exception as exc:
         raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+                          f"{first_line(exc)}") from None
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != int(opset):
         hint = " (use onnx.exporter=torchscript for opset 17)" if exporter == "dynamo" and int(opset) < 18 else ""
@@ -135,7 +122,11 @@ def torchscript_bytes(model: nn.Module, meta: dict) -> bytes:
     """The model traced to TorchScript, ``meta`` stored as the archive's extra file ``hymtl.json``."""
     import io
 
-    net = ExportableClassifier(model).eval()
+    import torch
+
+    from hymtl.loading import TORCHSCRIPT_METADATA_FILE
+
+    net = exportable(model)
     example = _example_input(meta["preprocessing"]["input_size"])
     try:
         with warnings.catch_warnings():
@@ -182,6 +173,10 @@ def check_parity(
     batch_size: int = 32, num_workers: int | str = "auto",
 ) -> ParityReport:
     """Run both models on the same preprocessed batches of ``paths`` and compare their logits."""
+    import numpy as np
+
+    from hymtl.inference import iter_batches
+
     if reference.class_names != candidate.class_names or reference.preprocessing != candidate.preprocessing:
         raise ParityError("the exported model's class names or preprocessing differ from the checkpoint's")
     diffs, agree, sizes, skipped = [], 0, [], 0
@@ -205,29 +200,13 @@ def check_parity(
 
 
 def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
-    """The validation folder of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.ckpt``).
+    """The validation folder of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.ckpt``):
+    its ``data.root`` (:func:`hymtl.runs.trained_data_root`); empty when that cannot be found."""
+    from hymtl.data.folders import VAL_DIR_NAMES, find_classes
+    from hymtl.runs import trained_data_root
 
-    Read from ``RUN/.hydra/config.yaml`` (``data.root``); empty when that cannot be found.
-    """
-    run_dir = Path(ckpt_path).expanduser().resolve().parent.parent
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        return []
-    try:
-        root = OmegaConf.select(OmegaConf.load(saved), "data.root", throw_on_resolution_failure=False)
-    except Exception:  # an unreadable saved config only means: no default
-        return []
-    if not root:
-        return []
-    root = Path(str(root)).expanduser()
-    if not root.is_absolute():  # relative to where the training was launched (Hydra records it)
-        try:
-            launched = OmegaConf.select(OmegaConf.load(saved.with_name("hydra.yaml")), "hydra.runtime.cwd")
-        except Exception:
-            launched = None
-        if launched and (Path(launched) / root).is_dir():
-            root = Path(launched) / root
-    if not root.is_dir():
+    root = trained_data_root(ckpt_path)
+    if root is None or not root.is_dir():
         return []
     sub = {d.lower(): root / d for d in find_classes(root)}
     for name in (*VAL_DIR_NAMES, "test"):
@@ -239,6 +218,14 @@ def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------- the command
 def export(cfg: DictConfig) -> dict:
     """Export ``cfg.ckpt_path`` as ``cfg.format``, check parity, write model + sidecar; return the sidecar."""
+    import torch
+
+    from hymtl.fileio import atomic_write_bytes
+    from hymtl.inference import OnnxPredictor, TorchPredictor, TorchScriptPredictor, collect_inputs
+    from hymtl.loading import (
+        LoadError, export_metadata, load_checkpoint, load_onnx, load_torchscript, sha256_bytes, write_sidecar,
+    )
+
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ExportError("ckpt_path= is required (python -m hymtl.export ckpt_path=CKPT format=onnx)")
     if cfg.format not in FORMATS:
@@ -300,17 +287,19 @@ def export(cfg: DictConfig) -> dict:
     return json.loads(side.read_text())
 
 
+def _export_or_exit(cfg: DictConfig) -> dict:
+    # the one exit code of its own: a parity failure is not the user's input (cli: 2) nor a bug
+    try:
+        return export(cfg)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(ParityError.exit_code)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: ``error: ...`` and exit 2 on bad input, exit 3 when parity breaks."""
-    try:
-        export(cfg)
-    except ParityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
-    except HymtlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(_export_or_exit, cfg)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_torchscript_export_parity_on_all_val_images(real_checkpoint, tmp_path, 
 
 
 def test_predict_from_onnx_and_from_checkpoint_agree(onnx_export, real_checkpoint, real_data):
-    from hymtl.predict import collect_inputs, format_result, load_predictor, predict
+    from hymtl.inference import collect_inputs, format_result, load_predictor, predict
 
     _, onnx_file = onnx_export
     paths, _ = collect_inputs([str(real_data / "val")])
@@ -105,7 +105,7 @@ def test_broken_parity_fails_loudly_and_writes_nothing(tiny_checkpoint, tmp_path
 
 def test_parity_check_catches_a_different_model(onnx_export, real_checkpoint, real_data):
     from hymtl.export import check_parity
-    from hymtl.predict import OnnxPredictor, TorchPredictor, collect_inputs
+    from hymtl.inference import OnnxPredictor, TorchPredictor, collect_inputs
 
     _, onnx_file = onnx_export
     model = load_checkpoint(real_checkpoint)

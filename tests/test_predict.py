@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image
-from hymtl.predict import collect_inputs, format_result, load_predictor, predict
+from hymtl.inference import collect_inputs, format_result, load_predictor, predict
 
 
 def run_predict(*overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,0 +1,302 @@
+"""Inference with a trained model: predictors per format, input collection, batching, output.
+
+* :func:`load_predictor` — a Lightning checkpoint (PyTorch), an ``.onnx`` (ONNX Runtime) or a
+  TorchScript ``.pt`` written by ``hymtl.export``, each read by :mod:`hymtl.loading` (no code
+  from a file runs, exported files are checked against their sidecars);
+* :func:`collect_inputs` — files, folders and globs, with the file rules of :mod:`hymtl.data`;
+* :func:`iter_batches` / :func:`predict` — images prepared exactly as the model's evaluation
+  split was (:func:`hymtl.data.images.build_transforms` with the preprocessing saved with the
+  model); a file that cannot be read is listed as skipped and the others go on;
+* :func:`format_result` — table, CSV or JSON.
+
+Used by the entry point ``hymtl.predict`` and by ``hymtl.export``'s parity check. Torch,
+ONNX Runtime and the data modules are imported when first needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from hymtl.errors import HymtlError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hymtl.backbones import Preprocessing
+
+FORMATS = ("table", "csv", "json")
+
+
+# --------------------------------------------------------------------------- backends
+class Predictor(ABC):
+    """A model that maps preprocessed image batches ``(N, 3, S, S)`` to logits ``(N, classes)``."""
+
+    backend: str
+    source: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+
+    @abstractmethod
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        """float32 logits for a float32 NCHW batch."""
+
+
+class TorchPredictor(Predictor):
+    """The LightningModule itself (fp32, eval mode)."""
+
+    backend = "pytorch"
+
+    def __init__(self, model: torch.nn.Module, source: str = ""):
+        self.model = model.float().eval()
+        self.source = source
+        self.class_names = list(model.class_names)
+        self.preprocessing = model.preprocessing
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(images).float().numpy()
+
+
+class OnnxPredictor(Predictor):
+    """An exported ``.onnx`` run by ONNX Runtime; class names and preprocessing from its metadata."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, session, meta: dict, source: str = ""):
+        self.session = session
+        self.source = source
+        self.class_names = list(meta["class_names"])
+        self.preprocessing = _preprocessing_of(meta)
+        self.input_name = session.get_inputs()[0].name
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images.numpy()})[0].astype(np.float32, copy=False)
+
+
+class TorchScriptPredictor(Predictor):
+    """An exported TorchScript file run by ``torch.jit`` (used by the export's parity check)."""
+
+    backend = "torchscript"
+
+    def __init__(self, module, meta: dict, source: str = ""):
+        self.module = module
+        self.source = source
+        self.class_names = list(meta["class_names"])
+        self.preprocessing = _preprocessing_of(meta)
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        # the profiling executor re-optimises the graph for each new batch shape (seconds each on a
+        # CPU); plain execution runs the same kernels as eager mode
+        import torch
+
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            return self.module(images).float().numpy()
+
+
+def _preprocessing_of(meta: dict) -> Preprocessing:
+    from hymtl.loading import metadata_preprocessing
+
+    return metadata_preprocessing(meta)
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """A checkpoint (``.ckpt`` or any other name) -> PyTorch; ``.onnx`` -> ONNX Runtime; ``.pt`` TorchScript."""
+    from hymtl.loading import load_checkpoint, load_onnx, load_torchscript
+
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".onnx":
+        session, meta = load_onnx(path)
+        return OnnxPredictor(session, meta, source=path)
+    if suffix in (".pt", ".torchscript"):
+        module, meta = load_torchscript(path)
+        return TorchScriptPredictor(module, meta, source=path)
+    return TorchPredictor(load_checkpoint(path), source=path)
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped]]:
+    """Expand files, folders (recursively: image extensions only) and globs into image paths.
+
+    Folders follow the file rules of :mod:`hymtl.data.folders` (:func:`walk_images`: hidden
+    entries skipped, sorted). A file named explicitly is taken whatever its extension (decoding
+    decides); glob matches are filtered by extension like folder contents. Paths that match
+    nothing are returned as skipped. Duplicates are dropped, order is kept.
+    """
+    from hymtl.data.folders import is_image_file, walk_images
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [str(inputs)]
+    files: list[str] = []
+    skipped: list[Skipped] = []
+    for item in inputs:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            found = list(walk_images(item))
+            files += found
+            if not found:
+                skipped.append(Skipped(item, "folder holds no images"))
+        elif os.path.isfile(item):
+            files.append(item)
+        elif glob.has_magic(item):
+            found = []
+            for match in sorted(glob.glob(item, recursive=True)):
+                found += list(walk_images(match)) if os.path.isdir(match) else [match] if is_image_file(match) else []
+            files += found
+            if not found:
+                skipped.append(Skipped(item, "pattern matches no images"))
+        else:
+            skipped.append(Skipped(item, "no such file or folder"))
+    return list(dict.fromkeys(files)), skipped
+
+
+def _skip_reason(path: str) -> str:
+    """Why an image was dropped from its batch, in the words of the data check (decoding included)."""
+    from hymtl.data.images import check_image_file
+
+    return check_image_file(path, decode=True) or "cannot transform: the image does not fit the preprocessing"
+
+
+def iter_batches(
+    paths: Sequence[str], preprocessing: Preprocessing, batch_size: int = 32, num_workers: int | str = "auto"
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Decode and preprocess ``paths`` in batches: ``(indices, images, [(index, reason)])``.
+
+    The images are prepared as the evaluation split of :mod:`hymtl.data` prepares them (the
+    same dataset, :class:`~hymtl.data.images.ImageSampleDataset`, with the evaluation
+    transforms and decode size); a file that fails is dropped from its batch by data's rule
+    and listed with the reason :func:`hymtl.data.images.check_image_file` gives.
+    """
+    from torch.utils.data import DataLoader
+
+    from hymtl.data.folders import Sample
+    from hymtl.data.images import ImageSampleDataset, build_transforms
+    from hymtl.data.loaders import collate_skipping, default_num_workers
+
+    batch_size = int(batch_size)
+    workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+    workers = min(workers, max(0, len(paths) // max(1, batch_size)))  # no worker start-up for a handful
+    # the label of each sample is its index: a batch says which of its files survived
+    dataset = ImageSampleDataset([Sample(str(p), i) for i, p in enumerate(paths)],
+                                 build_transforms(preprocessing, train=False), skip_bad=True,
+                                 decode_size=preprocessing.resize_size)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_skipping)
+    for start, batch in zip(range(0, len(paths), batch_size), loader):
+        wanted = range(start, min(start + batch_size, len(paths)))
+        images, indices = (None, []) if batch is None else (batch[0], batch[1].tolist())
+        kept = set(indices)
+        yield indices, images, [(i, _skip_reason(paths[i])) for i in wanted if i not in kept]
+
+
+# --------------------------------------------------------------------------- prediction
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (label, probability), best first
+
+
+@dataclass
+class PredictionResult:
+    predictions: list[Prediction]
+    skipped: list[Skipped]
+    backend: str
+    source: str
+    class_names: list[str]
+    seconds: float
+    logits: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    @property
+    def images_per_sec(self) -> float:
+        return len(self.predictions) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def predict(
+    predictor: Predictor, paths: Sequence[str], topk: int = 1, batch_size: int = 32,
+    num_workers: int | str = "auto", skipped: Iterable[Skipped] = (),
+) -> PredictionResult:
+    """Top-``topk`` labels with probabilities for every readable image (timed, decoding included)."""
+    if int(batch_size) < 1:
+        raise HymtlError(f"batch_size must be a positive integer, got {batch_size}")
+    k = max(1, min(int(topk), len(predictor.class_names)))
+    started = time.perf_counter()
+    predictions: list[Prediction] = []
+    all_logits: list[np.ndarray] = []
+    skipped = list(skipped)
+    for indices, images, bad in iter_batches(paths, predictor.preprocessing, batch_size, num_workers):
+        skipped += [Skipped(paths[i], err) for i, err in bad]
+        if images is None:
+            continue
+        logits = predictor.logits(images)
+        all_logits.append(logits)
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        for row, index in enumerate(indices):
+            top = [(predictor.class_names[c], float(probs[row, c])) for c in order[row]]
+            predictions.append(Prediction(paths[index], top))
+    seconds = time.perf_counter() - started
+    logits = np.concatenate(all_logits) if all_logits else np.zeros((0, len(predictor.class_names)), np.float32)
+    return PredictionResult(predictions, skipped, predictor.backend, predictor.source,
+                            list(predictor.class_names), seconds, logits)
+
+
+# --------------------------------------------------------------------------- output
+def format_result(result: PredictionResult, fmt: str) -> str:
+    """The predictions as an aligned table, CSV (one row per image) or JSON (with the skipped files)."""
+    k = max((len(p.top) for p in result.predictions), default=1)
+    if fmt == "json":
+        return json.dumps(
+            {
+                "model": result.source,
+                "backend": result.backend,
+                "class_names": result.class_names,
+                "predictions": [
+                    {"path": p.path, "label": p.top[0][0], "probability": round(p.top[0][1], 6),
+                     "top": [{"label": l, "probability": round(pr, 6)} for l, pr in p.top]}
+                    for p in result.predictions
+                ],
+                "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
+            },
+            indent=2,
+        ) + "\n"
+    header = ["path", "label", "probability"]
+    for r in range(2, k + 1):
+        header += [f"label_{r}", f"probability_{r}"]
+    rows = [[p.path] + [v for label, prob in p.top for v in (label, f"{prob:.6f}")] for p in result.predictions]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt == "table":
+        rows = [[r[0]] + [v if i % 2 == 0 else f"{float(v):.4f}" for i, v in enumerate(r[1:])] for r in rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(header), *(line(r) for r in rows)]) + "\n"
+    raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
