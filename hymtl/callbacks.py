@@ -391,6 +391,7 @@ class RunSummary(Callback):
         self.expect_test = bool(expect_test)
         self.metrics: dict[str, Any] = {}
         self._fit: dict[str, Any] | None = None
+        self._lines: tuple | None = None  # the tutorial's two lines, printed at teardown
 
     # ------------------------------------------------------------------ hooks
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -461,10 +462,14 @@ class RunSummary(Callback):
         if trainer.is_global_zero:
             atomic_write_json(self.path, metrics)
         if "test/acc" in metrics and "train/loss" in metrics:
-            print_tutorial_lines(
-                metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
-                metrics["examples_per_sec"] or 0.0, metrics["device"],
-            )
+            self._lines = (metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
+                           metrics["examples_per_sec"] or 0.0, metrics["device"])
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # after every callback's on_*_end: the progress bar has closed its line
+        lines, self._lines = self._lines, None
+        if lines is not None:
+            print_tutorial_lines(*lines)
 
 
 def _spawned(trainer: Trainer) -> bool:

@@ -244,6 +244,9 @@ class TransferModule(ClassificationModule):
         super().__init__()
         if backbone_lr_mult < 0:
             raise HymtlError(f"backbone_lr_mult must not be negative, got {backbone_lr_mult}")
+        if unfreeze_at_epoch is not None and backbone_lr_mult == 0:
+            raise HymtlError(f"the backbone unfreezes at epoch {unfreeze_at_epoch} with backbone_lr_mult=0: it would "
+                             "never change; set model.backbone_lr_mult > 0 (or mode=frozen to keep it frozen)")
         if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
             raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names"])

@@ -98,3 +98,27 @@ def test_conf_ships_in_the_wheel_and_is_found_after_pip_install(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import hymtl.runtime as r; print(r.config_dir())"],
                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
     assert probe.stdout.strip() == str(target / "hymtl" / "conf")
+
+
+def test_a_direct_regime_override_reaches_every_reader(tiny_folder, tmp_path):
+    """`mode=frozen model.unfreeze_at_epoch=2`: model.* is the regime's one home, so the feature
+    serving (on in mode=frozen) stops at epoch 2 too and the backbone trains from there: its
+    weights are the pretrained ones through epoch 1 and differ after epoch 2."""
+    import torch
+
+    from hymtl.backbones import create_backbone
+
+    result = run_train("model=efficientnet_lite0", "data.num_workers=0", "data.batch_size=4", "mode=frozen",
+                       "model.unfreeze_at_epoch=2", "mode.epochs=3", "data=folder", f"data.root={tiny_folder}",
+                       "+callbacks.model_checkpoint.save_top_k=-1", "test=false", "hydra.run.dir=run",
+                       f"feature_cache.dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pretrained = create_backbone("efficientnet_lite0").model.state_dict()
+    by_epoch = {}
+    for path in (tmp_path / "run" / "checkpoints").glob("best-epoch*.ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        by_epoch[int(path.name[len("best-epoch"):][:2])] = state
+    assert sorted(by_epoch) == [0, 1, 2]
+    weight = "conv_stem.weight"  # a parameter: only an optimizer step changes it
+    assert torch.equal(by_epoch[1][f"backbone.{weight}"], pretrained[weight])
+    assert not torch.equal(by_epoch[2][f"backbone.{weight}"], pretrained[weight])

@@ -188,6 +188,8 @@ class ImageFolderDataModule(LightningDataModule):
         self._class_names = usable
         self.train_samples, self.val_samples = train, val
         self.test_samples = test if test is not None else list(val)
+        if test is None:
+            log.info("no test/ folder in %s: the val split doubles as the test split", self.root)
 
     def _see_skipped(self) -> str:
         return f"; list in {self.skipped_file}" if self.skipped_file else ""
