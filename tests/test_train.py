@@ -122,3 +122,12 @@ def test_a_direct_regime_override_reaches_every_reader(tiny_folder, tmp_path):
     weight = "conv_stem.weight"  # a parameter: only an optimizer step changes it
     assert torch.equal(by_epoch[1][f"backbone.{weight}"], pretrained[weight])
     assert not torch.equal(by_epoch[2][f"backbone.{weight}"], pretrained[weight])
+
+
+def test_two_phase_that_ends_before_its_switch_is_refused(tiny_folder, tmp_path):
+    result = run_train(*TINY_MODEL, "mode=two_phase", "mode.freeze_epochs=3", "mode.epochs=3", "data=folder",
+                       f"data.root={tiny_folder}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the backbone unfreezes at epoch 3 but the run ends after 3 epochs: "
+        "set mode.epochs > 3 (or a smaller mode.freeze_epochs)")
