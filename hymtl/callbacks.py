@@ -30,19 +30,22 @@ from torchmetrics.classification import (
 )
 
 from hymtl.errors import HymtlError, first_line
-from hymtl.figures import confusion_matrix_figure, most_wrong_grid, prediction_grid
+from hymtl.figures import ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, prediction_grid
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
 from hymtl.runtime import device_name
 
 log = logging.getLogger("hymtl.callbacks")
 
 
-class ThroughputMonitor(Callback):
+class ExamplesPerSecond(Callback):
     """Counts training examples and the seconds spent in training batches (validation excluded).
 
     ``examples_per_sec`` is the tutorial's figure: training examples processed per second of
     training, over the whole fit, summed over devices. Published as the logged metric
     ``train/examples_per_sec`` at every epoch's end (what :class:`RunSummary` reports).
+
+    Not Lightning's ``ThroughputMonitor``: that one reports per-step rates over a sliding window
+    (and needs a batch-size function); the tutorial's line is one figure for the whole fit.
     """
 
     def __init__(self) -> None:
@@ -142,30 +145,43 @@ class TestFigures(_TestOutputsTap):
     """Figures of the test set, written to every TensorBoard logger (and as PNGs to ``save_dir``):
 
     * ``test/confusion_matrix`` — counts per (true, predicted) class (torchmetrics, synced
-      over devices);
-    * ``test/predictions`` — the tutorial's grid: the first ``num_images`` test images with
-      predicted label, confidence and true label, green when right, red when wrong;
+      over devices); bounded for any class count: beyond
+      :data:`~hymtl.figures.MAX_HEATMAP_CLASSES` classes, the most confused ones and the most
+      frequent mistakes (:func:`~hymtl.figures.confusion_matrix_figure`);
+    * ``test/predictions`` — the tutorial's grid: ``num_images`` test images with predicted
+      label, confidence and true label, green when right, red when wrong. The images are a
+      sample spread over the true classes (round-robin, :class:`~hymtl.figures.ClassSpreadSample`,
+      the same for the same ``seed`` and test set), and at least a quarter of them (at least
+      one) are mistakes where the test set has that many;
     * ``test/most_wrong`` — the ``num_wrong`` misclassified images with the highest confidence.
 
-    The image figures show what rank 0 saw (its shard of the test set under DDP). When the test
+    Memory stays at about ``2 * num_images + num_wrong`` kept images whatever the test set's
+    size. The image figures show what rank 0 saw (its shard of the test set under DDP). When the test
     batches hold cached backbone features instead of images (``mode=frozen``: a
     :class:`~hymtl.features.FeatureBatch` names each row's test image), the figures are chosen
     from the same predictions, and only the few images they show are decoded at the end
     (``datamodule.test_images``): the network does not run again.
     """
 
-    def __init__(self, num_images: int = 8, num_wrong: int = 8, save_dir: str | None = None) -> None:
+    __test__ = False  # its name starts with "Test": not a test class for pytest
+
+    def __init__(self, num_images: int = 8, num_wrong: int = 8, save_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.num_images = int(num_images)
         self.num_wrong = int(num_wrong)
         self.save_dir = save_dir
+        self.seed = int(seed)
         self.confusion: MulticlassConfusionMatrix | None = None
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
-        self.confusion = MulticlassConfusionMatrix(len(_class_names(pl_module))).to(pl_module.device)
-        self._first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._shown = 0
+        n = len(_class_names(pl_module))
+        self.confusion = MulticlassConfusionMatrix(n).to(pl_module.device)
+        # the grid's sample, and a sample of the mistakes alone to complete it with (rows kept:
+        # arrival number, image or test position, probabilities, label)
+        self._sample = ClassSpreadSample(self.num_images, n, seed=self.seed)
+        self._mistakes = ClassSpreadSample(self.num_images, n, seed=self.seed + 1)
+        self._seen = 0
         self._wrong: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._features_only = False
 
@@ -185,12 +201,13 @@ class TestFigures(_TestOutputsTap):
     def _keep(self, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
         probs = probs.float().cpu()
         images, labels = images.detach().cpu(), labels.detach().cpu()
-        if self._shown < self.num_images:
-            take = self.num_images - self._shown
-            self._first.append((images[:take], probs[:take], labels[:take]))
-            self._shown += len(images[:take])
-        # keep a running top-k of confident mistakes, so memory stays at num_wrong images
+        arrival = torch.arange(self._seen, self._seen + len(labels))
+        self._seen += len(labels)
         wrong = probs.argmax(dim=-1) != labels
+        self._sample.add(labels, arrival, images, probs, labels)
+        if bool(wrong.any()):
+            self._mistakes.add(labels[wrong], arrival[wrong], images[wrong], probs[wrong], labels[wrong])
+        # keep a running top-k of confident mistakes, so memory stays at num_wrong images
         if self.num_wrong > 0 and bool(wrong.any()):
             candidates = (images[wrong], probs[wrong], labels[wrong])
             if self._wrong is not None:
@@ -198,15 +215,36 @@ class TestFigures(_TestOutputsTap):
             order = candidates[1].max(dim=-1).values.argsort(descending=True)[: self.num_wrong]
             self._wrong = tuple(t[order] for t in candidates)
 
+    def _grid_sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The prediction grid's images (or test positions), probabilities and labels: the
+        class-spread sample, its last correct items replaced by sampled mistakes until at least
+        a quarter of the grid (at least one image) is wrong, where there are that many mistakes."""
+        picked = self._sample.rows()
+        if not picked:
+            return None
+
+        def is_wrong(row) -> bool:
+            return int(row[2].argmax()) != int(row[3])
+        missing = max(1, self.num_images // 4) - sum(map(is_wrong, picked))
+        if missing > 0:
+            taken = {int(row[0]) for row in picked}
+            extra = [row for row in self._mistakes.rows() if int(row[0]) not in taken][:missing]
+            correct = [i for i, row in enumerate(picked) if not is_wrong(row)]
+            for slot, row in zip(reversed(correct), extra):
+                picked[slot] = row
+        return tuple(torch.stack(column) for column in list(zip(*picked))[1:])
+
     def _images_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Replace the kept test-split positions (feature batches) by their images, decoded from
         the datamodule (``test_images``); without it, no image figures."""
         images_of = getattr(trainer.datamodule, "test_images", None)
         if images_of is None:
             log.info("test batches hold no images and the datamodule has no test_images: no image figures")
-            self._first, self._wrong = [], None
+            self._grid, self._wrong = None, None
             return
-        self._first = [(images_of(index.tolist()), probs, labels) for index, probs, labels in self._first]
+        if self._grid is not None:
+            index, probs, labels = self._grid
+            self._grid = (images_of(index.tolist()), probs, labels)
         if self._wrong is not None:
             index, probs, labels = self._wrong
             self._wrong = (images_of(index.tolist()), probs, labels)
@@ -215,12 +253,13 @@ class TestFigures(_TestOutputsTap):
         matrix = self.confusion.compute().cpu()  # all-reduced over devices
         if not trainer.is_global_zero:
             return
+        self._grid = self._grid_sample()
         if self._features_only:
             self._images_pass(trainer, pl_module)
         names, norm = _class_names(pl_module), _normalisation(pl_module)
         figures = {"test/confusion_matrix": confusion_matrix_figure(matrix, names)}
-        if self._first:
-            images, probs, labels = (torch.cat(parts) for parts in zip(*self._first))
+        if self._grid is not None:
+            images, probs, labels = self._grid
             cols = min(4, len(images))
             figures["test/predictions"] = prediction_grid(images, probs, names, labels=labels, **norm,
                                                           num_rows=-(-len(images) // cols), num_cols=cols)
@@ -236,17 +275,22 @@ class TestFigures(_TestOutputsTap):
                 buffer = io.BytesIO()
                 fig.savefig(buffer, format="png", dpi=100)
                 atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", buffer.getvalue())
-        self._first, self._wrong = [], None
+        self._grid, self._wrong = None, None
+        self._sample = self._mistakes = None
 
 
 class ClassificationReport(_TestOutputsTap):
     """Per-class precision, recall, F1 and support, their macro averages, accuracy and the
     confusion matrix of a ``trainer.test`` run, computed with torchmetrics (states all-reduced
-    over devices at the end of the epoch). The result is in :attr:`report` after the test.
+    over devices at the end of the epoch), and the ``top_pairs`` most frequent mistakes
+    (``confused_pairs``: ``{"true", "predicted", "count", "share"}``, most frequent first, see
+    :func:`hymtl.figures.confused_pairs`): the table to read where the matrix is too large to
+    print. The result is in :attr:`report` after the test.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, top_pairs: int = 20) -> None:
         super().__init__()
+        self.top_pairs = int(top_pairs)
         self.metrics: MetricCollection | None = None
         self.report: dict[str, Any] | None = None
 
@@ -296,6 +340,7 @@ class ClassificationReport(_TestOutputsTap):
                 "support": int(support.sum()),
             },
             "confusion_matrix": matrix.tolist(),
+            "confused_pairs": confused_pairs(matrix, names, self.top_pairs),
         }
         self.metrics.reset()
 
@@ -370,7 +415,7 @@ class RunSummary(Callback):
     Collected at the end of fit (``train/*``, ``val/*``, ``epochs``, the best checkpoint, the
     device) and, when a test follows (``expect_test``), completed after ``trainer.test``
     (``test/*``); then written. Keys: ``train/*``, ``val/*``, ``test/*``, ``examples_per_sec``
-    (the logged ``train/examples_per_sec`` of :class:`ThroughputMonitor`), ``epochs``,
+    (the logged ``train/examples_per_sec`` of :class:`ExamplesPerSecond`), ``epochs``,
     ``wall_time_s`` (since this callback was built), ``mode``, ``backbone``, ``class_names``,
     ``test_split``, ``best_checkpoint``, ``device``, ``skipped_files`` (lines of
     ``skipped_file``, with one warning that summarises them).

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hymtl.backbones import Preprocessing, create_backbone, preprocessing_of
-from hymtl.callbacks import ThroughputMonitor, tutorial_lines
+from hymtl.callbacks import ExamplesPerSecond, tutorial_lines
 from hymtl.data import TORCHVISION_EXTENSIONS, ImageFolderDataModule, build_transforms
 from hymtl.errors import HymtlError
 from hymtl.figures import epoch_curves, prediction_grid
@@ -546,7 +546,7 @@ def train_fine_tuning(
     )
     live = _in_notebook()
     history = History()
-    throughput = ThroughputMonitor()
+    throughput = ExamplesPerSecond()
     accelerator, devices = _accelerator(device)
     overrides = [f"trainer.accelerator={accelerator}"]
     if precision is None and original:

@@ -214,12 +214,12 @@ def _tiny_fit(callbacks):
 
 
 def test_run_summary_writes_metrics_json_after_the_test_and_prints_the_two_lines(tmp_path, capsys, caplog):
-    from hymtl.callbacks import RunSummary, ThroughputMonitor
+    from hymtl.callbacks import RunSummary, ExamplesPerSecond
 
     skipped = tmp_path / "skipped.txt"
     skipped.write_text("unreadable\tbad/one.jpg\n")
     summary = RunSummary(tmp_path / "metrics.json", mode="finetune", backbone="tiny", skipped_file=skipped)
-    test = _tiny_fit([ThroughputMonitor(), summary])
+    test = _tiny_fit([ExamplesPerSecond(), summary])
     assert not (tmp_path / "metrics.json").exists()  # a test follows: nothing written yet
     test()
 
@@ -242,7 +242,7 @@ def test_run_summary_without_a_test_writes_at_the_end_of_fit(tmp_path):
     _tiny_fit([summary])
     written = RunSummary.read(tmp_path / "metrics.json")
     assert written["epochs"] == 2 and written["skipped_files"] == 0 and "test/acc" not in written
-    assert written["examples_per_sec"] is None  # no ThroughputMonitor: nothing published
+    assert written["examples_per_sec"] is None  # no ExamplesPerSecond: nothing published
     with pytest.raises(HymtlError, match="cannot read the run's metrics"):
         RunSummary.read(tmp_path / "missing.json")
 
