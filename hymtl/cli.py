@@ -62,6 +62,8 @@ def register_resolvers() -> None:
         "hymtl_num_nodes": (distributed.num_nodes, False),
         # conf/hydra/default.yaml: one run folder for every rank of a launch
         "hymtl_now": (distributed.launch_time_string, True),
+        # ... and one run per run folder: <time>_2, <time>_3… when <time> is taken
+        "hymtl_run_dir": (distributed.claim_run_dir, True),
         "hymtl_rank_zero": (distributed.on_rank_zero, False),
         "hymtl_rank_suffix": (distributed.rank_suffix, False),
         # conf/eval.yaml: <run of the checkpoint>/eval
@@ -95,6 +97,7 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
             sys.exit(RANK_FAILURE_EXIT)
         if error is None:
             raise
+        write_error_json(exc, error)  # the folder of a run that never trained is marked failed
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
     except BaseException as exc:
@@ -107,24 +110,44 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
 
 
 def record_failure(exc: BaseException, error: BaseException | None) -> None:
-    """Log a failed multirun job and write ``error.json`` (message, type, traceback) in its run folder."""
-    from hydra.core.hydra_config import HydraConfig
-
-    root = exc
-    for _ in range(16):  # Hydra's InstantiationException wraps the real error (bounded: no cycles)
-        if root.__cause__ is None:
-            break
-        root = root.__cause__
-    message = str(error) if error is not None else f"{type(root).__name__}: {root}"
+    """Log a failed multirun job and write ``error.json`` in its run folder."""
+    message = _failure_message(exc, error)
     if error is None:  # a bug or an environment problem: the traceback is the report
         log.exception("run failed: %s", message)
     else:
         log.error("run failed: %s", message)
+    write_error_json(exc, error)
+
+
+def _failure_message(exc: BaseException, error: BaseException | None) -> str:
+    """The user error's text, else ``Type: text`` of the innermost cause (Hydra's
+    ``InstantiationException`` wraps the real error; bounded: no cycles)."""
+    if error is not None:
+        return str(error)
+    root = exc
+    for _ in range(16):
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    return f"{type(root).__name__}: {root}"
+
+
+def write_error_json(exc: BaseException, error: BaseException | None) -> None:
+    """``error.json`` (message, type, traceback) in the run folder of a training job that
+    failed: ``hymtl.summarize`` lists the folder as failed, not incomplete. Only where Hydra
+    made a run folder for a training run (eval/predict/export write none of their own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    message = _failure_message(exc, error)
     try:
+        if not HydraConfig.initialized() or HydraConfig.get().job.name != "train":
+            return
         output_dir = Path(HydraConfig.get().runtime.output_dir)
+        if not output_dir.is_dir():
+            return
         atomic_write_json(output_dir / "error.json", {
             "error": message.strip().splitlines()[0] if message.strip() else type(exc).__name__,
-            "type": type(error or root).__name__,
+            "type": type(error).__name__ if error is not None else message.split(":", 1)[0],
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         })
     except Exception:  # noqa: BLE001 - never let the report of one failure end the sweep
