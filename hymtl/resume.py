@@ -184,15 +184,24 @@ class GracefulStop(Callback):
         folder = Path(self.dirpath) if self.dirpath else _checkpoint_dir(trainer)
         path = folder / self.filename
         trainer.save_checkpoint(path)
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-        raise RunInterrupted(self.signum, str(path), last if last and os.path.isfile(last) else None,
-                             trainer.current_epoch)
+        raise RunInterrupted(self.signum, str(path), _last_checkpoint(trainer), trainer.current_epoch)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+def _last_checkpoint(trainer: Trainer) -> str | None:
+    """The ``last.ckpt`` this run wrote (end of its last whole epoch), whichever checkpoint
+    callback writes it (``save_last`` of one, or one that writes only ``last``), else ``None``."""
+    for callback in trainer.checkpoint_callbacks:
+        for attribute in ("last_model_path", "best_model_path"):
+            path = getattr(callback, attribute, "") or ""
+            if path and Path(path).name == LAST and os.path.isfile(path):
+                return path
+    return None
 
 
 def _checkpoint_dir(trainer: Trainer) -> Path:
