@@ -20,14 +20,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics import Metric
 
 from hymtl.errors import HymtlError, first_line
 from hymtl.figures import ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, prediction_grid
@@ -141,11 +134,52 @@ def _normalisation(pl_module: LightningModule) -> dict[str, Any]:
     return {"mean": pre.mean, "std": pre.std} if pre is not None else {}
 
 
+class ConfusionCounts(Metric):
+    """The confusion matrix ``(C, C)`` (rows: true class, columns: the logits' argmax), summed
+    over devices when computed. Each batch costs what its size costs: torchmetrics' own
+    confusion matrix and per-class scores count with a ``C * C`` bincount per batch and metric,
+    a third of a second per batch for 1000 classes; here, one accumulate of the batch's pairs."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.add_state("matrix", default=torch.zeros(self.num_classes, self.num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.long().to(self.matrix.device)
+        predicted = logits.argmax(dim=-1).to(self.matrix.device)
+        self.matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+
+    def compute(self) -> torch.Tensor:
+        return self.matrix
+
+
+def scores_of(matrix: torch.Tensor) -> dict[str, Any]:
+    """Accuracy and per-class precision, recall, F1 with their macro averages, from a confusion
+    matrix, as torchmetrics defines them: a score whose denominator is 0 is 0, and the macro
+    average leaves out the classes that neither occur nor are predicted."""
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    tp = counts.diagonal()
+    fp, fn = counts.sum(dim=0) - tp, counts.sum(dim=1) - tp
+
+    def ratio(numerator, denominator):
+        return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.zeros_like(numerator))
+
+    per_class = {"precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+    seen = (tp + fp + fn) > 0
+    macro = {k: float(v[seen].mean()) if bool(seen.any()) else 0.0 for k, v in per_class.items()}
+    total = float(counts.sum())
+    return {"accuracy": float(tp.sum()) / total if total else 0.0, "per_class": per_class, "macro": macro}
+
+
 class TestFigures(_TestOutputsTap):
     """Figures of the test set, written to every TensorBoard logger (and as PNGs to ``save_dir``):
 
-    * ``test/confusion_matrix`` — counts per (true, predicted) class (torchmetrics, synced
-      over devices); bounded for any class count: beyond
+    * ``test/confusion_matrix`` — counts per (true, predicted) class (:class:`ConfusionCounts`,
+      synced over devices); bounded for any class count: beyond
       :data:`~hymtl.figures.MAX_HEATMAP_CLASSES` classes, the most confused ones and the most
       frequent mistakes (:func:`~hymtl.figures.confusion_matrix_figure`);
     * ``test/predictions`` — the tutorial's grid: ``num_images`` test images with predicted
@@ -171,12 +205,12 @@ class TestFigures(_TestOutputsTap):
         self.num_wrong = int(num_wrong)
         self.save_dir = save_dir
         self.seed = int(seed)
-        self.confusion: MulticlassConfusionMatrix | None = None
+        self.confusion: ConfusionCounts | None = None
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
         n = len(_class_names(pl_module))
-        self.confusion = MulticlassConfusionMatrix(n).to(pl_module.device)
+        self.confusion = ConfusionCounts(n).to(pl_module.device)
         # the grid's sample, and a sample of the mistakes alone to complete it with (rows kept:
         # arrival number, image or test position, probabilities, label)
         self._sample = ClassSpreadSample(self.num_images, n, seed=self.seed)
@@ -281,8 +315,9 @@ class TestFigures(_TestOutputsTap):
 
 class ClassificationReport(_TestOutputsTap):
     """Per-class precision, recall, F1 and support, their macro averages, accuracy and the
-    confusion matrix of a ``trainer.test`` run, computed with torchmetrics (states all-reduced
-    over devices at the end of the epoch), and the ``top_pairs`` most frequent mistakes
+    confusion matrix of a ``trainer.test`` run, all from the one confusion matrix
+    (:class:`ConfusionCounts`, all-reduced over devices at the end of the epoch; the scores as
+    torchmetrics defines them, :func:`scores_of`), and the ``top_pairs`` most frequent mistakes
     (``confused_pairs``: ``{"true", "predicted", "count", "share"}``, most frequent first, see
     :func:`hymtl.figures.confused_pairs`): the table to read where the matrix is too large to
     print. The result is in :attr:`report` after the test.
@@ -291,52 +326,39 @@ class ClassificationReport(_TestOutputsTap):
     def __init__(self, top_pairs: int = 20) -> None:
         super().__init__()
         self.top_pairs = int(top_pairs)
-        self.metrics: MetricCollection | None = None
+        self.metrics: ConfusionCounts | None = None
         self.report: dict[str, Any] | None = None
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
-        n = len(_class_names(pl_module))
-        self.metrics = MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(n, average="micro"),
-                "precision": MulticlassPrecision(n, average=None),
-                "recall": MulticlassRecall(n, average=None),
-                "f1": MulticlassF1Score(n, average=None),
-                "precision_macro": MulticlassPrecision(n, average="macro"),
-                "recall_macro": MulticlassRecall(n, average="macro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-                "confusion_matrix": MulticlassConfusionMatrix(n),
-            },
-            compute_groups=False,  # each metric keeps its own state: no surprises when syncing
-        ).to(pl_module.device)
+        self.metrics = ConfusionCounts(len(_class_names(pl_module))).to(pl_module.device)
         self.report = None
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
         self.metrics.update(logits, labels)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        values = {k: v.cpu() for k, v in self.metrics.compute().items()}
-        matrix = values["confusion_matrix"].long()
+        matrix = self.metrics.compute().cpu()  # all-reduced over devices
+        values = scores_of(matrix)
         support = matrix.sum(dim=1)
         names = _class_names(pl_module)
         self.report = {
             "class_names": names,
             "num_images": int(support.sum()),
-            "accuracy": float(values["accuracy"]),
+            "accuracy": values["accuracy"],
             "per_class": {
                 name: {
-                    "precision": float(values["precision"][i]),
-                    "recall": float(values["recall"][i]),
-                    "f1": float(values["f1"][i]),
+                    "precision": float(values["per_class"]["precision"][i]),
+                    "recall": float(values["per_class"]["recall"][i]),
+                    "f1": float(values["per_class"]["f1"][i]),
                     "support": int(support[i]),
                 }
                 for i, name in enumerate(names)
             },
             "macro": {
-                "precision": float(values["precision_macro"]),
-                "recall": float(values["recall_macro"]),
-                "f1": float(values["f1_macro"]),
+                "precision": values["macro"]["precision"],
+                "recall": values["macro"]["recall"],
+                "f1": values["macro"]["f1"],
                 "support": int(support.sum()),
             },
             "confusion_matrix": matrix.tolist(),

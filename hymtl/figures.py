@@ -7,7 +7,7 @@ headless, in notebooks, and inside Lightning callbacks alike.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -65,37 +65,196 @@ def prediction_grid(
     return fig
 
 
+#: the most classes a confusion heat map shows; with more, the most confused ones (and the
+#: top confused pairs beside them): the picture stays bounded, the full matrix is in the JSON
+MAX_HEATMAP_CLASSES = 40
+#: cells are annotated with their count and share up to this many classes (text per cell is
+#: the slow part of drawing, and unreadable in small cells)
+MAX_ANNOTATED_CLASSES = 20
+#: the longest class name drawn on an axis (longer ones are cut with "…")
+MAX_LABEL_CHARS = 24
+
+
+def _short(name: str, limit: int = MAX_LABEL_CHARS) -> str:
+    name = str(name)
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _counts_and_share(matrix: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    rows = counts.sum(dim=1, keepdim=True)
+    share = torch.where(rows > 0, counts / rows.clamp(min=1), torch.zeros_like(counts))
+    return counts, share
+
+
+def most_confused_classes(matrix: torch.Tensor | Sequence[Sequence[int]], limit: int = MAX_HEATMAP_CLASSES) -> list[int]:
+    """The indices (ascending) of the ``limit`` classes involved in the most mistakes, as the
+    true class or as the prediction; ties (and a matrix without mistakes) by support, then index."""
+    counts = torch.as_tensor(matrix, dtype=torch.float64)
+    n = counts.shape[0]
+    if n <= limit:
+        return list(range(n))
+    off = counts.clone()
+    off.fill_diagonal_(0)
+    mistakes = off.sum(dim=0) + off.sum(dim=1)
+    support = counts.sum(dim=1)
+    # one sort key: mistakes first, support second, lower index last (stable sort keeps index order)
+    order = sorted(range(n), key=lambda i: (-float(mistakes[i]), -float(support[i]), i))
+    return sorted(order[:limit])
+
+
+def confused_pairs(matrix: torch.Tensor | Sequence[Sequence[int]], class_names: Sequence[str],
+                   top: int = 20) -> list[dict[str, Any]]:
+    """The ``top`` most frequent mistakes, most frequent first: ``{"true", "predicted", "count",
+    "share"}`` (``share``: of the true class's images). Only pairs that occurred; ties by index."""
+    counts, share = _counts_and_share(matrix)
+    off = counts.clone()
+    off.fill_diagonal_(0)
+    n = off.shape[0]
+    flat = off.flatten()
+    k = min(int(top), int((flat > 0).sum()))
+    if k <= 0:
+        return []
+    # topk over n*n values is linear; ties are broken by position (true, then predicted index)
+    position = torch.arange(flat.numel(), dtype=torch.float64)
+    score = flat * (flat.numel() + 1) - position
+    picked = score.topk(k).indices.tolist()
+    return [{"true": str(class_names[i // n]), "predicted": str(class_names[i % n]),
+             "count": int(flat[i]), "share": float(share[i // n, i % n])} for i in picked]
+
+
+def _draw_confused_pairs(ax, pairs: Sequence[Mapping[str, Any]], title: str) -> None:
+    ax.set_title(title, fontsize=10)
+    if not pairs:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12, color=CORRECT_COLOR)
+        return
+    labels = [f"{_short(p['true'])} → {_short(p['predicted'])}" for p in pairs]
+    values = [p["count"] for p in pairs]
+    positions = range(len(pairs))
+    ax.barh(positions, values, color=WRONG_COLOR, alpha=0.8)
+    ax.set_yticks(positions, labels=labels, fontsize=8)
+    ax.invert_yaxis()  # most frequent on top
+    for y, pair in zip(positions, pairs):
+        ax.annotate(f" {pair['count']} ({pair['share']:.0%})", (pair["count"], y), va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.25)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("images (share of the true class)")
+
+
+def confused_pairs_figure(pairs: Sequence[Mapping[str, Any]], title: str = "most confused pairs (true → predicted)") -> Figure:
+    """A bar per pair of :func:`confused_pairs`, most frequent on top; bounded by the pairs' count."""
+    fig = Figure(figsize=(7.0, max(2.0, 0.8 + 0.3 * len(pairs))), layout="constrained")
+    _draw_confused_pairs(fig.subplots(), pairs, title)
+    return fig
+
+
 def confusion_matrix_figure(
     matrix: torch.Tensor | Sequence[Sequence[int]],
     class_names: Sequence[str],
     title: str = "confusion matrix",
     scale: float = 1.1,
+    max_classes: int = MAX_HEATMAP_CLASSES,
+    top_pairs: int = 20,
 ) -> Figure:
     """Counts of (true, predicted) pairs: rows are the true classes, columns the predictions.
 
-    Each cell shows its count and its share of the row (the class's recall on the diagonal);
-    the colour follows the row share, so classes of very different sizes stay comparable.
+    The colour follows the row share (the class's recall on the diagonal), so classes of very
+    different sizes stay comparable; up to :data:`MAX_ANNOTATED_CLASSES` classes each cell also
+    shows its count and share. The picture is bounded whatever the class count: beyond
+    ``max_classes`` classes it shows the ``max_classes`` most confused ones
+    (:func:`most_confused_classes`, shares still of the whole row) and, beside them, the
+    ``top_pairs`` most frequent mistakes (:func:`confused_pairs`). Cells shrink so the side
+    stays under about 16 inches (1600 px at the 100 dpi the PNGs are written with).
     """
-    counts = torch.as_tensor(matrix, dtype=torch.float64)
-    rows = counts.sum(dim=1, keepdim=True)
-    share = torch.where(rows > 0, counts / rows.clamp(min=1), torch.zeros_like(counts))
-    n = len(class_names)
-    size = max(3.2, 1.2 + scale * n)
-    fig = Figure(figsize=(size + 0.8, size), layout="constrained")
-    ax = fig.subplots()
+    counts, share = _counts_and_share(matrix)
+    total = len(class_names)
+    shown = most_confused_classes(counts, max_classes)
+    capped = len(shown) < total
+    if capped:
+        index = torch.as_tensor(shown)
+        counts, share = counts[index][:, index], share[index][:, index]
+        title = f"{title}: the {len(shown)} most confused of {total} classes"
+    names = [_short(class_names[i]) for i in shown]
+    n = len(names)
+    size = min(max(3.2, 1.2 + scale * n), 16.0)
+    label_size = 9 if n <= 12 else 7
+    width = size + 0.8 + (8.0 if capped else 0.0)
+    fig = Figure(figsize=(width, size), layout="constrained")
+    if capped:
+        ax, pairs_ax = fig.subplots(1, 2, width_ratios=[size + 0.8, 8.0])
+    else:
+        ax = fig.subplots()
     image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), labels=list(class_names), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set_xticks(range(n), labels=names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center",
+                  fontsize=label_size)
+    ax.set_yticks(range(n), labels=names, fontsize=label_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            dark = share[i, j] > 0.5  # white text on dark cells
-            ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
-                    fontsize=9, color="white" if dark else "black")
+    if n <= MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                dark = share[i, j] > 0.5  # white text on dark cells
+                ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                        fontsize=9 if n <= 12 else 6, color="white" if dark else "black")
+    if capped:
+        pairs = confused_pairs(matrix, class_names, top_pairs)
+        _draw_confused_pairs(pairs_ax, pairs, f"the {len(pairs)} most frequent mistakes (true → predicted)")
     return fig
+
+
+class ClassSpreadSample:
+    """A seeded sample of ``size`` items spread over their true classes, kept while batches
+    stream by, in bounded memory (at most ``size`` items' rows plus ``size`` keys per class).
+
+    Each item gets a random key (float64, drawn from ``seed`` in arrival order: the same stream
+    gives the same sample). The sample is what a round-robin deals: in a seeded order of the classes, the
+    lowest-key item of each class, then the second lowest of each, and so on: the first
+    ``size`` of that order. An item that drops out of it can never come back (later items only
+    push it further down), which is why the stream needs to keep no more than ``size`` rows.
+    """
+
+    def __init__(self, size: int, num_classes: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self._generator = torch.Generator().manual_seed(int(seed))
+        self._class_order = torch.randperm(max(int(num_classes), 1), generator=self._generator).tolist()
+        self._keys: dict[int, list[float]] = {}  # per class: its lowest keys, ascending (at most size)
+        self._kept: list[tuple[float, int, tuple[torch.Tensor, ...]]] = []  # (key, class, rows)
+
+    def _place(self, key: float, label: int) -> tuple[int, int]:
+        # (round, seat): the round is the item's rank within its class
+        return self._keys[label].index(key), self._class_order[label]
+
+    def add(self, labels: torch.Tensor, *rows: torch.Tensor) -> None:
+        """Offer a batch: its true ``labels`` ``(N,)`` and ``rows``, tensors of ``N`` rows each
+        (what is kept of a chosen item, e.g. its image, probabilities, label)."""
+        keys = torch.rand(len(labels), generator=self._generator, dtype=torch.float64)
+        if self.size <= 0:
+            return
+        for i, (key, label) in enumerate(zip(keys.tolist(), labels.tolist())):
+            lowest = self._keys.setdefault(label, [])
+            if len(lowest) >= self.size and key >= lowest[-1]:
+                continue  # size items of its class come before it: never in the sample
+            lowest.append(key)
+            lowest.sort()
+            del lowest[self.size:]
+            self._kept.append((key, label, i))  # its row number for now: copied below if it stays
+            self._kept = [k for k in self._kept if k[0] in self._keys[k[1]]]
+            self._kept.sort(key=lambda k: self._place(k[0], k[1]))
+            del self._kept[self.size:]
+        # copies, not views: the batch is freed
+        self._kept = [(key, label, tuple(r[row].clone() for r in rows) if isinstance(row, int) else row)
+                      for key, label, row in self._kept]
+
+    def keys(self) -> list[float]:
+        """The chosen items' keys, in the sample's order."""
+        return [key for key, _, _ in self._kept]
+
+    def rows(self) -> list[tuple[torch.Tensor, ...]]:
+        """The chosen items' rows, in the sample's order (round-robin over the classes)."""
+        return [rows for _, _, rows in self._kept]
 
 
 def most_wrong_grid(
