@@ -16,6 +16,11 @@ Three ways a ``trainer=ddp`` run starts, and what each needs:
   time, for every rank on every node. Ranks other than 0 write no ``.hydra/`` copy and log to
   ``train_rank<R>.log`` (``${hymtl_rank_zero:…}``, ``${hymtl_rank_suffix:}``).
 
+One run folder per run (:func:`claim_run_dir`, ``${hymtl_run_dir:…}``): two launches in the same
+second would share ``outputs/<date>/<time>/``; the second one claims ``<time>_2`` instead
+(``os.mkdir``: atomic, so concurrent launches never pick the same name). Under torchrun rank 0
+claims and publishes the name through the same store; every other rank uses rank 0's name.
+
 Lowest layer, beside ``runtime``: imports nothing of ours.
 """
 
@@ -25,7 +30,7 @@ import functools
 import os
 import time
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 
 
 #: seconds a collective (or the launch-time handshake) may wait for a silent rank before the
@@ -101,34 +106,92 @@ def launch_time(timeout_s: float = 300.0) -> float:
     return _launch_time
 
 
-def _agree_on_launch_time(mine: float, timeout_s: float) -> float:
+def _launch_store(timeout_s: float) -> Any:
+    """The key-value store every torchrun rank of this launch reaches (created once per process)."""
     global _store
-    from torch.distributed import TCPStore
+    if _store is None:
+        from torch.distributed import TCPStore
 
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    rank = int(os.environ["RANK"])
-    key = f"hymtl/launch_time/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
-    timeout = timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent on node 0 serves a store at MASTER_ADDR:MASTER_PORT: every rank is a client
-        store = TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
-    else:
-        # rank 0 serves; multi_tenant lets torch.distributed's own store reuse this server later
-        store = TCPStore(host, port, is_master=rank == 0, timeout=timeout, wait_for_workers=False, multi_tenant=True)
-    _store = store
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        timeout = timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent on node 0 serves a store at MASTER_ADDR:MASTER_PORT: every rank is a client
+            _store = TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
+        else:
+            # rank 0 serves; multi_tenant lets torch.distributed's own store reuse this server later
+            _store = TCPStore(host, port, is_master=launch_rank() == 0, timeout=timeout,
+                              wait_for_workers=False, multi_tenant=True)
+    return _store
+
+
+def _from_rank_zero(what: str, key: str, produce: Callable[[], str], timeout_s: float) -> str:
+    """Rank 0's value for ``key``, the same on every rank of the launch.
+
+    Rank 0 publishes ``produce()``, the other ranks wait for it at most ``timeout_s``. A value
+    already in the store stays (``compare_set``; and rank 0 does not even produce a new one): an
+    elastic restart of the workers gets the original launch time and run folder.
+    """
+    store = _launch_store(timeout_s)
+    key = f"hymtl/{key}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
     try:
-        if rank == 0:
-            return float(store.compare_set(key, "", repr(mine)).decode())
-        return float(store.get(key).decode())
+        if launch_rank() == 0:
+            if store.check([key]):
+                return store.get(key).decode()
+            return store.compare_set(key, "", produce()).decode()
+        return store.get(key).decode()
     except RuntimeError as exc:  # DistStoreError: rank 0 never published (it died or is unreachable)
         raise RuntimeError(
-            f"rank {rank}: no launch time from rank 0 at {host}:{port} within {timeout_s:.0f}s ({exc})"
+            f"rank {launch_rank()}: no {what} from rank 0 at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} within {timeout_s:.0f}s ({exc})"
         ) from None
+
+
+def _agree_on_launch_time(mine: float, timeout_s: float) -> float:
+    return float(_from_rank_zero("launch time", "launch_time", lambda: repr(mine), timeout_s))
 
 
 def launch_time_string(pattern: str) -> str:
     """:func:`launch_time` formatted with ``pattern`` (``${hymtl_now:%Y-%m-%d}``)."""
     return datetime.fromtimestamp(launch_time()).strftime(pattern)
+
+
+# --------------------------------------------------------------------------- one folder per run
+def claim_run_dir(path: str, mode: Any = None, timeout_s: float = 300.0) -> str:
+    """``path``, or ``path_2``, ``path_3``… : the first of these that this launch could create.
+
+    ``${hymtl_run_dir:…}`` in ``conf/hydra/default.yaml`` (``hydra.run.dir``, ``hydra.sweep.dir``).
+    The folder is claimed with ``os.mkdir`` (atomic: of two launches in the same second, exactly
+    one gets ``path``; the other moves on to the next suffix), so a run folder never holds two runs.
+
+    Claimed only when Hydra is about to run the config: ``mode`` is ``${hydra.mode}``, which
+    Hydra's run and multirun paths set (``RUN`` / ``MULTIRUN``) and the compose API and ``--cfg``
+    leave ``None``: those get ``path`` unchanged and create nothing.
+
+    The resolver is cached (``use_cache``), so one config claims once: the run folder of a run,
+    the sweep folder of a multirun (Hydra copies the master config's resolver cache to every job
+    of the sweep, which therefore all land in that one folder). Under torchrun only global rank 0
+    claims and publishes its suffix in the launch store; every other rank, on any node, appends
+    rank 0's suffix to the same ``path`` (they agreed on the launch time already). Lightning's own
+    DDP children get ``hydra.run.dir`` pinned to the parent's folder and never reach this resolver.
+    """
+    if mode is None:
+        return path
+    if launched_by_torchrun() and world_size() > 1:
+        suffix = _from_rank_zero("run folder", f"run_dir/{path}", lambda: _claim(path)[len(path):], timeout_s)
+        return path + suffix
+    return _claim(path)
+
+
+def _claim(path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:  # taken (by another run, or anything else): next suffix
+            n += 1
+            candidate = f"{path}_{n}"
 
 
 def on_rank_zero(value: Any) -> Any:

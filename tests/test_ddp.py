@@ -210,6 +210,21 @@ def test_torchrun_two_ranks_share_one_run_dir(tiny_folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_ranks_share_the_folder_rank_zero_claimed(tiny_folder, tmp_path):
+    """The launch's folder is taken (a run in the same second): rank 0 claims ``<folder>_2`` and
+    every rank uses rank 0's name, instead of each rank claiming a folder of its own."""
+    (tmp_path / "outputs" / "taken").mkdir(parents=True)
+    result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp", "+trainer.fast_dev_run=true",
+                   "hydra.run.dir='${hymtl_run_dir:outputs/taken,${hydra.mode}}'",
+                   cwd=tmp_path, launcher=torchrun("--nproc_per_node", "2", "--master_port", str(_free_port())))
+    ok(result)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["taken", "taken_2"]
+    run = tmp_path / "outputs" / "taken_2"
+    assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_rank1.log"]
+    assert json.loads((run / "metrics.json").read_text())["device"] == "2x cpu"
+
+
+@pytest.mark.slow
 def test_two_nodes_simulated_on_localhost_share_one_run_dir(tiny_folder, tmp_path):
     """Two torchrun agents (``--nnodes 2``, c10d rendezvous): the run folder's time stamp is node 0's."""
     port = _free_port()
