@@ -10,7 +10,8 @@ task to :func:`run_entry`::
 The policy, the same everywhere:
 
 * a user error (:class:`~hymtl.errors.HymtlError`, also when Hydra's ``instantiate`` wrapped it)
-  prints ``error: <one line>`` on stderr and exits 2;
+  prints ``error: <one line>`` on stderr and exits 2 (or the error's own ``exit_code``: export's
+  failed parity check exits 3);
 * Ctrl-C / SIGTERM during a run (``hymtl.resume.RunInterrupted``) prints what was saved and exits
   with the signal's code (130 / 143);
 * a DDP rank that died or went silent prints one line and exits 1;
@@ -99,7 +100,7 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
             raise
         write_error_json(exc, error)  # the folder of a run that never trained is marked failed
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
         from hymtl.resume import RunInterrupted  # loaded already: a run was under way
 

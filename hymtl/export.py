@@ -28,7 +28,6 @@ and the command exits with code 3. The default images are the validation split o
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -287,19 +286,10 @@ def export(cfg: DictConfig) -> dict:
     return json.loads(side.read_text())
 
 
-def _export_or_exit(cfg: DictConfig) -> dict:
-    # the one exit code of its own: a parity failure is not the user's input (cli: 2) nor a bug
-    try:
-        return export(cfg)
-    except ParityError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(ParityError.exit_code)
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: ``error: ...`` and exit 2 on bad input, exit 3 when parity breaks."""
-    run_entry(_export_or_exit, cfg)
+    run_entry(export, cfg)
 
 
 if __name__ == "__main__":
