@@ -47,7 +47,9 @@ def load_checkpoint(ckpt_path: str | os.PathLike) -> TransferModule:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """The printed table: per class, macro average, accuracy, loss, confusion matrix."""
+    """The printed table: per class, macro average, accuracy, loss, confusion matrix (or, for
+    more classes than a heat map shows, the most confused pairs)."""
+    from hymtl.figures import MAX_HEATMAP_CLASSES
     names = result["class_names"]
     width = max(10, *(len(n) for n in names)) + 2
     lines = [
@@ -64,11 +66,16 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append(f"{'accuracy':<{width}}{'':>18}{result['accuracy']:>8.3f}{result['num_images']:>9d}")
     if result.get("loss") is not None:
         lines.append(f"{'loss':<{width}}{'':>18}{result['loss']:>8.3f}")
-    cell = max(6, *(len(n) + 1 for n in names))
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * width + "".join(f"{n:>{cell}}" for n in names)]
-    for name, row in zip(names, result["confusion_matrix"]):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
+    if len(names) <= MAX_HEATMAP_CLASSES:
+        cell = max(6, *(len(n) + 1 for n in names))
+        lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+                  " " * width + "".join(f"{n:>{cell}}" for n in names)]
+        for name, row in zip(names, result["confusion_matrix"]):
+            lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
+    else:  # a 1000x1000 table helps nobody on a console: the most frequent mistakes instead
+        lines += ["", f"most confused pairs (true -> predicted; the full {len(names)}x{len(names)} matrix is in eval.json)"]
+        for pair in result.get("confused_pairs", []):
+            lines.append(f"  {pair['true']} -> {pair['predicted']}  {pair['count']}")
     return "\n".join(lines)
 
 

@@ -311,3 +311,20 @@ def test_the_reports_scores_from_one_confusion_matrix_are_torchmetrics_scores():
         expected = metric(n, average=None)(logits, labels)
         assert scores["per_class"][name].tolist() == pytest.approx(expected.tolist(), abs=1e-6), name
         assert scores["macro"][name] == pytest.approx(float(metric(n, average="macro")(logits, labels)), abs=1e-6), name
+
+
+def test_the_printed_eval_report_stays_bounded_at_1000_classes():
+    """One line per class, no 1000x1000 table on the console: the most confused pairs instead."""
+    from hymtl.eval import format_report
+
+    names = [f"class_{i}" for i in range(1000)]
+    result = {
+        "class_names": names, "checkpoint": "ckpt", "data_root": "root", "split": "val", "num_images": 1000,
+        "per_class": {n: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for n in names},
+        "macro": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1000}, "accuracy": 1.0, "loss": 0.1,
+        "confusion_matrix": [[0] * 1000 for _ in range(1000)],
+        "confused_pairs": [{"true": "class_1", "predicted": "class_2", "count": 3, "share": 0.5}],
+    }
+    lines = format_report(result).splitlines()
+    assert len(lines) < 1020 and max(len(line) for line in lines) < 200
+    assert lines[-1].strip() == "class_1 -> class_2  3"
