@@ -17,6 +17,11 @@ class DownloadError(HymtlError):
     """A download failed or its checksum did not match."""
 
 
+class WriteError(HymtlError, OSError):
+    """A result could not be written (full disk, unwritable folder): the file it would have
+    replaced is intact. An ``OSError`` too, for callers that tolerate failed writes (the cache)."""
+
+
 def first_line(exc: BaseException, limit: int | None = None) -> str:
     """The first non-empty line of ``str(exc)`` (else the exception's type name), for one-line reports."""
     lines = str(exc).strip().splitlines()

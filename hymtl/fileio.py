@@ -6,16 +6,18 @@ leaves a half-written file in place of a good one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from hymtl.errors import DownloadError
+from hymtl.errors import DownloadError, WriteError
 
 
 def _umask() -> int:
@@ -25,21 +27,43 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    Raises :class:`~hymtl.errors.WriteError` (one line: which file, and on a full disk how much
+    room it needed and had) when the write fails; ``path`` then still holds its old content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise WriteError(_write_failure(path, len(data), exc)) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, size: int, exc: OSError) -> str:
+    """``cannot write PATH: <reason>`` (+ the room needed and free when the disk is full)."""
+    message = f"cannot write {path}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        room = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        message += f" ({size / 1e6:.1f} MB needed{room} on {path.parent}); the previous file is intact"
+    return message
 
 
 def _fsync_dir(folder: Path) -> None:

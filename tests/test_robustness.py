@@ -244,3 +244,24 @@ def test_invalid_numbers_are_refused_before_anything_runs(compose):
         with pytest.raises(HymtlError) as info:
             check_numbers(cfg)
         assert str(info.value) == message, override
+
+
+def test_a_full_disk_says_which_file_and_how_much_room(tmp_path, monkeypatch):
+    import errno
+
+    from hymtl.errors import HymtlError
+    from hymtl.fileio import atomic_write_bytes
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(HymtlError) as info:
+        atomic_write_bytes(target, b"x" * 3_000_000)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {target}: No space left on device (3.0 MB needed, ")
+    assert "MB free on" in message and "\n" not in message
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]  # no temp file left

@@ -142,3 +142,28 @@ def test_a_run_that_fails_before_training_is_listed_as_failed(tmp_path):
     assert error["error"] == "data folder not found: /does/not/exist" and error["type"] == "DataError"
     [run] = summarize.collect_runs(tmp_path / "runs")
     assert run.status == "failed"
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_val_acc_stops_improving(tiny_folder, tmp_path):
+    """Lightning's save_last writes only when val/acc improves; last.ckpt must be the final epoch."""
+    import torch
+
+    result = run_train("model=efficientnet_lite0", "data.num_workers=0", "data.batch_size=4", "mode=frozen",
+                       "mode.epochs=3", "data=folder", f"data.root={tiny_folder}", "test=false",
+                       "hydra.run.dir=run", f"feature_cache.dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    [best] = checkpoints.glob("best-*.ckpt")
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+    # the colours are told apart at once: val/acc stopped improving after the first epoch
+    assert best.name.startswith("best-epoch00"), best.name
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tiny_folder, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").mkdir(parents=True)  # in the way of the write
+    result = run_train(*TINY_MODEL, "mode=frozen", "mode.epochs=2", "data=folder", f"data.root={tiny_folder}",
+                       "hydra.run.dir=run", "test=false", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}: "), last
+    assert not (tmp_path / "run" / "metrics.json").exists()
