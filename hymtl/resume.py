@@ -122,11 +122,13 @@ class RunInterrupted(BaseException):
     """The run stopped on SIGINT/SIGTERM after saving its state. A ``BaseException`` so that a
     sweep's per-run ``except Exception`` does not swallow the user's Ctrl-C."""
 
-    def __init__(self, signum: int, checkpoint: str | None, resume_from: str | None, epoch: int):
+    def __init__(self, signum: int, checkpoint: str | None, resume_from: str | None, epoch: int,
+                 stage: str = "fit"):
         self.signum = signum
         self.checkpoint = checkpoint
         self.resume_from = resume_from
         self.epoch = epoch
+        self.stage = stage  # "fit", or "test": training had finished, its checkpoints are on disk
         super().__init__(self.message)
 
     @property
@@ -136,6 +138,11 @@ class RunInterrupted(BaseException):
     @property
     def message(self) -> str:
         name = signal.Signals(self.signum).name
+        if self.stage == "test":
+            saved = f"; training had finished and its checkpoints are saved (best: {self.checkpoint})" \
+                if self.checkpoint else "; training had finished"
+            return (f"interrupted by {name} during the test{saved}; no metrics.json was written: "
+                    "test it with python -m hymtl.eval ckpt_path=<the checkpoint>")
         where = f"; state saved in {self.checkpoint}" if self.checkpoint else ""
         if self.resume_from:
             resume = (f"; resume with ckpt_path=last (or ckpt_path={self.resume_from}): it continues from the "
@@ -157,11 +164,18 @@ class GracefulStop(Callback):
         self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # every phase stops on a signal with a non-zero code (Lightning's own handler exits 0 here)
+        self._install()
+
+    def _install(self) -> None:
         self.signum = None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.getsignal(signum)
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
@@ -177,6 +191,11 @@ class GracefulStop(Callback):
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         if not trainer.sanity_checking:
             self._stop_if_asked(trainer)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if self.signum is not None:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            raise RunInterrupted(self.signum, best or None, _last_checkpoint(trainer), trainer.current_epoch, "test")
 
     def _stop_if_asked(self, trainer: Trainer) -> None:
         if self.signum is None:

@@ -197,3 +197,36 @@ def test_sigint_and_sigterm_stop_cleanly_with_a_checkpoint(tmp_path, signum, wor
                              weights_only=True)
     assert interrupted["global_step"] >= torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert "RNGStateCheckpoint" in interrupted["callbacks"]
+
+
+class SignalAtTestStart:
+    """A callback (``+callbacks.kill._target_=test_resume.SignalAtTestStart``) that sends this
+    process SIGTERM as the test begins: what a scheduler does when a job's time runs out."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_test_batch_start(self, trainer, pl_module, *args):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Signal()
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_test_exits_non_zero_and_says_what_was_saved(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "hymtl.train", *ARGS, f"data.root={root}", "mode.epochs=2", "hydra.run.dir=run",
+         "+callbacks.kill._target_=test_resume.SignalAtTestStart"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGTERM during the test; training had finished and its checkpoints "
+                           f"are saved (best: {tmp_path / 'run' / 'checkpoints'}/best-"), last
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
