@@ -43,9 +43,11 @@ class Predictor(ABC):
     """A model that maps preprocessed image batches ``(N, 3, S, S)`` to logits ``(N, classes)``."""
 
     backend: str
-    source: str
-    class_names: list[str]
-    preprocessing: Preprocessing
+
+    def __init__(self, class_names, preprocessing: Preprocessing, source: str = ""):
+        self.class_names = list(class_names)
+        self.preprocessing = preprocessing
+        self.source = source
 
     @abstractmethod
     def logits(self, images: torch.Tensor) -> np.ndarray:
@@ -58,10 +60,8 @@ class TorchPredictor(Predictor):
     backend = "pytorch"
 
     def __init__(self, model: torch.nn.Module, source: str = ""):
+        super().__init__(model.class_names, model.preprocessing, source)
         self.model = model.float().eval()
-        self.source = source
-        self.class_names = list(model.class_names)
-        self.preprocessing = model.preprocessing
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         import torch
@@ -76,10 +76,8 @@ class OnnxPredictor(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, session, meta: dict, source: str = ""):
+        super().__init__(meta["class_names"], _preprocessing_of(meta), source)
         self.session = session
-        self.source = source
-        self.class_names = list(meta["class_names"])
-        self.preprocessing = _preprocessing_of(meta)
         self.input_name = session.get_inputs()[0].name
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
@@ -92,10 +90,8 @@ class TorchScriptPredictor(Predictor):
     backend = "torchscript"
 
     def __init__(self, module, meta: dict, source: str = ""):
+        super().__init__(meta["class_names"], _preprocessing_of(meta), source)
         self.module = module
-        self.source = source
-        self.class_names = list(meta["class_names"])
-        self.preprocessing = _preprocessing_of(meta)
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         # the profiling executor re-optimises the graph for each new batch shape (seconds each on a
