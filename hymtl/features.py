@@ -13,7 +13,12 @@ augmented views, and keeps them in a persistent cache:
   autocast dtype and the memory format. Any change selects a new folder.
 * ``key`` (one file per image): SHA-256 of the file's absolute path, size and ``mtime_ns``:
   an edited or replaced image misses the cache; ``kk`` is its first two hex digits.
-* Each file holds ``{"identity": [path, size, mtime_ns], "plain": (F,), "aug": (k, F)}``.
+* Each file holds ``{"identity": [path, size, mtime_ns], "file_sha256": ..., "plain": (F,),
+  "aug": (k, F), "sha256": ...}``. An entry is *verified* on every read: its identity, the
+  SHA-256 of the image file's bytes (an image rewritten with the same size and mtime is
+  caught; hashing the whole file costs one read of a few hundred KiB, far less than the
+  decode it saves, and a partial hash would miss an edit in the middle), the SHA-256 of the
+  stored tensors' bytes (flipped bits), their shapes, and that every view is finite.
   Augmented view ``i`` of an image is drawn with a seed derived from (seed, path, i), so it
   is the same tensor whatever ``K`` is: an entry with ``k >= K`` views serves ``K``.
 * Files are written atomically (:func:`hymtl.fileio.atomic_write_bytes`) and read with
@@ -61,7 +66,7 @@ from hymtl.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the entry layout changes: old folders are then never read
+CACHE_FORMAT = 2  # bump when the entry layout changes: old folders are then never read
 
 
 class ViewSource(Protocol):
@@ -103,6 +108,25 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     """``(absolute path, size, mtime_ns)``: what makes a cached entry belong to a file."""
     st = os.stat(path)
     return os.path.abspath(path), int(st.st_size), int(st.st_mtime_ns)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: ties a cache entry to the image content, not just its stat."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_checksum(*tensors: torch.Tensor) -> str:
+    """SHA-256 over the raw bytes of ``tensors`` (with their shapes): detects flipped bytes."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def state_digest(module: nn.Module) -> str:
@@ -193,8 +217,14 @@ class FeatureExtractor:
             plain, aug = entry["plain"], entry["aug"]
             if tuple(entry["identity"]) != tuple(identity):
                 raise ValueError("identity mismatch")
-            if plain.dim() != 1 or aug.dim() != 2 or aug.shape[1] != plain.shape[0] or not torch.isfinite(plain).all():
-                raise ValueError("bad shapes or values")
+            if plain.dim() != 1 or aug.dim() != 2 or aug.shape[1] != plain.shape[0]:
+                raise ValueError("bad shapes")
+            if entry["sha256"] != tensor_checksum(plain, aug):
+                raise ValueError("checksum mismatch")
+            if not (torch.isfinite(plain).all() and torch.isfinite(aug).all()):
+                raise ValueError("non-finite values")
+            if entry["file_sha256"] != file_digest(identity[0]):
+                raise ValueError("image file content changed")
         except Exception as exc:  # truncated, garbage, wrong structure: recompute, never crash
             log.warning("feature cache entry %s is unreadable (%s: %s); recomputing", path, type(exc).__name__, exc)
             self.stats["corrupt"] += 1
@@ -205,7 +235,17 @@ class FeatureExtractor:
 
     def _write(self, path: Path, identity: tuple[str, int, int], views: torch.Tensor) -> None:
         buffer = io.BytesIO()
-        torch.save({"identity": list(identity), "plain": views[0].clone(), "aug": views[1:].clone()}, buffer)
+        plain, aug = views[0].clone(), views[1:].clone()
+        if not torch.isfinite(views).all():  # never store poison: it would be re-served every run
+            log.warning("non-finite features for %s; not cached", identity[0])
+            return
+        try:
+            file_sha256 = file_digest(identity[0])
+        except OSError as exc:
+            log.warning("cannot hash %s for the feature cache: %s", identity[0], exc)
+            return
+        torch.save({"identity": list(identity), "file_sha256": file_sha256, "plain": plain, "aug": aug,
+                    "sha256": tensor_checksum(plain, aug)}, buffer)
         try:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as exc:  # a read-only or full cache disk slows runs down, it does not stop them

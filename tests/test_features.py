@@ -351,3 +351,70 @@ def test_frozen_test_figures_come_from_the_features_without_running_the_backbone
     assert features.extractor.device == torch.device("cpu")  # the Trainer's device, not a guess
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "confusion_matrix.png", "most_wrong.png", "predictions.png"]
+
+
+# ---------------------------------------------------------------- verified entries (issue 12, item 6)
+def _poison(victim: Path, tmp_path: Path, case: str, sample_path: str) -> None:
+    """Damage one entry (or its image) so that it still *looks* valid."""
+    from hymtl.features import tensor_checksum
+
+    if case == "nan_in_augmented_view":  # a consistent entry whose checksum matches the poison
+        entry = torch.load(victim, weights_only=True)
+        entry["aug"][0, 3] = float("nan")
+        entry["sha256"] = tensor_checksum(entry["plain"], entry["aug"])
+        torch.save(entry, victim)
+    elif case == "flipped_byte":  # one byte inside the stored tensor data, file still loads
+        entry = torch.load(victim, weights_only=True)
+        needle = entry["aug"][0, :4].numpy().tobytes()
+        data = bytearray(victim.read_bytes())
+        at = data.find(needle)
+        assert at >= 0
+        data[at + 1] ^= 0x01
+        victim.write_bytes(bytes(data))
+        assert torch.load(victim, weights_only=True)["aug"].shape == entry["aug"].shape
+    else:  # the image is rewritten with other pixels, same size, mtime set back
+        from PIL import Image
+
+        image = Path(sample_path)
+        st = image.stat()
+        other = tmp_path / "other.jpg"
+        Image.new("RGB", (32, 32), (0, 0, 255)).save(other, quality=10)
+        content = other.read_bytes()
+        assert len(content) <= st.st_size
+        image.write_bytes(content + b"\0" * (st.st_size - len(content)))  # decoders ignore trailing bytes
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("case", ["nan_in_augmented_view", "flipped_byte", "same_size_and_mtime_rewrite"])
+def test_a_poisoned_entry_is_recomputed_and_trains_to_finite_loss(backbone, samples, tmp_path, caplog, case):
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=2)
+    extractor(backbone, tmp_path).extract(source)
+    victim = extractor(backbone, tmp_path).entry_path(source.recipe, source.identity(0))
+    assert victim is not None and victim.is_file()
+    _poison(victim, tmp_path, case, source.identity(0)[0])
+    fresh = MultiViewDataset(samples, backbone.preprocessing, num_views=2)  # re-stat the files
+    ex = extractor(backbone, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hymtl.features"):
+        again = ex.extract(fresh)
+    assert ex.stats["corrupt"] == 1 and ex.stats["computed"] == 1 and ex.stats["hits"] == 3
+    assert caplog.text.count("recomputing") == 1
+    assert torch.isfinite(again.tensor).all()
+    if case == "same_size_and_mtime_rewrite":  # the features are those of the new pixels
+        direct = extractor(backbone, False).extract(fresh)
+        assert torch.allclose(again.tensor, direct.tensor, atol=1e-5)
+    # rewritten: the next run hits everywhere
+    ex = extractor(backbone, tmp_path)
+    ex.extract(fresh)
+    assert ex.stats["hits"] == 4 and ex.stats["corrupt"] == 0
+    # and a head trained on what was read has a finite loss
+    torch.manual_seed(0)
+    head = torch.nn.Linear(again.tensor.shape[-1], 2)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    labels = torch.tensor([s.label for s in samples]).repeat_interleave(again.tensor.shape[1])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(head(again.tensor.flatten(0, 1)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
