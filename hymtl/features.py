@@ -50,6 +50,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, NamedTuple, Protocol, Sequence
@@ -296,7 +297,11 @@ class FeatureExtractor:
         self.stats["hits"] += len(results)
         if missing:
             self._compute(source, missing, views, results)
-        self.stats["seconds"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats["seconds"] += elapsed
+        if not sys.stdout.isatty():  # logs and CI: one line instead of a bar
+            log.info("feature extraction: %d images in %.1fs (%d cache hits, %d computed)",
+                     len(indices), elapsed, len(indices) - len(missing), len(missing))
         kept = [i for i in indices if i in results]
         if len(kept) < len(indices):
             log.warning("%d of %d images failed to decode and have no features", len(indices) - len(kept), len(indices))
@@ -314,7 +319,15 @@ class FeatureExtractor:
             generator=torch.Generator(),
         )
         with self._eval_mode():
+            bar = None
+            if sys.stdout.isatty():  # a terminal gets a bar like Lightning's
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(missing), initial=0, unit="images", desc="features",
+                           postfix={"cache hits": len(results)}, leave=False)
             for positions, batch in loader:  # items that failed to decode are dropped (None)
+                if bar is not None:
+                    bar.update(len(positions))
                 n, v = batch.shape[:2]
                 feats = self.forward(batch.flatten(0, 1)).view(n, v, -1)
                 for pos, item in zip(positions.tolist(), feats):
@@ -323,6 +336,8 @@ class FeatureExtractor:
                     path = self.entry_path(source.recipe, source.identity(index))
                     if path is not None:
                         self._write(path, source.identity(index), item)
+            if bar is not None:
+                bar.close()
         self.stats["computed"] += sum(i in results for i in missing)
 
 

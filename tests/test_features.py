@@ -418,3 +418,12 @@ def test_a_poisoned_entry_is_recomputed_and_trains_to_finite_loss(backbone, samp
         loss.backward()
         optimizer.step()
     assert torch.isfinite(loss)
+
+
+def test_extraction_off_a_terminal_reports_one_line(backbone, samples, tmp_path, caplog):
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    extractor(backbone, tmp_path).extract(source)
+    with caplog.at_level(logging.INFO, logger="hymtl.features"):
+        extractor(backbone, tmp_path).extract(source)
+    lines = [r.getMessage() for r in caplog.records if "feature extraction" in r.getMessage()]
+    assert len(lines) == 1 and "4 images" in lines[0] and "4 cache hits, 0 computed" in lines[0]
