@@ -51,7 +51,8 @@ def _bound_message(key: str, value: Any, kind: str, low: float, exclusive: bool)
 
 def check_numbers(cfg: DictConfig) -> None:
     """Raise :class:`HymtlError` (one line naming the key) for a number of :data:`NUMBER_RULES`
-    that is not a number, not an integer where one is needed, or out of range."""
+    that is not a number, not an integer where one is needed, or out of range, and for a
+    two-phase schedule whose run ends before its switch."""
     for key, (kind, low, exclusive) in NUMBER_RULES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None or (key == "data.num_workers" and value == "auto"):
@@ -59,6 +60,13 @@ def check_numbers(cfg: DictConfig) -> None:
         parsed = _parse(key, value, kind)
         if parsed < low or (exclusive and parsed == low):
             raise HymtlError(_bound_message(key, value, kind, low, exclusive))
+    start = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if start and epochs is not None and int(epochs) <= int(start) and not OmegaConf.select(
+            cfg, "trainer.fast_dev_run", default=False):
+        # it would train the head only to the end and still be labelled two-phase
+        raise HymtlError(f"the backbone unfreezes at epoch {start} but the run ends after {epochs} epoch"
+                         f"{'s' if int(epochs) != 1 else ''}: set mode.epochs > {start} (or a smaller mode.freeze_epochs)")
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:

@@ -269,7 +269,18 @@ def _strategy_class() -> type:
                     if proc.poll() is None:
                         proc.kill()
 
+    # a module-level name for pickle (spawned ranks unpickle the strategy): hymtl.distributed._DDPStrategy
+    _DDPStrategy.__qualname__ = "_DDPStrategy"
+    _DDPStrategy.__module__ = __name__
     return _DDPStrategy
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``hymtl.distributed._DDPStrategy`` resolves (for pickle) without importing
+    # Lightning when this module is imported
+    if name == "_DDPStrategy":
+        return _strategy_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rank_failure_message(exc: BaseException) -> str | None:

@@ -289,11 +289,6 @@ class TransferModule(ClassificationModule):
             self.to(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
-        start, epochs = self.hparams.unfreeze_at_epoch, self.trainer.max_epochs
-        if start and epochs is not None and 0 <= epochs <= start and not self.trainer.fast_dev_run:
-            # it would run head-only to the end and still be labelled two-phase
-            raise HymtlError(f"the backbone unfreezes at epoch {start} but the run ends after {epochs} epoch"
-                             f"{'s' if epochs != 1 else ''}: set mode.epochs > {start} (or a smaller mode.freeze_epochs)")
         # After the strategy has wrapped the model (DDP registers every parameter that may train).
         self._apply_phase(self.trainer.current_epoch)
 
