@@ -382,6 +382,10 @@ def floor(out: Path, data: str, batch_size: int, smoke: bool) -> None:
     def save() -> None:
         out.write_text(json.dumps(results, indent=2))
 
+    def record(key: str, images_per_s: float, seconds: float, detail: str) -> None:
+        results[key] = {"images_per_s": images_per_s, "seconds": seconds, "detail": detail}
+        save()
+
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
@@ -405,10 +409,8 @@ def floor(out: Path, data: str, batch_size: int, smoke: bool) -> None:
                 break
         sync()
         seconds = time.perf_counter() - started
-    results["decode"] = {"images_per_s": n / seconds, "seconds": seconds,
-                         "detail": f"train split, {loader.num_workers} workers, batch {batch_size}, "
-                                   f"pin_memory={loader.pin_memory}, {n} images timed"}
-    save()
+    record("decode", n / seconds, seconds, f"train split, {loader.num_workers} workers, batch {batch_size}, "
+                                            f"pin_memory={loader.pin_memory}, {n} images timed")
 
     # 2. GPU decode, batched, with a resize on the device
     if cuda:
@@ -443,10 +445,8 @@ def floor(out: Path, data: str, batch_size: int, smoke: bool) -> None:
         n = gpu_decode()
         sync()
         seconds = time.perf_counter() - started
-        results["gpu_decode"] = {"images_per_s": n / seconds, "seconds": seconds,
-                                 "detail": f"decode_jpeg(device='cuda') batches of {batch_size} + resize to {size}, "
-                                           f"{n}/{len(blobs)} JPEGs (bytes in memory)"}
-        save()
+        record("gpu_decode", n / seconds, seconds, f"decode_jpeg(device='cuda') batches of {batch_size} + resize to "
+                                                    f"{size}, {n}/{len(blobs)} JPEGs (bytes in memory)")
 
     # 3. the training step alone, tensors already on the device
     backbone = create_backbone("efficientnet_lite0")
@@ -480,15 +480,11 @@ def floor(out: Path, data: str, batch_size: int, smoke: bool) -> None:
     precision = "bf16-mixed" if bf16 else "fp32"
     batch = 8 if smoke else batch_size
     rate, seconds = steps(batch, 1 if smoke else 10, 2 if smoke else 50)
-    results["step"] = {"images_per_s": rate, "seconds": seconds,
-                       "detail": f"efficientnet_lite0 {size}px + linear head, SGD, {precision}, channels_last, "
-                                 f"batch {batch}, on {device.type}"}
-    save()
+    record("step", rate, seconds, f"efficientnet_lite0 {size}px + linear head, SGD, {precision}, channels_last, "
+                                   f"batch {batch}, on {device.type}")
     if cuda:
         rate, seconds = steps(128, 5, 20)
-        results["step_large"] = {"images_per_s": rate, "seconds": seconds,
-                                 "detail": f"as above, batch 128 (what a larger data.batch_size could reach)"}
-        save()
+        record("step_large", rate, seconds, "as above, batch 128 (what a larger data.batch_size could reach)")
 
 
 def _cpu_bf16() -> bool:
