@@ -39,3 +39,22 @@ def user_error(exc: BaseException | None) -> HymtlError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def printable(text: object) -> str:
+    """``text`` safe for one log or terminal line: control characters (newline, tab, ESC, …) and
+    bytes that are not valid UTF-8 (``os.fsdecode``'s surrogate escapes) shown as escapes, so a
+    file name can neither forge a log line nor reach the terminal raw."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(char.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
