@@ -246,3 +246,37 @@ def test_real_data_counts_and_quirk(real_data):
     assert (len(dm.train_samples), len(dm.val_samples)) == (245, 153)
     gif = next(s for s in dm.train_samples if s.path.endswith("imageNotFound.gif"))
     assert load_rgb(gif.path).mode == "RGB"
+
+
+# --------------------------------------------------------------------------- progress (not a terminal)
+def test_file_check_ends_with_one_summary_line_and_no_bar_off_a_terminal(tmp_path, caplog, capsys):
+    import re
+
+    root = make_image_folder(tmp_path / "data", per_class=3)
+    (root / "train" / "ants" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("INFO", logger="hymtl"):
+        _dm(root)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("file check:")]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"file check: 13 files in \d+\.\ds \(\d+\.\d files/s, bad 1\)", lines[0]), lines[0]
+    captured = capsys.readouterr()
+    assert "file check" not in captured.out + captured.err  # stdout is no terminal here: no bar
+
+
+def test_download_ends_with_byte_and_rate_summary_lines(tmp_path, http_root, caplog, capsys):
+    import os
+    import re
+
+    www, url = http_root
+    src = make_image_folder(tmp_path / "src", per_class=1)
+    data = _zip_folder(src, www / "d.zip", "d", extra={"d/noise.bin": os.urandom(3 * 2**19)})  # ~1.5 MB
+    with caplog.at_level("INFO", logger="hymtl"):
+        download_and_extract(f"{url}/d.zip", tmp_path / "out" / "d")
+    messages = [r.getMessage() for r in caplog.records]
+    download = [m for m in messages if m.startswith("download:")]
+    assert len(download) == 1 and re.fullmatch(
+        rf"download: {len(data) / 2**20:.1f} MB in \d+\.\ds \(\d+\.\d MB/s\)", download[0]), download
+    extract = [m for m in messages if m.startswith("extract:")]
+    assert len(extract) == 1 and re.fullmatch(r"extract: 5 files in \d+\.\ds \(\d+\.\d files/s\)", extract[0]), extract
+    captured = capsys.readouterr()
+    assert "download" not in captured.out + captured.err

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from hymtl.backbones import Preprocessing, preprocessing_of
@@ -22,6 +20,8 @@ from hymtl.data.folders import (
     IMAGE_EXTENSIONS,
     Sample,
     SplitLayout,
+    check_class_names,
+    compare_splits,
     find_classes,
     resolve_layout,
     scan_split,
@@ -32,15 +32,21 @@ from hymtl.data.images import (
     BadFile,
     ImageSampleDataset,
     build_transforms,
-    check_image_file,
+    check_files,
     format_skipped,
     summarize_skipped,
 )
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
-from hymtl.errors import DataError
+from hymtl.errors import DataError, printable
 from hymtl.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+def _examples(entry: dict) -> str:
+    """``a, b, c`` (``, …`` when the report holds more than its examples)."""
+    more = ", …" if entry["count"] > len(entry["examples"]) else ""
+    return ", ".join(entry["examples"]) + more
 
 
 # --------------------------------------------------------------------------- the DataModule
@@ -106,6 +112,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.skipped_file = skipped_file
         self.features = features
         self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
+        self.split_report: dict = {}  # what does not match between the splits: see _report_splits
         self._class_names: list[str] | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -117,7 +124,7 @@ class ImageFolderDataModule(LightningDataModule):
         if self.root.is_dir():
             return
         if not self.download_url:
-            raise DataError(f"data folder not found: {self.root}")
+            raise DataError(f"data folder not found: {printable(self.root)}")
         # torchrun starts every rank at once, each calling this before the Trainer exists: the
         # first to take the lock downloads, the others wait and then find the folder in place
         with exclusive_lock(self.root.parent / f".{self.root.name}.lock"):
@@ -145,15 +152,14 @@ class ImageFolderDataModule(LightningDataModule):
         names = find_classes(source)
         names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
         if len(names) < 2:
-            raise DataError(f"need at least two class folders in {source}, found {names}")
+            raise DataError(f"need at least two class folders in {printable(source)}, found {names}")
+        check_class_names(source, names)
         ext = self.extensions
         train = scan_split(source, names, ext)
         val = scan_split(layout.val, names, ext) if layout.val is not None else None
         test = scan_split(layout.test, names, ext) if layout.test is not None else None
         every = train + (val or []) + (test or [])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            reasons = {s.path: r for s in every if (r := check_image_file(s.path, decode=self.strict)) is not None}
+        reasons = check_files([s.path for s in every], decode=self.strict)
         bad = [BadFile(s.path, reasons[s.path]) for s in every if s.path in reasons]
         counts = [0] * len(names)
         for s in train:
@@ -165,18 +171,19 @@ class ImageFolderDataModule(LightningDataModule):
         if bad:
             first = bad[0]
             if self.strict:
-                raise DataError(f"data.strict=true: {summarize_skipped(bad)} in {self.root}; first: "
-                                f"{first.path} ({first.reason})" + self._see_skipped())
-            log.warning("%s of %d in %s%s", summarize_skipped(bad), len(every), self.root, self._see_skipped())
+                raise DataError(f"data.strict=true: {printable(summarize_skipped(bad))} in {printable(self.root)}; "
+                                f"first: {printable(first.path)} ({printable(first.reason)})" + self._see_skipped())
+            log.warning("%s of %d in %s%s", printable(summarize_skipped(bad)), len(every), printable(self.root),
+                        self._see_skipped())
             for b in bad[:20]:
-                log.warning("  skipped %s: %s", b.path, b.reason)
+                log.warning("  skipped %s: %s", printable(b.path), printable(b.reason))
             if len(bad) > 20:
                 log.warning("  ... and %d more", len(bad) - 20)
         usable = [name for name, n in zip(names, counts) if n > 0]
         if len(usable) < 2:
             found = f"only {usable}" if usable else "none"
-            raise DataError(f"need at least two classes with usable images in {source}, found {found} "
-                            f"({summarize_skipped(bad)})" + self._see_skipped())
+            raise DataError(f"need at least two classes with usable images in {printable(source)}, found {found} "
+                            f"({printable(summarize_skipped(bad))})" + self._see_skipped())
         relabel = {names.index(name): i for i, name in enumerate(usable)}
 
         def keep(samples: list[Sample]) -> list[Sample]:
@@ -189,10 +196,41 @@ class ImageFolderDataModule(LightningDataModule):
         self.train_samples, self.val_samples = train, val
         self.test_samples = test if test is not None else list(val)
         if test is None:
-            log.info("no test/ folder in %s: the val split doubles as the test split", self.root)
+            log.info("no test/ folder in %s: the val split doubles as the test split", printable(self.root))
+        self._report_splits(layout)
+
+    def _report_splits(self, layout: SplitLayout) -> None:
+        """Fill :attr:`split_report` (:func:`hymtl.data.folders.compare_splits`) and say each
+        mismatch in one warning line: evaluation class folders unknown to train (their images are
+        left out), classes of the run without an image in an evaluation split (macro averages
+        score such a class 0 whenever the model predicts it), files of val/test byte-identical to
+        training files (evaluation on seen images)."""
+        evaluation = {"val": self.val_samples}
+        folders = {"val": layout.val}
+        if layout.test is not None:
+            evaluation["test"], folders["test"] = self.test_samples, layout.test
+        report = compare_splits(self.train_samples, evaluation, self._class_names, folders, self.root, self.extensions)
+        self.split_report = report
+        for split in evaluation:
+            unknown = report[f"unknown_{split}_classes"]
+            if unknown["count"]:
+                log.warning("%s: %d class folder%s unknown to train left out (%d images): %s", split, unknown["count"],
+                            "s" if unknown["count"] != 1 else "", unknown["images"], _examples(unknown))
+            missing = report[f"train_classes_missing_from_{split}"]
+            if missing["count"]:
+                log.warning("%s: %d train class%s without a usable image (macro averages score such a class 0 "
+                            "whenever it is predicted): %s", split, missing["count"],
+                            "es" if missing["count"] != 1 else "", _examples(missing))
+        duplicates = report["duplicates_across_splits"]
+        if duplicates["count"]:
+            where = ", ".join(f"{n} in {split}" for split, n in duplicates["by_split"].items() if n)
+            first = duplicates["examples"][0]
+            log.warning("%d file%s of the evaluation splits byte-identical to training files (%s): those metrics "
+                        "include images the model trained on; e.g. %s = %s", duplicates["count"],
+                        "s" if duplicates["count"] != 1 else "", where, first[1], first[0])
 
     def _see_skipped(self) -> str:
-        return f"; list in {self.skipped_file}" if self.skipped_file else ""
+        return f"; list in {printable(self.skipped_file)}" if self.skipped_file else ""
 
     def _write_skipped(self, bad: Sequence[BadFile], checked: int) -> None:
         if not self.skipped_file:
@@ -200,7 +238,8 @@ class ImageFolderDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and not trainer.is_global_zero:
             return
-        header = (f"files left out of the run: reason<TAB>path ({len(bad)} of {checked} checked in {self.root})\n"
+        header = (f"files left out of the run: reason<TAB>path ({len(bad)} of {checked} checked in "
+                  f"{printable(self.root)})\n"
                   f"decode failures during training are appended with the suffix '{RUNTIME_SUFFIX.strip()}'")
         atomic_write_text(self.skipped_file, format_skipped(bad, header))
 
@@ -215,7 +254,7 @@ class ImageFolderDataModule(LightningDataModule):
             self._discover()
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
             if not samples:
-                raise DataError(f"no images in the {split} split of {self.root}")
+                raise DataError(f"no images in the {split} split of {printable(self.root)}")
 
     @property
     def test_split_name(self) -> str:

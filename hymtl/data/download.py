@@ -15,8 +15,9 @@ except ImportError:  # Windows
     fcntl = None
 
 from hymtl.data.folders import is_visible
-from hymtl.errors import DownloadError
+from hymtl.errors import DownloadError, printable
 from hymtl.fileio import download_file, sha256_file
+from hymtl.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,20 @@ MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"  # hymtl/man
 
 
 def _safe_extract(archive: zipfile.ZipFile, dest: Path) -> None:
-    """Extract refusing absolute paths, ``..`` components and symlinks (zip-slip)."""
+    """Extract refusing absolute paths, ``..`` components and symlinks (zip-slip); every member
+    is checked before any is written. Progress per member, one summary line at the end."""
     dest = dest.resolve()
-    for info in archive.infolist():
+    members = archive.infolist()
+    for info in members:
         name = info.filename
         is_symlink = (info.external_attr >> 16) & 0o170000 == 0o120000
         target = (dest / name).resolve()
         if name.startswith(("/", "\\")) or ".." in Path(name).parts or is_symlink or not target.is_relative_to(dest):
-            raise DownloadError(f"refusing unsafe archive member {name!r}")
-    archive.extractall(dest)
+            raise DownloadError(f"refusing unsafe archive member {printable(name)!r}")
+    with Progress("extract", total=len(members), unit="files", log=log) as progress:
+        for info in members:
+            archive.extract(info, dest)
+            progress.update(1)
 
 
 def verify_manifest(folder: Path, manifest: Path) -> None:
@@ -58,8 +64,10 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, manife
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{root.name}.", dir=root.parent) as tmp:
         tmp = Path(tmp)
-        log.info("downloading %s", url)
-        archive_path = download_file(url, tmp / "archive.zip", sha256=sha256)
+        log.info("downloading %s", printable(url))
+        with Progress("download", unit="B", log=log) as progress:  # the size is known only once it answers
+            archive_path = download_file(url, tmp / "archive.zip", sha256=sha256,
+                                         progress=lambda done, total: progress.update(done - progress.done))
         try:
             with zipfile.ZipFile(archive_path) as archive:
                 _safe_extract(archive, tmp / "extracted")

@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from hymtl.data.folders import Sample
-from hymtl.errors import first_line
+from hymtl.errors import first_line, printable
+from hymtl.progress import Progress
 
 if TYPE_CHECKING:
     from hymtl.backbones import Preprocessing
@@ -86,11 +87,11 @@ class BadImageDropper:
         if path in self._reported:
             return
         self._reported.add(path)
-        log.warning("skipping %s: %s", path, reason)
+        log.warning("skipping %s: %s", printable(path), printable(reason))
         if self.failure_log:
             try:
                 with open(self.failure_log, "a", encoding="utf-8") as f:
-                    f.write(f"{reason}\t{_escape(path)}\n")
+                    f.write(skipped_line(BadFile(path, reason)))
             except OSError as exc:
                 log.warning("could not record the skipped file in %s: %s", self.failure_log, exc)
 
@@ -196,20 +197,39 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
     return None
 
 
-def _escape(path: str) -> str:
-    """Paths on one line of skipped.txt (a name may hold a tab or a newline)."""
-    return path.encode("unicode_escape").decode("ascii") if any(c in path for c in "\t\n\r\\") else path
+def check_files(paths: Sequence[str], decode: bool = False) -> dict[str, str]:
+    """:func:`check_image_file` over ``paths``: ``{path: reason}`` of the bad ones. Shows progress
+    (files/s, bad files so far) on a terminal and logs one summary line when done."""
+    reasons: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Progress("file check", total=len(paths), unit="files", log=log) as progress:
+            for path in paths:
+                reason = check_image_file(path, decode=decode)
+                if reason is not None:
+                    reasons[path] = reason
+                progress.update(1, bad=len(reasons))
+            if not paths:
+                progress.update(0, bad=0)
+    return reasons
+
+
+def skipped_line(bad: BadFile) -> str:
+    """One ``reason<TAB>path`` line of ``skipped.txt``: both through :func:`hymtl.errors.printable`,
+    so a name with a newline, a tab, a terminal escape or bytes that are not UTF-8 stays one line
+    of valid UTF-8 (the tab between them is the only one)."""
+    return f"{printable(bad.reason)}\t{printable(bad.path)}\n"
 
 
 def format_skipped(bad: Sequence[BadFile], header: str = "") -> str:
-    """``skipped.txt``: ``reason<TAB>path`` lines, after a ``#`` header."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{b.reason}\t{_escape(b.path)}" for b in bad]
-    return "\n".join(lines) + "\n"
+    """``skipped.txt``: ``reason<TAB>path`` lines (:func:`skipped_line`), after a ``#`` header."""
+    lines = [f"# {printable(line)}\n" for line in header.splitlines()]
+    return "".join(lines + [skipped_line(b) for b in bad])
 
 
 def read_skipped(path: str | os.PathLike) -> list[BadFile]:
-    """The entries of a ``skipped.txt`` (one per path: the first reason wins), in file order."""
+    """The entries of a ``skipped.txt`` (one per path: the first reason wins), in file order.
+    Paths are as written: escaped by :func:`hymtl.errors.printable`."""
     seen: dict[str, BadFile] = {}
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
