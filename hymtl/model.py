@@ -6,6 +6,13 @@ The three regimes are one parameter, ``unfreeze_at_epoch``:
 * ``0`` — fine-tune everything from the first step (``mode=finetune``);
 * ``k > 0`` — two-phase: head only for ``k`` epochs, then the backbone joins (``mode=two_phase``).
 
+``trainable_stages=N`` makes any of them partial: "the backbone" that trains is then only its
+top ``N`` named stages (:class:`hymtl.backbones.Stage`: ``layer3, layer4`` of a ResNet); the
+prefix below them is frozen from construction on and never changes — ``requires_grad=False``
+(so DDP never registers it and the optimizer never holds it) and eval mode (BatchNorm
+statistics fixed). ``mode=partial`` fine-tunes the top stages from the first epoch;
+``mode=two_phase mode.trainable_stages=2`` trains the head first, then the top two stages.
+
 Freezing is module state, changed only by :meth:`freeze_backbone` / :meth:`unfreeze_backbone`.
 A frozen backbone has ``requires_grad=False`` and its BatchNorm layers stay in eval mode
 (running statistics untouched). The phase is derived from ``trainer.current_epoch`` at the
@@ -13,6 +20,9 @@ start of every training epoch, so a resumed run lands in the right phase (no cal
 restore, unlike ``BackboneFinetuning``). The optimizer holds the backbone's parameter group from
 the first step with a learning-rate factor of 0 until the switch, so no parameter group is
 ever added mid-run and any scheduler state stays consistent.
+
+A training loss that is not finite stops the run (:class:`NonFiniteLossError`) before the step
+that would write non-finite weights, so no checkpoint of that epoch is ever written.
 
 The constructor checks, steps, metrics and logging live in ``ClassificationModule``, shared
 with the tutorial API's ``hymtl.tutorial.ClassifierModule`` (any ``nn.Module`` classifier
@@ -35,6 +45,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureBatch
+
+class NonFiniteLossError(HymtlError):
+    """The training loss became NaN or infinite: the run stops, no model of it is written."""
+
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "momentum": 0.9}
 DEFAULT_SCHEDULER = {"_target_": "hymtl.model.cosine_schedule"}
@@ -166,8 +180,26 @@ class ClassificationModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, self.train_metrics, self.train_loss)
+        self.check_finite(loss, batch_idx)
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop the run with :class:`NonFiniteLossError` when ``loss`` is NaN or infinite — before
+        its backward pass and optimizer step, so the weights stay finite and no checkpoint of
+        this epoch is written. Under DDP the ranks decide together (one rank's NaN stops all;
+        a rank that stopped alone would leave the others waiting in the gradient sync)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            where = (f"epoch {trainer.current_epoch}, step {trainer.global_step} (batch {batch_idx})"
+                     if trainer is not None else f"batch {batch_idx}")
+            value = loss.detach().float().flatten()[0].item() if loss.numel() else float("nan")
+            raise NonFiniteLossError(
+                f"the training loss became {value} at {where}: stopped without saving this epoch; "
+                "lower the learning rate (model.lr) or check the data for broken or extreme values")
 
     # Epoch metrics are logged as metric objects: Lightning computes them at the end of the
     # epoch (torchmetrics syncs their states across DDP ranks: the numbers of the whole split,
@@ -222,6 +254,8 @@ class TransferModule(ClassificationModule):
         optimizer: a Hydra config (``_target_`` + kwargs) of a ``torch.optim`` optimizer.
         scheduler: a Hydra config of an ``epoch, total -> factor`` schedule (applied per phase).
         label_smoothing, dropout: head regularisation.
+        trainable_stages: ``None`` the whole backbone trains when it trains; ``N`` only its top
+            ``N`` named stages (partial fine-tuning), the prefix below them stays frozen.
     """
 
     def __init__(
@@ -240,6 +274,7 @@ class TransferModule(ClassificationModule):
         label_smoothing: float = 0.0,
         dropout: float = 0.0,
         channels_last: bool = True,
+        trainable_stages: int | None = None,
     ):
         super().__init__()
         if backbone_lr_mult < 0:
@@ -258,10 +293,41 @@ class TransferModule(ClassificationModule):
         self.weights_source = built.weights
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
         self.backbone_frozen = False
+        self.backbone_stages = built.stages
+        self.trainable_stage_names, self._prefix_modules = self._split_stages(built, unfreeze_at_epoch, trainable_stages)
 
         if unfreeze_at_epoch is None:
             # never trains: freeze now, so DDP does not even register the backbone's parameters
             self.freeze_backbone()
+
+    def _split_stages(self, built, unfreeze_at_epoch, trainable_stages) -> tuple[list[str], list[nn.Module]]:
+        """The names of the stages that train when the backbone trains, and the modules of the
+        prefix that never trains (frozen here, before any strategy wraps the model)."""
+        names = built.stage_names()
+        if trainable_stages is None:
+            return names, []
+        listing = f"its stages: {', '.join(names)}"
+        if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) or not (
+                1 <= trainable_stages <= len(names)):
+            raise HymtlError(f"model.trainable_stages must be an integer from 1 to {len(names)} for backbone "
+                             f"{built.name} ({listing}), got {trainable_stages!r}")
+        if unfreeze_at_epoch is None:
+            raise HymtlError(f"model.trainable_stages={trainable_stages} with a frozen backbone "
+                             "(unfreeze_at_epoch=null) trains nothing of it: use mode=partial, or mode.trainable_stages=null")
+        prefix = built.stages[: len(names) - trainable_stages]
+        modules = [module for stage in prefix for module in stage.modules(self.backbone)]
+        for stage in prefix:
+            for param in stage.parameters(self.backbone):
+                param.requires_grad_(False)
+        for module in modules:
+            module.eval()
+        return names[len(prefix):], modules
+
+    def trainable_backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters that train when it trains: those of the top stages under
+        partial fine-tuning, else all."""
+        wanted = set(self.trainable_stage_names)
+        return [param for stage in self.backbone_stages if stage.name in wanted for param in stage.parameters(self.backbone)]
 
     # ------------------------------------------------------------------ freezing
     def freeze_backbone(self) -> None:
@@ -271,13 +337,16 @@ class TransferModule(ClassificationModule):
         self.backbone.eval()
 
     def unfreeze_backbone(self) -> None:
-        """Train the backbone again (gradients on, BatchNorm follows the module's mode)."""
+        """Train the backbone again (gradients on, BatchNorm follows the module's mode) — under
+        partial fine-tuning only its top stages; the prefix stays frozen."""
         self.backbone_frozen = False
-        self.backbone.requires_grad_(True)
+        for param in self.trainable_backbone_parameters():
+            param.requires_grad_(True)
         self.backbone.train(self.training)
+        self.hold_frozen_in_eval()
 
     def frozen_modules(self) -> Sequence[nn.Module]:
-        return (self.backbone,) if self.backbone_frozen else ()
+        return (self.backbone,) if self.backbone_frozen else tuple(self._prefix_modules)
 
     def backbone_trains_at(self, epoch: int) -> bool:
         start = self.hparams.unfreeze_at_epoch
@@ -324,7 +393,8 @@ class TransferModule(ClassificationModule):
         hp = self.hparams
         groups = [{"params": list(self.head.parameters()), "lr": hp.lr * hp.head_lr_mult, "name": "head"}]
         if hp.unfreeze_at_epoch is not None:
-            groups.append({"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_mult, "name": "backbone"})
+            groups.append({"params": self.trainable_backbone_parameters(), "lr": hp.lr * hp.backbone_lr_mult,
+                           "name": "backbone"})
         schedule = instantiate(hp.scheduler)
         total = self.total_epochs
         start = hp.unfreeze_at_epoch or 0

@@ -124,3 +124,33 @@ def test_weights_file_with_code_is_not_executed(tmp_path):
     with pytest.raises(BackboneError):
         create_backbone("efficientnet_lite0", weights_path=str(path))
     assert not (tmp_path / "pwned").exists()
+
+
+REGISTRY_BACKBONES = sorted({get_spec(name).name for name in available_backbones()})
+EXPECTED_STAGES = {
+    "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "efficientnet_lite0": ["stem", *(f"blocks.{i}" for i in range(7)), "conv_head"],
+    "timm/resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "timm/vit_tiny_patch16_224": ["stem", *(f"blocks.{i}" for i in range(12))],  # cls_token/pos_embed in stem
+}
+
+
+@pytest.mark.parametrize("name", [*REGISTRY_BACKBONES, "timm/resnet18", "timm/vit_tiny_patch16_224"])
+def test_stages_partition_the_backbone_in_forward_order(name):
+    """Every backbone's named stages hold each parameter exactly once, in registration (forward)
+    order, every buffer (BatchNorm statistics) sits in a stage's module, and the registry's own
+    backbones list every top-level module with parameters."""
+    backbone = create_backbone(name, pretrained=False)
+    model, stages = backbone.model, backbone.stages
+    names = backbone.stage_names()
+    assert len(stages) >= 4 and names[0] == "stem" and len(set(names)) == len(names)
+    if name in EXPECTED_STAGES:
+        assert names == EXPECTED_STAGES[name]
+    assert [id(p) for stage in stages for p in stage.parameters(model)] == [id(p) for p in model.parameters()]
+    assert all(stage.parameters(model) for stage in stages)  # no empty stage
+    members = tuple(m + "." for stage in stages for m in stage.members)
+    assert all(buffer.startswith(members) for buffer, _ in model.named_buffers())
+    if not name.startswith("timm/"):
+        listed = [m.split(".")[0] for stage in stages for m in stage.members]
+        with_params = [n for n, child in model.named_children() if any(True for _ in child.parameters())]
+        assert [n for n in dict.fromkeys(listed) if n in with_params] == with_params
