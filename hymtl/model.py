@@ -31,6 +31,7 @@ under the same steps).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,8 @@ from hymtl.features import FeatureBatch
 class NonFiniteLossError(HymtlError):
     """The training loss became NaN or infinite: the run stops, no model of it is written."""
 
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "momentum": 0.9}
 DEFAULT_SCHEDULER = {"_target_": "hymtl.model.cosine_schedule"}
@@ -360,6 +363,13 @@ class TransferModule(ClassificationModule):
     def on_fit_start(self) -> None:
         # After the strategy has wrapped the model (DDP registers every parameter that may train).
         self._apply_phase(self.trainer.current_epoch)
+        if self._prefix_modules and self.trainer.is_global_zero:
+            names = [stage.name for stage in self.backbone_stages]
+            frozen = names[: len(names) - len(self.trainable_stage_names)]
+            log.info("partial fine-tuning of %s: stages %s train%s; %s stay frozen", self.hparams.backbone,
+                     ", ".join(self.trainable_stage_names),
+                     f" from epoch {self.hparams.unfreeze_at_epoch}" if self.hparams.unfreeze_at_epoch else "",
+                     ", ".join(frozen))
 
     def on_train_epoch_start(self) -> None:
         self._apply_phase(self.trainer.current_epoch)

@@ -263,6 +263,27 @@ def test_two_phase_partial_trains_the_head_then_only_the_top_stages(tiny_folder,
         assert same(ends[epoch][0], prefix_before)
 
 
+def test_resumed_two_phase_partial_run_trains_the_same_top_stages(tiny_folder, tmp_path):
+    """Resumed after the switch, a two_phase + partial run lands in phase two from
+    trainer.current_epoch alone: the top stage trains, the prefix stays frozen and unchanged."""
+    module = make_module(1, trainable_stages=1)
+    prefix, top = prefix_and_top(module)
+    prefix_before = stage_state(module, prefix)
+    fit(module, tiny_folder, epochs=2, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    resumed = make_module(1, trainable_stages=1)
+    recorder = RecordPhase()
+    dm = ImageFolderDataModule(root=str(tiny_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder])
+    trainer.fit(resumed, datamodule=dm, ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
+    assert list(recorder.seen) == [2]
+    assert recorder.seen[2]["trainable"] == sum(p.numel() for p in resumed.trainable_backbone_parameters()) > 0
+    assert bn_modes(resumed.backbone.blocks) == {False}
+    prefix_after = stage_state(resumed, prefix)
+    assert all(torch.equal(prefix_after[k], prefix_before[k]) for k in prefix_before)
+    assert not torch.equal(resumed.backbone.conv_head.weight, module.backbone.conv_head.weight)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"unfreeze_at_epoch": 0, "trainable_stages": 10},
      "model.trainable_stages must be an integer from 1 to 9 for backbone efficientnet_lite0 (its stages: stem, "
