@@ -1,13 +1,21 @@
 """Inference with a trained model: predictors per format, input collection, batching, output.
 
-* :func:`load_predictor` — a Lightning checkpoint (PyTorch), an ``.onnx`` (ONNX Runtime) or a
-  TorchScript ``.pt`` written by ``hymtl.export``, each read by :mod:`hymtl.loading` (no code
-  from a file runs, exported files are checked against their sidecars);
-* :func:`collect_inputs` — files, folders and globs, with the file rules of :mod:`hymtl.data`;
+* :func:`load_predictor` — a Lightning checkpoint (PyTorch, ``weights_only``) or an ``.onnx``
+  (ONNX Runtime), each read by :mod:`hymtl.loading` (no code from a file runs; a sidecar that
+  contradicts its model is refused); a TorchScript ``.pt`` only with ``trust_model=True``
+  (it is a program: refused otherwise, whatever its suffix);
+* :func:`collect_inputs` — files, folders and globs, with the file rules of :mod:`hymtl.data`
+  (:func:`~hymtl.data.folders.walk_images`, then training's file check
+  :func:`~hymtl.data.images.check_image_file`: FIFOs and other special files, decompression
+  bombs, empty and unreadable files are skipped with its reason before anything is decoded);
 * :func:`iter_batches` / :func:`predict` — images prepared exactly as the model's evaluation
   split was (:func:`hymtl.data.images.build_transforms` with the preprocessing saved with the
   model); a file that cannot be read is listed as skipped and the others go on;
-* :func:`format_result` — table, CSV or JSON.
+* :func:`format_result` — table, CSV or JSON. File names: the table shows them through
+  :func:`hymtl.errors.printable` (one line each); CSV and JSON keep the real name (CSV quotes
+  and JSON escapes newlines, tabs and ESC), except that bytes that are not valid UTF-8 are
+  written as ``\\xNN`` — :func:`hymtl.errors.printable`'s escape — so the output stays valid
+  UTF-8. JSON never holds a bare ``NaN``: a probability that is not a number is ``null``.
 
 Used by the entry point ``hymtl.predict`` and by ``hymtl.export``'s parity check. Torch,
 ONNX Runtime and the data modules are imported when first needed.
@@ -19,6 +27,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -28,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, printable
 
 if TYPE_CHECKING:
     import torch
@@ -108,17 +117,22 @@ def _preprocessing_of(meta: dict) -> Preprocessing:
     return metadata_preprocessing(meta)
 
 
-def load_predictor(path: str | os.PathLike) -> Predictor:
-    """A checkpoint (``.ckpt`` or any other name) -> PyTorch; ``.onnx`` -> ONNX Runtime; ``.pt`` TorchScript."""
-    from hymtl.loading import load_checkpoint, load_onnx, load_torchscript
+def load_predictor(path: str | os.PathLike, trust_model: bool = False) -> Predictor:
+    """``.onnx`` -> ONNX Runtime; a TorchScript archive (told by its content, whatever its
+    suffix) -> ``torch.jit`` only with ``trust_model=True``; anything else is read as a Lightning
+    checkpoint (PyTorch). All through :mod:`hymtl.loading`."""
+    from hymtl.loading import is_torchscript_archive, load_checkpoint, load_onnx, load_torchscript
+
+    import zipfile
 
     path = str(path)
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         session, meta = load_onnx(path)
         return OnnxPredictor(session, meta, source=path)
-    if suffix in (".pt", ".torchscript"):
-        module, meta = load_torchscript(path)
+    # a .pt that is a zip but no TorchScript is a checkpoint saved under that name (weights only)
+    if is_torchscript_archive(path) or (suffix in (".pt", ".torchscript") and not zipfile.is_zipfile(path)):
+        module, meta = load_torchscript(path, trust=trust_model)
         return TorchScriptPredictor(module, meta, source=path)
     return TorchPredictor(load_checkpoint(path), source=path)
 
@@ -135,10 +149,14 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
 
     Folders follow the file rules of :mod:`hymtl.data.folders` (:func:`walk_images`: hidden
     entries skipped, sorted). A file named explicitly is taken whatever its extension (decoding
-    decides); glob matches are filtered by extension like folder contents. Paths that match
+    decides); glob matches are filtered by extension like folder contents. Then every path goes
+    through training's file check (:func:`hymtl.data.images.check_image_file`: stat and image
+    header, no pixels): a FIFO or other special file, a decompression bomb, an empty or
+    unreadable file is skipped with its reason and never opened for decoding. Paths that match
     nothing are returned as skipped. Duplicates are dropped, order is kept.
     """
     from hymtl.data.folders import is_image_file, walk_images
+    from hymtl.data.images import check_image_file
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
@@ -151,7 +169,7 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
             files += found
             if not found:
                 skipped.append(Skipped(item, "folder holds no images"))
-        elif os.path.isfile(item):
+        elif os.path.lexists(item):  # a file, a FIFO, a broken link…: the file check says which
             files.append(item)
         elif glob.has_magic(item):
             found = []
@@ -162,7 +180,14 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
                 skipped.append(Skipped(item, "pattern matches no images"))
         else:
             skipped.append(Skipped(item, "no such file or folder"))
-    return list(dict.fromkeys(files)), skipped
+    usable = []
+    for path in dict.fromkeys(files):
+        reason = check_image_file(path)
+        if reason is None:
+            usable.append(path)
+        else:
+            skipped.append(Skipped(path, reason))
+    return usable, skipped
 
 
 def _skip_reason(path: str) -> str:
@@ -232,14 +257,38 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def positive_int(value, name: str) -> int:
+    """``value`` as an integer >= 1 (``"8"`` too); :class:`HymtlError` naming ``name`` otherwise."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 1:
+        raise HymtlError(f"{name} must be a positive integer, got {printable(value)}")
+    return number
+
+
+def worker_count(value) -> int | str:
+    """``"auto"`` or an integer >= 0 (DataLoader worker processes); :class:`HymtlError` otherwise."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 0:
+        raise HymtlError(f"num_workers must be auto or an integer >= 0, got {printable(value)}")
+    return number
+
+
 def predict(
     predictor: Predictor, paths: Sequence[str], topk: int = 1, batch_size: int = 32,
     num_workers: int | str = "auto", skipped: Iterable[Skipped] = (),
 ) -> PredictionResult:
     """Top-``topk`` labels with probabilities for every readable image (timed, decoding included)."""
-    if int(batch_size) < 1:
-        raise HymtlError(f"batch_size must be a positive integer, got {batch_size}")
-    k = max(1, min(int(topk), len(predictor.class_names)))
+    batch_size, topk = positive_int(batch_size, "batch_size"), positive_int(topk, "topk")
+    num_workers = worker_count(num_workers)
+    k = min(topk, len(predictor.class_names))
     started = time.perf_counter()
     predictions: list[Prediction] = []
     all_logits: list[np.ndarray] = []
@@ -262,36 +311,64 @@ def predict(
 
 
 # --------------------------------------------------------------------------- output
+def output_name(text: str) -> str:
+    """A name for a machine-readable output (CSV, JSON): the name itself, except that bytes that
+    are not valid UTF-8 (``os.fsdecode``'s surrogate escapes) become ``\\xNN`` as
+    :func:`hymtl.errors.printable` shows them, so the output stays valid UTF-8."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if _has_surrogates(text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _probability(value: float) -> float | None:
+    """Rounded for the JSON output; ``None`` (JSON ``null``) for a value that is not a number:
+    strict JSON has no ``NaN``."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def non_finite_count(result: PredictionResult) -> int:
+    """Images whose logits are not all finite numbers (their probabilities mean nothing)."""
+    return int((~np.isfinite(result.logits)).any(axis=1).sum()) if result.logits.size else 0
+
+
 def format_result(result: PredictionResult, fmt: str) -> str:
-    """The predictions as an aligned table, CSV (one row per image) or JSON (with the skipped files)."""
+    """The predictions as an aligned table, CSV (one row per image) or JSON (with the skipped files).
+
+    Names: see the module docstring (table: :func:`~hymtl.errors.printable`; CSV and JSON:
+    :func:`output_name`). JSON is strict: ``allow_nan=False``, a non-number probability is ``null``.
+    """
     k = max((len(p.top) for p in result.predictions), default=1)
     if fmt == "json":
         return json.dumps(
             {
-                "model": result.source,
+                "model": output_name(result.source),
                 "backend": result.backend,
                 "class_names": result.class_names,
                 "predictions": [
-                    {"path": p.path, "label": p.top[0][0], "probability": round(p.top[0][1], 6),
-                     "top": [{"label": l, "probability": round(pr, 6)} for l, pr in p.top]}
+                    {"path": output_name(p.path), "label": p.top[0][0], "probability": _probability(p.top[0][1]),
+                     "top": [{"label": l, "probability": _probability(pr)} for l, pr in p.top]}
                     for p in result.predictions
                 ],
-                "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
+                "skipped": [{"path": output_name(s.path), "reason": output_name(s.reason)} for s in result.skipped],
             },
-            indent=2,
+            indent=2, allow_nan=False,
         ) + "\n"
     header = ["path", "label", "probability"]
     for r in range(2, k + 1):
         header += [f"label_{r}", f"probability_{r}"]
-    rows = [[p.path] + [v for label, prob in p.top for v in (label, f"{prob:.6f}")] for p in result.predictions]
     if fmt == "csv":
+        rows = [[output_name(p.path)] + [v for label, prob in p.top for v in (label, f"{prob:.6f}")]
+                for p in result.predictions]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
         return buffer.getvalue()
     if fmt == "table":
-        rows = [[r[0]] + [v if i % 2 == 0 else f"{float(v):.4f}" for i, v in enumerate(r[1:])] for r in rows]
+        rows = [[printable(p.path)] + [v for label, prob in p.top for v in (printable(label), f"{prob:.4f}")]
+                for p in result.predictions]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         return "\n".join([line(header), *(line(r) for r in rows)]) + "\n"

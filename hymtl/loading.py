@@ -12,11 +12,22 @@ ends in a traceback and never runs code.
   is rebuilt from them with ``pretrained=False`` (the weights come from the checkpoint, not from
   a download) and its ``state_dict`` is loaded strictly, so missing, extra or mis-shaped tensors
   are caught, and so are non-finite weights.
-* **Exported models** (``.onnx``, TorchScript ``.pt``) come with a JSON **sidecar**
-  (``<model file>.json``) holding the class names, the preprocessing and the SHA-256 of the
-  model file: a model file changed after export fails the checksum. ONNX files also carry the
-  same metadata inside (``metadata_props["hymtl"]``), so an ``.onnx`` without its sidecar still
-  loads; it is then checked by ``onnx.checker`` and by ONNX Runtime itself.
+* **Exported models**: an ``.onnx`` is a graph of standard operators that ONNX Runtime
+  runs; it carries its own description (class names, preprocessing) in
+  ``metadata_props["hymtl"]``. A TorchScript ``.pt`` is a *program*: loading it can run its
+  ``__setstate__`` and running it can read and write files (``torch.from_file``…). It is
+  therefore loaded only when the caller says it trusts the file (``trust=True``; the entry
+  points' ``trust_model=true``) and refused otherwise, whatever its name or sidecar says; its
+  description is the archive's own ``extra/hymtl.json``, read from the zip without running
+  anything. A file that *is* a TorchScript archive is refused as a checkpoint too, whatever
+  its suffix.
+* **Sidecars** (``<model file>.json``) are a copy of the description for tools without hymtl.
+  They are checked field by field, and the model file's SHA-256 they hold catches a model and a
+  sidecar that are not a pair (an edit, a damaged copy, a mix-up). That checksum is **no proof
+  of origin**: whoever sends a model can send a sidecar that matches it. So a sidecar never
+  decides what a model means: when it disagrees with the model file's own description (class
+  names, their number, the preprocessing) the load is refused; the model's description is
+  what is used.
 
 Imports only downward: errors, fileio, backbones, model.
 """
@@ -40,7 +51,7 @@ from typing import Any
 import torch
 
 from hymtl.backbones import Preprocessing
-from hymtl.errors import HymtlError, first_line
+from hymtl.errors import HymtlError, first_line, printable
 from hymtl.fileio import atomic_write_json
 
 SIDECAR_FORMAT = "hymtl-export"
@@ -58,7 +69,7 @@ class LoadError(HymtlError):
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
-        raise LoadError(f"{what} not found: {path}")
+        raise LoadError(f"{what} not found: {printable(path)}")
     return path
 
 
@@ -78,16 +89,39 @@ def _check_zip(path: Path) -> None:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise LoadError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc)})"
+            f"cannot read checkpoint {printable(path)}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc)})"
         ) from None
     if damaged is not None:
-        raise LoadError(f"cannot read checkpoint {path}: {damaged} fails its CRC check (the file was damaged or edited)")
+        raise LoadError(f"cannot read checkpoint {printable(path)}: {damaged} fails its CRC check (the file was damaged or edited)")
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``<name>/constants.pkl`` and
+    ``<name>/code/``), told from its member names alone: nothing in it is read or run."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _refuse_untrusted_torchscript(path: Path) -> LoadError:
+    return LoadError(
+        f"refusing to load TorchScript model {printable(path)}: TorchScript is a program that can read and write "
+        "files when it is loaded or run, and nothing in or beside it (not its sidecar's SHA-256) shows who made it; "
+        "use the model's .onnx export, or pass trust_model=true if you trust where this file came from"
+    )
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict, read with ``weights_only=True``; :class:`LoadError` for anything else."""
+    """The checkpoint dict, read with ``weights_only=True``; :class:`LoadError` for anything else
+    (a TorchScript archive included, whatever its name: it would be a program, not weights)."""
     path = _existing_file(path, "checkpoint")
     _check_zip(path)
+    if is_torchscript_archive(path):
+        raise LoadError(f"refusing to read {printable(path)} as a checkpoint: it is a TorchScript program, not "
+                        "weights (a .pt export is loaded only with trust_model=true)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -96,17 +130,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if refused:
             name = (refused.group(1) or refused.group(2)).rstrip(".,")
             raise LoadError(
-                f"refusing to load checkpoint {path}: it asks to call {name}, which weights-only loading does not "
+                f"refusing to load checkpoint {printable(path)}: it asks to call {name}, which weights-only loading does not "
                 "allow (a checkpoint that runs code when unpickled; not made by hymtl or tampered with)"
             ) from None
-        raise LoadError(f"cannot read checkpoint {path}: corrupt pickle data ({first_line(exc, 200)})") from None
+        raise LoadError(f"cannot read checkpoint {printable(path)}: corrupt pickle data ({first_line(exc, 200)})") from None
     except Exception as exc:
         raise LoadError(
-            f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc, 200)})"
+            f"cannot read checkpoint {printable(path)}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc, 200)})"
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
             or not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise LoadError(f"{path} is not a Lightning checkpoint of a hymtl model (no state_dict/hyper_parameters)")
+        raise LoadError(f"{printable(path)} is not a Lightning checkpoint of a hymtl model (no state_dict/hyper_parameters)")
     return checkpoint
 
 
@@ -115,12 +149,12 @@ def _checked_hparams(hparams: dict, path: Path) -> dict[str, Any]:
 
     backbone, names, n = hparams.get("backbone"), hparams.get("class_names"), hparams.get("num_classes")
     if not isinstance(backbone, str) or not backbone:
-        raise LoadError(f"checkpoint {path} names no backbone in its hyperparameters")
+        raise LoadError(f"checkpoint {printable(path)} names no backbone in its hyperparameters")
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise LoadError(f"checkpoint {path} has an invalid num_classes: {n!r}")
+        raise LoadError(f"checkpoint {printable(path)} has an invalid num_classes: {n!r}")
     if not isinstance(names, (list, tuple)) or len(names) != n or not all(isinstance(c, str) and c for c in names) \
             or len(set(names)) != n:
-        raise LoadError(f"checkpoint {path}: class_names {names!r} are not {n} distinct names")
+        raise LoadError(f"checkpoint {printable(path)}: class_names {names!r} are not {n} distinct names")
     accepted = set(inspect.signature(TransferModule.__init__).parameters) - {"self"}
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     # the weights are in the checkpoint: never download or read a weights file to build the module
@@ -140,23 +174,23 @@ def load_checkpoint(path: str | os.PathLike):
     kwargs = _checked_hparams(checkpoint["hyper_parameters"], path)
     state_dict = checkpoint["state_dict"]
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise LoadError(f"checkpoint {path}: state_dict holds values that are not tensors")
+        raise LoadError(f"checkpoint {printable(path)}: state_dict holds values that are not tensors")
     try:
         model = TransferModule(**kwargs)
     except HymtlError as exc:
-        raise LoadError(f"checkpoint {path}: {exc}") from None
+        raise LoadError(f"checkpoint {printable(path)}: {exc}") from None
     except Exception as exc:  # a tampered hyperparameter of the wrong type
-        raise LoadError(f"checkpoint {path}: invalid hyperparameters ({first_line(exc)})") from None
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc)})") from None
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise LoadError(
-            f"checkpoint {path}: weights do not fit its {kwargs['backbone']} model ({detail[:300]})"
+            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:300]})"
         ) from None
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise LoadError(f"checkpoint {path}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]})")
+        raise LoadError(f"checkpoint {printable(path)}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]})")
     model.float().eval()
     model.requires_grad_(False)
     return model
@@ -204,6 +238,8 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
     names, n = meta.get("class_names"), meta.get("num_classes")
     if not isinstance(names, list) or not all(isinstance(c, str) and c for c in names) or len(set(names)) != len(names):
         raise fail("class_names must be a list of distinct, non-empty strings")
+    if not all(_encodable(c) for c in names):
+        raise fail("class_names must be valid Unicode text")
     if len(names) < 2 or n != len(names):
         raise fail(f"num_classes {n!r} does not match the {len(names)} class_names")
     pre = meta.get("preprocessing")
@@ -233,6 +269,46 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
     return meta
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\\udcff" in JSON): not text any output can hold
+        return False
+    return True
+
+
+# what a model means: a sidecar that says otherwise than the model file is refused
+MEANING_KEYS = ("class_names", "num_classes", "preprocessing")
+
+
+def model_description(own: dict[str, Any] | None, sidecar: dict[str, Any] | None, path: Path, what: str) -> dict[str, Any]:
+    """The description of a model: its file's own (``own``), completed by the sidecar's other
+    fields (parity figures, checksum); :class:`LoadError` when the sidecar disagrees with the
+    file on any of :data:`MEANING_KEYS`. Without a description of its own, the sidecar's."""
+    if own is None:
+        if sidecar is None:
+            raise LoadError(f"{what} {printable(path)} has neither a sidecar ({printable(sidecar_path(path).name)}) "
+                            "nor hymtl metadata; export it with python -m hymtl.export")
+        return sidecar
+    if sidecar is None:
+        return own
+    differs = [k for k in MEANING_KEYS if _comparable(sidecar.get(k), k) != _comparable(own.get(k), k)]
+    if differs:
+        key = differs[0]
+        raise LoadError(
+            f"sidecar {printable(sidecar_path(path).name)} contradicts the model file {printable(path)} on "
+            f"{', '.join(differs)} (sidecar {printable(sidecar.get(key))}, model {printable(own.get(key))}): a sidecar "
+            "cannot change what a model means; remove or regenerate the sidecar"
+        )
+    return {**sidecar, **own}
+
+
+def _comparable(value: Any, key: str) -> Any:
+    if key == "preprocessing" and isinstance(value, dict):
+        return {"crop": "center", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()}}
+    return value
+
+
 def metadata_preprocessing(meta: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(meta["preprocessing"])
 
@@ -250,14 +326,14 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """A validated sidecar dict. Raises :class:`LoadError` for truncated or tampered JSON."""
     path = _existing_file(path, "sidecar")
     if path.stat().st_size > _MAX_SIDECAR_BYTES:
-        raise LoadError(f"sidecar {path} is too large to be a hymtl sidecar")
+        raise LoadError(f"sidecar {printable(path)} is too large to be a hymtl sidecar")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"sidecar {path} is not valid JSON (truncated or edited?): {first_line(exc)}") from None
-    meta = validate_metadata(meta, f"sidecar {path}")
+        raise LoadError(f"sidecar {printable(path)} is not valid JSON (truncated or edited?): {first_line(exc)}") from None
+    meta = validate_metadata(meta, f"sidecar {printable(path)}")
     if not meta.get("sha256"):
-        raise LoadError(f"sidecar {path} has no sha256 of its model file")
+        raise LoadError(f"sidecar {printable(path)} has no sha256 of its model file")
     return meta
 
 
@@ -270,8 +346,8 @@ def _model_bytes_and_meta(path: Path, what: str) -> tuple[bytes, dict[str, Any] 
     meta = read_sidecar(side)
     if meta.get("sha256") and sha256_bytes(data) != meta["sha256"]:
         raise LoadError(
-            f"{what} {path} does not match its sidecar {side.name} (SHA-256 differs): "
-            "the file was changed or damaged after export"
+            f"{what} {printable(path)} does not match its sidecar {printable(side.name)} (SHA-256 differs): they are "
+            "not a pair from one export, or one of them was changed or damaged since"
         )
     return data, meta
 
@@ -280,68 +356,93 @@ def _model_bytes_and_meta(path: Path, what: str) -> tuple[bytes, dict[str, Any] 
 def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
     """``(onnxruntime.InferenceSession, metadata)`` for an exported ``.onnx``; :class:`LoadError` if unusable.
 
-    Metadata come from the sidecar (checksum verified) or, without one, from the model's own
-    ``metadata_props``. The graph is checked by ``onnx.checker`` and its input/output shapes
-    against the metadata before a session is returned.
+    The metadata are the model's own ``metadata_props["hymtl"]``; a sidecar, when there is one,
+    must be the model's pair (SHA-256) and agree with them (:func:`model_description`). The
+    graph is checked by ``onnx.checker`` and its input/output shapes against the metadata
+    before a session is returned.
     """
     import onnx
     import onnxruntime as ort
     from google.protobuf.message import DecodeError
 
     path = _existing_file(path, "ONNX model")
-    data, meta = _model_bytes_and_meta(path, "ONNX model")
+    data, side_meta = _model_bytes_and_meta(path, "ONNX model")
     try:
         proto = onnx.load_model_from_string(data)
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"cannot read ONNX model {path}: truncated, corrupt or invalid ({first_line(exc)})") from None
-    if meta is None:
-        props = {p.key: p.value for p in proto.metadata_props}
-        if ONNX_METADATA_KEY not in props:
-            raise LoadError(
-                f"ONNX model {path} has neither a sidecar ({sidecar_path(path).name}) nor hymtl metadata; "
-                "export it with python -m hymtl.export"
-            )
+        raise LoadError(f"cannot read ONNX model {printable(path)}: truncated, corrupt or invalid "
+                        f"({first_line(exc)})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    own = None
+    if ONNX_METADATA_KEY in props:
         try:
-            meta = json.loads(props[ONNX_METADATA_KEY])
+            own = json.loads(props[ONNX_METADATA_KEY])
         except json.JSONDecodeError as exc:
-            raise LoadError(f"ONNX model {path}: its hymtl metadata is not valid JSON ({first_line(exc)})") from None
-        meta = validate_metadata(meta, f"ONNX model {path} (metadata)")
+            raise LoadError(f"ONNX model {printable(path)}: its hymtl metadata is not valid JSON "
+                            f"({first_line(exc)})") from None
+        own = validate_metadata(own, f"ONNX model {printable(path)} (metadata)")
+    meta = model_description(own, side_meta, path, "ONNX model")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, …)
-        raise LoadError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
+        raise LoadError(f"ONNX Runtime cannot load {printable(path)}: {first_line(exc)}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     size = meta["preprocessing"]["input_size"]
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or list(inputs[0].shape[1:]) != [3, size, size]:
-        raise LoadError(f"ONNX model {path}: input {[i.shape for i in inputs]} is not (batch, 3, {size}, {size})")
+        raise LoadError(f"ONNX model {printable(path)}: input {[i.shape for i in inputs]} is not (batch, 3, {size}, {size})")
     if len(outputs) != 1 or len(outputs[0].shape) != 2 or outputs[0].shape[1] != meta["num_classes"]:
-        raise LoadError(f"ONNX model {path}: output {[o.shape for o in outputs]} does not give {meta['num_classes']} logits")
+        raise LoadError(f"ONNX model {printable(path)}: output {[o.shape for o in outputs]} does not give {meta['num_classes']} logits")
     return session, meta
 
 
 # --------------------------------------------------------------------------- TorchScript
-def load_torchscript(path: str | os.PathLike):
+def _torchscript_own_metadata(path: Path, data: bytes) -> dict[str, Any] | None:
+    """The archive's ``extra/hymtl.json`` (written by ``hymtl.export``), read as a zip member
+    with every member's CRC checked: no TorchScript code is loaded to read it."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+            member = next((n for n in archive.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}")), None)
+            raw = archive.read(member) if member and damaged is None else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
+                        f"({first_line(exc)})") from None
+    if damaged is not None:
+        raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
+                        f"({printable(damaged)} fails its CRC check)")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"TorchScript model {printable(path)}: its hymtl metadata is not valid JSON "
+                        f"({first_line(exc)})") from None
+    return validate_metadata(meta, f"TorchScript model {printable(path)} (metadata)")
+
+
+def load_torchscript(path: str | os.PathLike, trust: bool = False):
     """``(ScriptModule, metadata)`` for an exported TorchScript file; :class:`LoadError` if unusable.
 
-    TorchScript is a program, not only weights: it is loaded only when its sidecar exists and
-    the file's SHA-256 matches it (that is, the file is the one ``hymtl.export`` wrote).
+    TorchScript is a program, not only weights (see the module docstring): without
+    ``trust=True`` it is refused before a byte of it is loaded. With it, the archive is CRC
+    checked, its own description (``extra/hymtl.json``) read and compared with the sidecar,
+    and only then loaded.
     """
     path = _existing_file(path, "TorchScript model")
-    if not sidecar_path(path).is_file():
-        raise LoadError(
-            f"TorchScript model {path} has no sidecar ({sidecar_path(path).name}); "
-            "only files written by python -m hymtl.export are loaded"
-        )
-    data, meta = _model_bytes_and_meta(path, "TorchScript model")
+    if not trust:
+        raise _refuse_untrusted_torchscript(path)
+    data, side_meta = _model_bytes_and_meta(path, "TorchScript model")
+    meta = model_description(_torchscript_own_metadata(path, data), side_meta, path, "TorchScript model")
     try:
         with warnings.catch_warnings():
             # torch.jit is deprecated in favour of torch.export; the file format is still what C++ loads
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
-        raise LoadError(f"cannot read TorchScript model {path}: truncated or corrupt ({first_line(exc)})") from None
+        raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
+                        f"({first_line(exc)})") from None
     module.eval()
     return module, meta

@@ -1,12 +1,17 @@
 """Predict with a trained model: ``python -m hymtl.predict ckpt_path=RUN/checkpoints/best.ckpt inputs=[img.jpg,folder]``.
 
-``ckpt_path`` is a Lightning checkpoint (PyTorch) or an ``.onnx`` written by ``hymtl.export``
-(ONNX Runtime); both give the same output. Inputs are image files, folders (searched
-recursively for the image extensions of :mod:`hymtl.data`) or glob patterns. Images are
-prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms`` with the
-preprocessing saved with the model). An image that cannot be read is listed as skipped and the
-others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
-atomically); a summary line with the throughput goes to stderr.
+``ckpt_path`` is a Lightning checkpoint (PyTorch, read ``weights_only``) or an ``.onnx`` written
+by ``hymtl.export`` (ONNX Runtime); both give the same output. A TorchScript ``.pt`` is a
+program (it can read and write files): it is refused unless ``trust_model=true`` says you
+trust where it came from. Inputs are image files, folders (searched recursively for the image
+extensions of :mod:`hymtl.data`) or glob patterns; every file passes training's file check
+first (special files such as FIFOs, decompression bombs, empty files: skipped with the reason).
+Images are prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms``
+with the preprocessing saved with the model). An image that cannot be read is listed as skipped
+and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
+atomically; an existing folder is refused before predicting); a summary line with the
+throughput goes to stderr. Names printed to the terminal go through
+:func:`hymtl.errors.printable`; CSV/JSON keep the real names (see :mod:`hymtl.inference`).
 
 The work is done by :mod:`hymtl.inference` (also used by ``hymtl.export``'s parity check).
 """
@@ -20,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.cli import run_entry
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, printable
 from hymtl.runtime import config_dir
 
 if TYPE_CHECKING:
@@ -28,32 +33,48 @@ if TYPE_CHECKING:
 
 
 def run(cfg: DictConfig) -> PredictionResult:
-    """The entry point's work: load, collect, predict, write; returns the result."""
+    """The entry point's work: check the settings, load, collect, predict, write; returns the result."""
+    from pathlib import Path
+
     from hymtl.fileio import atomic_write_text
-    from hymtl.inference import FORMATS, collect_inputs, format_result, load_predictor, predict
+    from hymtl.inference import (
+        FORMATS, collect_inputs, format_result, load_predictor, non_finite_count, positive_int, predict, worker_count,
+    )
 
     for key in ("ckpt_path", "inputs"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
             raise HymtlError(f"{key}= is required (python -m hymtl.predict ckpt_path=MODEL inputs=[IMAGES...])")
     if cfg.format not in FORMATS:
-        raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+        raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {printable(cfg.format)}")
+    topk, batch_size = positive_int(cfg.topk, "topk"), positive_int(cfg.batch_size, "batch_size")
+    num_workers = worker_count(cfg.num_workers)
+    trust_model = cfg.get("trust_model", False)
+    if not isinstance(trust_model, bool):
+        raise HymtlError(f"trust_model must be true or false, got {printable(trust_model)}")
+    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else None
+    if out is not None and out.is_dir():  # before the work, not after it
+        raise HymtlError(f"out={printable(out)} is a folder: give the name of the file to write the predictions to")
+
+    predictor = load_predictor(cfg.ckpt_path, trust_model=trust_model)  # a model error before a long folder walk
     inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     paths, skipped = collect_inputs(inputs)
     if not paths:
-        detail = "; ".join(f"{s.path}: {s.reason}" for s in skipped)
+        detail = "; ".join(f"{printable(s.path)}: {printable(s.reason)}" for s in skipped)
         raise HymtlError(f"no images to predict ({detail})")
-    predictor = load_predictor(cfg.ckpt_path)
-    result = predict(predictor, paths, topk=cfg.topk, batch_size=cfg.batch_size,
-                     num_workers=cfg.num_workers, skipped=skipped)
+    result = predict(predictor, paths, topk=topk, batch_size=batch_size, num_workers=num_workers, skipped=skipped)
     text = format_result(result, cfg.format)
-    if cfg.get("out"):
-        atomic_write_text(cfg.out, text)
+    if out is not None:
+        atomic_write_text(out, text)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    if cfg.format != "json" or cfg.get("out"):
+    if cfg.format != "json" or out is not None:
         for s in result.skipped:
-            print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+            print(f"skipped {printable(s.path)}: {printable(s.reason)}", file=sys.stderr)
+    bad = non_finite_count(result)
+    if bad:
+        print(f"warning: the model's output is not a number for {bad} of {len(result.predictions)} images "
+              "(their probabilities are nan; null in JSON): the model is broken", file=sys.stderr)
     print(
         f"{len(result.predictions)} images in {result.seconds:.2f} s ({result.images_per_sec:.1f} images/s, "
         f"{result.backend}, decoding included); {len(result.skipped)} skipped",
@@ -62,7 +83,6 @@ def run(cfg: DictConfig) -> PredictionResult:
     if not result.predictions:
         raise HymtlError(f"none of the {len(paths)} images could be read")
     return result
-
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")

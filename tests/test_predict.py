@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,8 @@ def test_collect_inputs_files_folders_globs_and_misses(tmp_path):
     make_image(tmp_path / "b" / "five.bmp", (10, 20, 30), fmt="BMP")
     (tmp_path / "b" / "six.txt").write_text("x")
     (tmp_path / "empty").mkdir()
-    explicit = tmp_path / "c.data"  # an explicit file is taken whatever its extension
-    explicit.write_bytes(b"x")
+    explicit = make_image(tmp_path / "c.data", (10, 20, 30), fmt="PNG")  # explicit: taken whatever its extension
+    (tmp_path / "b" / "seven.jpg").write_text("a text file named .jpg")  # training's file check drops it
 
     files, skipped = collect_inputs([
         str(tmp_path / "a"), str(tmp_path / "b" / "*"), str(explicit), str(tmp_path / "a" / "one.jpg"),
@@ -41,6 +42,7 @@ def test_collect_inputs_files_folders_globs_and_misses(tmp_path):
     assert names == ["one.jpg", "two.PNG", "five.bmp", "four.jpg", "c.data"]  # a/ walked, then the glob; deduped
     assert {Path(s.path).name: s.reason for s in skipped} == {
         "missing.jpg": "no such file or folder", "*.jpg": "pattern matches no images", "empty": "folder holds no images",
+        "seven.jpg": "not an image: format not recognised",
     }
 
 
@@ -124,10 +126,18 @@ def compose_predict(*overrides: str):
         (["inputs=[x.jpg]"], "ckpt_path= is required"),
         (["ckpt_path=CKPT"], "inputs= is required"),
         (["ckpt_path=CKPT", "inputs=[nothing_here]"], "no images to predict (nothing_here: no such file"),
-        (["ckpt_path=CKPT", "inputs=[bad.jpg]"], "none of the 1 images could be read"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]"], "no images to predict (bad.jpg: not an image: format not recognised)"),
+        (["ckpt_path=CKPT", "inputs=[cut.jpg]"], "none of the 1 images could be read"),
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "format=xml"], "format must be one of table, csv, json"),
         (["ckpt_path=missing.ckpt", "inputs=[bad.jpg]"], "checkpoint not found: missing.ckpt"),
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "batch_size=0"], "batch_size must be a positive integer"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "batch_size=abc"], "batch_size must be a positive integer, got abc"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "topk=abc"], "topk must be a positive integer, got abc"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "topk=0"], "topk must be a positive integer, got 0"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "num_workers=-1"], "num_workers must be auto or an integer >= 0, got -1"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "trust_model=maybe"], "trust_model must be true or false, got maybe"),
+        # checked before anything is predicted (the missing checkpoint would be found later)
+        (["ckpt_path=missing.ckpt", "inputs=[bad.jpg]", "out=sub"], "out=sub is a folder: give the name of the file"),
     ],
 )
 def test_bad_input_raises_one_clear_error(tiny_checkpoint, tmp_path, monkeypatch, overrides, message):
@@ -136,7 +146,10 @@ def test_bad_input_raises_one_clear_error(tiny_checkpoint, tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)  # relative inputs, as on a command line
     (tmp_path / "bad.jpg").write_text("not an image")
-    cfg = compose_predict(*(o.replace("CKPT", str(tiny_checkpoint)) for o in overrides), "num_workers=0")
+    (tmp_path / "sub").mkdir()
+    whole = make_image(tmp_path / "whole.jpg", (10, 20, 30), size=(300, 300)).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 3])  # the header is fine, the pixels are not
+    cfg = compose_predict("num_workers=0", *(o.replace("CKPT", str(tiny_checkpoint)) for o in overrides))
     with pytest.raises(HymtlError) as info:
         run(cfg)
     assert str(info.value).startswith(message)
@@ -147,3 +160,103 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     result = run_predict("ckpt_path=missing.ckpt", "inputs=[bad.jpg]", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: checkpoint not found: missing.ckpt"]
+
+
+def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
+    images = tiny_checkpoint.parent / "images" / "val"
+    result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "topk=abc", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: topk must be a positive integer, got abc"]
+
+
+def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(tiny_checkpoint, tmp_path):
+    """A FIFO blocks whoever opens it: the file check (training's) skips it before decoding."""
+    good = tiny_checkpoint.parent / "images" / "val" / "ants" / "ants_0.jpg"
+    for sub in ("folder", "globbed", "named"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "good.jpg").write_bytes(good.read_bytes())
+        os.mkfifo(tmp_path / sub / "pipe.jpg")
+    try:
+        result = run_predict(f"ckpt_path={tiny_checkpoint}",
+                             f"inputs=[folder,'globbed/*.jpg',named/good.jpg,named/pipe.jpg]",
+                             "num_workers=0", "format=csv", cwd=tmp_path, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("hymtl.predict hung on a FIFO")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["path"] for r in csv.DictReader(io.StringIO(result.stdout))] == [
+        "folder/good.jpg", "globbed/good.jpg", "named/good.jpg"]
+    for sub in ("folder", "globbed", "named"):
+        assert f"skipped {sub}/pipe.jpg: not a regular file" in result.stderr.splitlines()
+
+
+def test_predict_refuses_decompression_bombs_as_training_does(tiny_checkpoint, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from hymtl.data.images import check_image_file
+
+    # between 1x and 2x Pillow's limit Pillow only warns and decodes; training's file check refuses
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)
+    bomb = make_image(tmp_path / "bomb.png", (10, 20, 30), size=(100, 100), fmt="PNG")  # 10,000 pixels
+    fine = make_image(tmp_path / "fine.png", (10, 20, 30), fmt="PNG")  # 48x40
+    files, skipped = collect_inputs([str(tmp_path)])
+    result = predict(load_predictor(tiny_checkpoint), files, num_workers=0, skipped=skipped)
+    assert [p.path for p in result.predictions] == [str(fine)]
+    assert [(s.path, s.reason) for s in result.skipped] == [(str(bomb), check_image_file(bomb))]
+    assert result.skipped[0].reason.startswith("decompression bomb refused: 100x100 = 10,000 pixels")
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_strict_json_when_the_model_gives_nan(tiny_checkpoint):
+    import torch
+
+    from hymtl.inference import TorchPredictor
+    from hymtl.loading import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(float("nan"))  # a broken model: its logits are not numbers
+    files, _ = collect_inputs([str(tiny_checkpoint.parent / "images" / "val" / "ants")])
+    result = predict(TorchPredictor(model), files[:3], topk=2, num_workers=0)
+    doc = _strict_json(format_result(result, "json"))
+    assert [p["probability"] for p in doc["predictions"]] == [None] * 3
+    assert all(t["probability"] is None for p in doc["predictions"] for t in p["top"])
+
+
+WEIRD_NAMES = ["new\nline.jpg", "tab\there.jpg", "esc\x1b[31mred.jpg", os.fsdecode(b"latin\xe9.jpg")]
+
+
+def test_any_file_name_works_and_cannot_forge_lines(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from hymtl.predict import run
+
+    folder = tmp_path / "in"
+    for i, name in enumerate(WEIRD_NAMES):
+        make_image(folder / name, (200, 40, 40), seed=i)
+    (folder / "x\nerror: forged line.jpg").write_text("not an image")
+    monkeypatch.chdir(tmp_path)
+
+    run(compose_predict(f"ckpt_path={tiny_checkpoint}", "inputs=[in]", "num_workers=0"))
+    captured = capsys.readouterr()
+    for stream in (captured.out, captured.err):
+        assert all(line.isprintable() for line in stream.splitlines())  # no tab, ESC or stray byte reaches the terminal
+    table = captured.out.splitlines()
+    assert len(table) == 1 + len(WEIRD_NAMES)
+    assert "in/new\\nline.jpg" in captured.out and "in/esc\\x1b[31mred.jpg" in captured.out
+    assert "in/latin\\xe9.jpg" in captured.out
+    assert [l for l in captured.err.splitlines() if "forged" in l] == [
+        "skipped in/x\\nerror: forged line.jpg: not an image: format not recognised"]
+
+    # machine-readable outputs keep the real name; bytes that are not UTF-8 as \xNN (valid UTF-8)
+    expected = sorted([f"in/{n}" for n in WEIRD_NAMES[:3]] + ["in/latin\\xe9.jpg"])
+    run(compose_predict(f"ckpt_path={tiny_checkpoint}", "inputs=[in]", "num_workers=0", "format=csv", "out=p.csv"))
+    with open(tmp_path / "p.csv", encoding="utf-8", newline="") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == expected
+    run(compose_predict(f"ckpt_path={tiny_checkpoint}", "inputs=[in]", "num_workers=0", "format=json", "out=p.json"))
+    doc = _strict_json((tmp_path / "p.json").read_bytes().decode("utf-8"))
+    assert sorted(p["path"] for p in doc["predictions"]) == expected
+    assert [s["path"] for s in doc["skipped"]] == ["in/x\nerror: forged line.jpg"]

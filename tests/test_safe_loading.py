@@ -182,7 +182,7 @@ def test_good_exports_load_with_and_without_sidecar(exports):
     sidecar_path(exports / "m.onnx").unlink()
     _, embedded = load_onnx(exports / "m.onnx")  # metadata from inside the ONNX file
     assert embedded["class_names"] == ["ants", "bees"] and embedded["preprocessing"] == meta["preprocessing"]
-    module, meta = load_torchscript(exports / "m.pt")
+    module, meta = load_torchscript(exports / "m.pt", trust=True)
     assert meta["model_format"] == "torchscript"
 
 
@@ -215,7 +215,7 @@ def test_sidecar_class_count_must_fit_the_model_output(exports):
         m.update(class_names=["ants", "bees", "wasps"], num_classes=3)
 
     _edit_json(sidecar_path(exports / "m.onnx"), three_classes)
-    with pytest.raises(LoadError, match=r"output .* does not give 3 logits"):
+    with pytest.raises(LoadError, match=r"contradicts the model file .* on class_names, num_classes"):
         load_onnx(exports / "m.onnx")
 
 
@@ -290,13 +290,14 @@ def test_truncated_torchscript(exports, resealed):
     if resealed:
         _reseal(model)
     with pytest.raises(LoadError, match="truncated or corrupt" if resealed else "SHA-256 differs"):
-        load_torchscript(model)
+        load_torchscript(model, trust=True)
 
 
-def test_torchscript_without_sidecar_is_not_loaded(exports):
+def test_trusted_torchscript_describes_itself_without_a_sidecar(exports):
+    with_sidecar = load_torchscript(exports / "m.pt", trust=True)[1]
     sidecar_path(exports / "m.pt").unlink()
-    with pytest.raises(LoadError, match="has no sidecar .* only files written by python -m hymtl.export"):
-        load_torchscript(exports / "m.pt")
+    _, meta = load_torchscript(exports / "m.pt", trust=True)  # the archive's own extra/hymtl.json
+    assert meta["class_names"] == ["ants", "bees"] and meta["preprocessing"] == with_sidecar["preprocessing"]
 
 
 def test_missing_files(tmp_path):
@@ -304,3 +305,86 @@ def test_missing_files(tmp_path):
                          (load_torchscript, "TorchScript model"), (read_sidecar, "sidecar")):
         with pytest.raises(LoadError, match=f"{what} not found: "):
             loader(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- code from a model file
+class HostileProgram(torch.nn.Module):
+    """What a hostile sender can script: ``forward`` creates ``created``, overwrites ``victim``
+    (``torch.from_file(shared=True)`` maps a file read-write) and reads ``secret`` into the logits."""
+
+    def __init__(self, created: str, victim: str, secret: str):
+        super().__init__()
+        self.created, self.victim, self.secret = created, victim, secret
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        made = torch.from_file(self.created, True, 8, dtype=torch.uint8)
+        made.fill_(88)
+        smashed = torch.from_file(self.victim, True, 8, dtype=torch.uint8)
+        smashed.fill_(66)
+        stolen = torch.from_file(self.secret, False, 2, dtype=torch.uint8).float()
+        return images.mean(dim=(2, 3))[:, :2] * 0 + stolen + made[:2].float() * 0 + smashed[:2].float() * 0
+
+
+def _hostile_torchscript(tiny_checkpoint: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """``evil.pt`` with everything a real export has: hymtl metadata inside and a sidecar whose
+    SHA-256 matches (whoever sends the model sends the sidecar). Returns (model, created, victim)."""
+    from hymtl.loading import TORCHSCRIPT_METADATA_FILE, export_metadata, write_sidecar
+
+    created, victim, secret = folder / "created_by_model", folder / "victim.txt", folder / "secret.txt"
+    victim.write_text("original")
+    secret.write_bytes(b"\x07\x09")
+    model = load_checkpoint(tiny_checkpoint)
+    meta = export_metadata(model.class_names, model.preprocessing, "torchscript")
+    scripted = torch.jit.script(HostileProgram(str(created), str(victim), str(secret)))
+    evil = folder / "evil.pt"
+    torch.jit.save(scripted, str(evil), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta)})
+    write_sidecar(evil, meta)
+    return evil, created, victim
+
+
+def test_hostile_torchscript_is_refused_by_default_and_nothing_runs(tiny_checkpoint, tmp_path):
+    from hymtl.inference import collect_inputs, load_predictor, predict
+
+    evil, created, victim = _hostile_torchscript(tiny_checkpoint, tmp_path)
+    images = tiny_checkpoint.parent / "images" / "val"
+    refusal = r"refusing to load TorchScript model .*evil\.pt: TorchScript is a program .* trust_model=true"
+    with pytest.raises(LoadError, match=refusal):
+        load_torchscript(evil)
+    with pytest.raises(LoadError, match=refusal):
+        load_predictor(evil)
+    disguised = Path(shutil.copy(evil, tmp_path / "evil.ckpt"))  # the name does not decide: the content does
+    with pytest.raises(LoadError, match=r"refusing to load TorchScript model .*evil\.ckpt"):
+        load_predictor(disguised)
+    with pytest.raises(LoadError, match=r"refusing to read .*evil\.ckpt as a checkpoint: it is a TorchScript program"):
+        load_checkpoint(disguised)  # eval, export and resume read checkpoints through this
+
+    result = subprocess.run([sys.executable, "-m", "hymtl.predict", f"ckpt_path={evil}", f"inputs=[{images}]"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: refusing to load TorchScript model {evil}: ") and "trust_model=true" in line
+    assert not created.exists() and victim.read_text() == "original" and result.stdout == ""
+
+    # the payload is live: trusting the file runs it (so the assertions above can fail)
+    predictor = load_predictor(evil, trust_model=True)
+    paths, _ = collect_inputs([str(images / "ants")])
+    out = predict(predictor, paths[:1], num_workers=0)
+    assert created.exists() and victim.read_bytes() == b"B" * 8
+    assert out.logits.tolist() == [[7.0, 9.0]]  # the secret file's bytes, read by the model
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m.update(class_names=["bees", "ants"]), "class_names"),  # labels swapped: every answer wrong
+        (lambda m: m["preprocessing"].update(mean=[0.1, 0.2, 0.3]), "preprocessing"),
+        (lambda m: m["preprocessing"].update(input_size=192), "preprocessing"),
+    ],
+)
+@pytest.mark.parametrize("model", ["m.onnx", "m.pt"])
+def test_a_sidecar_never_overrides_the_model_file(exports, change, field, model):
+    # the model file is untouched, so the sidecar's SHA-256 still matches: it proves nothing
+    _edit_json(sidecar_path(exports / model), change)
+    with pytest.raises(LoadError, match=rf"sidecar {model}\.json contradicts the model file .*{model} on {field} "
+                                        r"\(sidecar .*, model .*\): a sidecar cannot change what a model means"):
+        load_onnx(exports / model) if model.endswith(".onnx") else load_torchscript(exports / model, trust=True)
