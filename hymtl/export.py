@@ -22,14 +22,22 @@ real images next to the LightningModule, both fp32 on the same preprocessed batc
 maximum absolute logit difference must be <= ``parity.atol`` (1e-4) and the top-1 class the
 same on every image; the figures are printed. When parity breaks, nothing is written to ``out``
 and the command exits with code 3. The default images are the validation split of the run's
-``data.root`` (read from ``RUN/.hydra/config.yaml``); ``parity.inputs=[...]`` sets others.
+``data.root`` (read from ``RUN/.hydra/config.yaml``); ``parity.inputs=[...]`` sets others;
+they pass the same file rules as training and prediction (:func:`hymtl.inference.collect_inputs`).
+
+Each phase (reading the checkpoint, exporting, loading the export back, parity, writing) says
+when it starts and logs one line with its duration when it ends (the ONNX export alone takes
+about a minute on a CPU); the parity phase shows a bar on a terminal (:class:`hymtl.progress.Progress`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -38,13 +46,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.cli import run_entry
-from hymtl.errors import HymtlError, first_line
+from hymtl.errors import HymtlError, first_line, printable
+from hymtl.progress import Progress
 from hymtl.runtime import config_dir
 
 if TYPE_CHECKING:
     from torch import nn
 
     from hymtl.inference import Predictor
+
+log = logging.getLogger("hymtl.export")
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -169,9 +180,10 @@ class ParityReport:
 
 def check_parity(
     reference: Predictor, candidate: Predictor, paths: Sequence[str], atol: float = 1e-4,
-    batch_size: int = 32, num_workers: int | str = "auto",
+    batch_size: int = 32, num_workers: int | str = "auto", progress: Progress | None = None,
 ) -> ParityReport:
-    """Run both models on the same preprocessed batches of ``paths`` and compare their logits."""
+    """Run both models on the same preprocessed batches of ``paths`` and compare their logits
+    (``progress``: advanced by each batch's files)."""
     import numpy as np
 
     from hymtl.inference import iter_batches
@@ -181,6 +193,8 @@ def check_parity(
     diffs, agree, sizes, skipped = [], 0, [], 0
     for _, images, bad in iter_batches(paths, reference.preprocessing, batch_size, num_workers):
         skipped += len(bad)
+        if progress is not None:
+            progress.update((0 if images is None else len(images)) + len(bad), skipped=skipped)
         if images is None:
             continue
         ref, got = reference.logits(images), candidate.logits(images)
@@ -215,6 +229,16 @@ def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the command
+@contextmanager
+def phase(name: str):
+    """One phase of the export: a line when it starts (so a long one is not silent) and one
+    with its duration when it ends."""
+    log.info("%s ...", name)
+    started = time.perf_counter()
+    yield
+    log.info("%s: done in %.1fs", name, time.perf_counter() - started)
+
+
 def export(cfg: DictConfig) -> dict:
     """Export ``cfg.ckpt_path`` as ``cfg.format``, check parity, write model + sidecar; return the sidecar."""
     import torch
@@ -232,7 +256,7 @@ def export(cfg: DictConfig) -> dict:
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else ckpt.with_suffix(FORMATS[cfg.format])
     if out.resolve() == ckpt.resolve():
-        raise ExportError(f"out={out} would overwrite the checkpoint")
+        raise ExportError(f"out={printable(out)} would overwrite the checkpoint")
 
     inputs = list(cfg.parity.inputs) if cfg.parity.get("inputs") else default_parity_inputs(ckpt)
     if not inputs:
@@ -243,9 +267,10 @@ def export(cfg: DictConfig) -> dict:
     if cfg.parity.get("max_images"):
         paths = paths[: int(cfg.parity.max_images)]
     if not paths:
-        raise ExportError(f"no parity images in {inputs} ({'; '.join(s.reason for s in missing)})")
+        raise ExportError(f"no parity images in {printable(inputs)} ({'; '.join(printable(s.reason) for s in missing)})")
 
-    model = load_checkpoint(ckpt)
+    with phase(f"reading checkpoint {printable(ckpt)}"):
+        model = load_checkpoint(ckpt)
     meta = export_metadata(
         model.class_names, model.preprocessing, cfg.format,
         backbone=model.hparams.backbone, source_checkpoint=ckpt.name,
@@ -253,10 +278,12 @@ def export(cfg: DictConfig) -> dict:
     )
     if cfg.format == "onnx":
         meta.update(opset=int(cfg.onnx.opset), exporter=str(cfg.onnx.exporter), dynamic_axes={"images": [0], "logits": [0]})
-        data = onnx_bytes(model, meta, opset=cfg.onnx.opset, exporter=cfg.onnx.exporter)
+        with phase(f"exporting to ONNX ({cfg.onnx.exporter} exporter, opset {cfg.onnx.opset}; about a minute on a CPU)"):
+            data = onnx_bytes(model, meta, opset=cfg.onnx.opset, exporter=cfg.onnx.exporter)
     else:
         meta.update(dynamic_axes={"images": [0], "logits": [0]})
-        data = torchscript_bytes(model, meta)
+        with phase("tracing to TorchScript"):
+            data = torchscript_bytes(model, meta)
 
     # Load the export back through the same safe loaders users get, from a scratch folder.
     with tempfile.TemporaryDirectory(prefix=".hymtl-export.") as tmp:
@@ -264,25 +291,30 @@ def export(cfg: DictConfig) -> dict:
         staged.write_bytes(data)
         write_sidecar(staged, meta)
         try:
-            if cfg.format == "onnx":
-                session, loaded_meta = load_onnx(staged)
-                candidate: Predictor = OnnxPredictor(session, loaded_meta, source=str(out))
-            else:
-                module, loaded_meta = load_torchscript(staged)
-                candidate = TorchScriptPredictor(module, loaded_meta, source=str(out))
+            with phase("loading the export back (hymtl.loading)"):
+                if cfg.format == "onnx":
+                    session, loaded_meta = load_onnx(staged)
+                    candidate: Predictor = OnnxPredictor(session, loaded_meta, source=str(out))
+                else:
+                    # trusted: this process wrote the file a moment ago, into its own scratch folder
+                    module, loaded_meta = load_torchscript(staged, trust=True)
+                    candidate = TorchScriptPredictor(module, loaded_meta, source=str(out))
         except LoadError as exc:
             raise ExportError(f"the freshly exported model does not load: {exc}") from None
-        report = check_parity(TorchPredictor(model, str(ckpt)), candidate, paths, atol=float(cfg.parity.atol),
-                              batch_size=int(cfg.parity.batch_size), num_workers=cfg.parity.num_workers)
+        with Progress(f"parity {candidate.backend} vs checkpoint", total=len(paths), unit="images", log=log) as progress:
+            report = check_parity(TorchPredictor(model, str(ckpt)), candidate, paths, atol=float(cfg.parity.atol),
+                                  batch_size=int(cfg.parity.batch_size), num_workers=cfg.parity.num_workers,
+                                  progress=progress)
     print(report.line())
     if not report.ok:
-        raise ParityError(f"parity check failed, nothing written to {out}: {report.line()}")
+        raise ParityError(f"parity check failed, nothing written to {printable(out)}: {report.line()}")
 
     meta["parity"] = {k: v for k, v in asdict(report).items() if k not in ("batch_sizes",)}
     meta["parity"]["inputs"] = [str(i) for i in inputs]
-    atomic_write_bytes(out, data)
-    side = write_sidecar(out, meta)
-    print(f"wrote {out} ({len(data) / 1e6:.1f} MB) and {side.name}")
+    with phase(f"writing {printable(out)}"):
+        atomic_write_bytes(out, data)
+        side = write_sidecar(out, meta)
+    print(f"wrote {printable(out)} ({len(data) / 1e6:.1f} MB) and {side.name}")
     return json.loads(side.read_text())
 
 

@@ -158,3 +158,26 @@ def test_default_parity_images_come_from_the_training_run(tiny_folder, tmp_path)
     assert default_parity_inputs(ckpt) == [str(tiny_folder / "val")]
     (run / ".hydra" / "config.yaml").write_text("data:\n  root: ${paths.nowhere}/x\n")  # unresolvable
     assert default_parity_inputs(ckpt) == []
+
+
+def test_every_export_phase_says_when_it_starts_and_how_long_it_took(tiny_checkpoint, tmp_path):
+    """Not a terminal (as in CI or a log): no bar, one line per phase with its duration."""
+    import re
+
+    out = tmp_path / "m.onnx"
+    images = tiny_checkpoint.parent / "images" / "val"
+    result = run_export(f"ckpt_path={tiny_checkpoint}", f"out={out}", f"parity.inputs=[{images}]",
+                        "parity.num_workers=0", "onnx.exporter=torchscript", "onnx.opset=17")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    phases = [f"reading checkpoint {tiny_checkpoint}", "exporting to ONNX (torchscript exporter, opset 17",
+              "loading the export back (hymtl.loading)", f"writing {out}"]
+    for name in phases:
+        started = [i for i, l in enumerate(lines) if l.startswith(name) and l.endswith(" ...")]
+        ended = [i for i, l in enumerate(lines) if l.startswith(name) and re.search(r": done in \d+\.\ds$", l)]
+        assert len(started) == len(ended) == 1 and started[0] < ended[0], (name, lines)
+    parity = [l for l in lines if l.startswith("parity onnxruntime vs checkpoint: ")]
+    assert len(parity) == 1 and re.fullmatch(
+        r"parity onnxruntime vs checkpoint: 12 images in \d+\.\ds \([\d.]+ images/s, skipped 0\)", parity[0])
+    assert "\r" not in result.stdout and "it/s" not in result.stdout + result.stderr  # no progress bar
+    assert lines[-1].startswith(f"wrote {out}")
