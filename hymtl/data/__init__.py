@@ -1,9 +1,9 @@
 """Image folders for training: one module per job.
 
 * :mod:`~hymtl.data.folders` — layouts (train/val[/test] or flat + split), scanning, class
-  order, the hidden-file rule;
-* :mod:`~hymtl.data.images` — decoding (EXIF, transparency), transforms, the bad-file policy
-  and ``skipped.txt``, the image dataset that drops a bad file;
+  order, the hidden-file rule, the class-name rule, what does not match between the splits;
+* :mod:`~hymtl.data.images` — decoding (EXIF, transparency), transforms, the file check, the
+  bad-file policy and ``skipped.txt``, the image dataset that drops a bad file;
 * :mod:`~hymtl.data.loaders` — DataLoader plumbing (worker count, the skipping collate, workers);
 * :mod:`~hymtl.data.download` — download, safe extraction, manifests, the download lock;
 * :mod:`~hymtl.data.datamodule` — :class:`ImageFolderDataModule`, the LightningDataModule.
@@ -17,7 +17,10 @@ from hymtl.data.folders import (
     VAL_DIR_NAMES,
     Sample,
     SplitLayout,
+    check_class_names,
+    compare_splits,
     find_classes,
+    find_duplicates,
     is_image_file,
     is_visible,
     resolve_layout,
@@ -32,10 +35,12 @@ from hymtl.data.images import (
     BadImageDropper,
     ImageSampleDataset,
     build_transforms,
+    check_files,
     check_image_file,
     format_skipped,
     load_rgb,
     read_skipped,
+    skipped_line,
     summarize_skipped,
 )
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
@@ -43,7 +48,7 @@ from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num
 __all__ = [
     "BadFile", "BadImageDropper", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR", "RUNTIME_SUFFIX",
     "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS", "VAL_DIR_NAMES",
-    "build_transforms", "check_image_file", "collate_skipping", "default_num_workers", "download_and_extract",
-    "find_classes", "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout",
-    "scan_split", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
+    "build_transforms", "check_class_names", "check_files", "check_image_file", "collate_skipping", "compare_splits",
+    "default_num_workers", "download_and_extract", "find_classes", "find_duplicates", "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout",
+    "scan_split", "skipped_line", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
 ]

@@ -7,7 +7,12 @@ Layout rules (a superset of torchvision's ``ImageFolder``):
 * ``root/<class>/…`` only: split deterministically and stratified by ``val_fraction`` and ``seed``.
 
 Class order is the sorted class-folder names. Hidden files and folders (and ``__MACOSX``) are
-ignored; files nested below a class folder belong to that class.
+ignored; files nested below a class folder belong to that class. File names may hold any byte
+the OS allows (they are escaped by :func:`hymtl.errors.printable` wherever shown); a class
+folder name must be showable on one line (:func:`check_class_names`).
+
+What does not match between the splits (evaluation classes unknown to train, train classes an
+evaluation split lacks, byte-identical files across splits) is :func:`compare_splits`.
 """
 
 from __future__ import annotations
