@@ -1,5 +1,6 @@
-"""Callbacks: throughput, the tutorial's summary lines, test-time figures and reports, hp_metric,
-and the run summary (``metrics.json``): each publishes its own results.
+"""Callbacks: throughput, the per-epoch lines, the tutorial's summary lines, test-time figures
+and reports, hp_metric, and the run summary (``metrics.json`` and the end of the run's output):
+each publishes its own results.
 
 The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself from
 ``trainer.current_epoch`` (see ``hymtl/model.py`` for why that is resume- and DDP-safe).
@@ -12,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,12 +21,13 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
+from hymtl.cli import shown_path
 from hymtl.errors import HymtlError, first_line
 from hymtl.figures import ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, prediction_grid
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
+from hymtl.progress import on_terminal
 from hymtl.runtime import device_name
 
 log = logging.getLogger("hymtl.callbacks")
@@ -76,17 +79,80 @@ class ExamplesPerSecond(Callback):
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
+#: the epoch metrics of :class:`EpochLines`, in line order
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+#: ``extra=`` of a log record that goes to the log file only (``hymtl.cli.QuietConsole``)
+FILE_ONLY = {"console": False}
+
+
+class EpochLines(Callback):
+    """One line per training epoch: its index, ``train/loss``, ``train/acc``, ``val/loss``,
+    ``val/acc`` and duration. Always in the log (``train.log``); on the console where no
+    progress bar shows them: on a terminal Lightning's bar is the view, elsewhere (CI, a pipe,
+    a log) the bar's carriage returns are noise, so it is switched off and these lines replace it.
+
+    ``bar``: ``None`` (a bar on a terminal), ``True`` or ``False``. ``echo``: print the lines
+    instead of logging them (``hymtl.tutorial``, which has no log file).
+
+    The line is written when the epoch's numbers are all known: the module logs ``train/*`` in
+    its own ``on_train_epoch_end``, after the callbacks' (so at the next epoch's start or at
+    the end of training).
+    """
+
+    def __init__(self, bar: bool | None = None, echo: bool = False) -> None:
+        self.bar = bar
+        self.echo = bool(echo)
+        self._started: float | None = None
+        self._pending: tuple[int, float] | None = None  # (epoch, seconds) of a finished epoch
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and not (on_terminal() if self.bar is None else self.bar):
+            bar = trainer.progress_bar_callback
+            if bar is not None:
+                bar.disable()
+
+    def _bar_shown(self, trainer: Trainer) -> bool:
+        bar = trainer.progress_bar_callback
+        return bar is not None and bar.is_enabled
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._started is not None:
+            self._pending = (trainer.current_epoch, time.perf_counter() - self._started)
+            self._started = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or not trainer.is_global_zero:
+            return
+        epoch, seconds = pending
+        line = epoch_line(epoch, trainer.max_epochs, trainer.callback_metrics, seconds)
+        if self.echo:
+            print(line, flush=True)
+        else:
+            log.info("%s", line, extra=FILE_ONLY if self._bar_shown(trainer) else {})
+
+
+def epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, Any], seconds: float) -> str:
+    """``epoch 0 (1 of 5): train/loss 0.6931, train/acc 0.5000, val/loss …, val/acc … in 3.2 s``."""
+    of = f" ({epoch + 1} of {max_epochs})" if max_epochs is not None and max_epochs > 0 else ""
+    values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in EPOCH_METRICS if k in metrics)
+    return f"epoch {epoch}{of}: {values or 'no metrics'} in {seconds:.1f} s"
+
+
 def tutorial_lines(train_loss: float, train_acc: float, test_acc: float, examples_per_sec: float, device: str) -> str:
     """The classic tutorial's two closing lines."""
     return (
         f"loss {train_loss:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}\n"
         f"{examples_per_sec:.1f} examples/sec on {device}"
     )
-
-
-@rank_zero_only
-def print_tutorial_lines(*args, **kwargs) -> None:
-    print(tutorial_lines(*args, **kwargs), flush=True)
 
 
 # --------------------------------------------------------------------------- test-time outputs
@@ -442,6 +508,11 @@ class RunSummary(Callback):
     ``test_split``, ``best_checkpoint``, ``device``, ``skipped_files`` (lines of
     ``skipped_file``, with one warning that summarises them).
 
+    The end of the run's output, after the progress bar closed (:func:`end_lines`): the
+    tutorial's two lines, the run folder ``run_dir``, the best checkpoint and the command that
+    opens the run's dashboard. The log file gets them too, with the test's numbers and the
+    checkpoints' paths.
+
     The result is in :attr:`metrics` in the process that ran the stages. Under a spawning DDP
     launcher the stages run in child processes, so the caller reads the file back with
     :meth:`result` (or :meth:`read`); there the fit's part is also written when fit ends, for
@@ -449,16 +520,18 @@ class RunSummary(Callback):
     """
 
     def __init__(self, path: str | os.PathLike, mode: str | None = None, backbone: str | None = None,
-                 skipped_file: str | os.PathLike | None = None, expect_test: bool = True) -> None:
+                 skipped_file: str | os.PathLike | None = None, expect_test: bool = True,
+                 run_dir: str | os.PathLike | None = None) -> None:
         self.started = time.perf_counter()  # monotonic clock: comparable in spawned children
         self.path = Path(path)
+        self.run_dir = Path(run_dir) if run_dir else self.path.parent
         self.mode = mode
         self.backbone = backbone
         self.skipped_file = Path(skipped_file) if skipped_file else None
         self.expect_test = bool(expect_test)
         self.metrics: dict[str, Any] = {}
         self._fit: dict[str, Any] | None = None
-        self._lines: tuple | None = None  # the tutorial's two lines, printed at teardown
+        self._lines: list[str] | None = None  # the end of the output, printed at teardown
 
     # ------------------------------------------------------------------ hooks
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -475,6 +548,10 @@ class RunSummary(Callback):
             "device": device_name(trainer),
         })
         self._fit = metrics
+        if trainer.is_global_zero:  # what the fit left on disk (the test restores the best one)
+            folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+            for path in sorted(p for folder in folders for p in folder.glob("*.ckpt")):
+                log.info("checkpoint: %s%s", path, " (best)" if best and Path(best) == path else "", extra=FILE_ONLY)
         if not self.expect_test:
             self._finish(trainer, {})
         elif _spawned(trainer) and trainer.is_global_zero:
@@ -526,17 +603,42 @@ class RunSummary(Callback):
         if skipped and trainer.is_global_zero:
             log.warning("%s (list in %s)", summarize_skipped(skipped), self.skipped_file)
         self.metrics = metrics
-        if trainer.is_global_zero:
-            atomic_write_json(self.path, metrics)
-        if "test/acc" in metrics and "train/loss" in metrics:
-            self._lines = (metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
-                           metrics["examples_per_sec"] or 0.0, metrics["device"])
+        if not trainer.is_global_zero:
+            return
+        atomic_write_json(self.path, metrics)
+        if test:  # the console has Lightning's table of them
+            log.info("test on the %s split: %s", metrics.get("test_split") or "test",
+                     ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(test.items())), extra=FILE_ONLY)
+        self._lines = end_lines(metrics, self.run_dir)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # after every callback's on_*_end: the progress bar has closed its line
         lines, self._lines = self._lines, None
-        if lines is not None:
-            print_tutorial_lines(*lines)
+        if lines:
+            print("\n".join(lines), flush=True)
+            for line in lines:
+                log.info("%s", line, extra=FILE_ONLY)
+
+
+def end_lines(metrics: Mapping[str, Any], run_dir: str | os.PathLike) -> list[str]:
+    """The end of a run's output: the tutorial's two lines (when it was tested), then where its
+    results are::
+
+        loss 0.333, train acc 0.865, test acc 0.922
+        35.0 examples/sec on cpu
+        run folder: outputs/2026-01-01/12-00-00
+        best checkpoint: outputs/2026-01-01/12-00-00/checkpoints/best-epoch03-acc0.9216.ckpt
+        dashboard: tensorboard --logdir outputs/2026-01-01/12-00-00
+    """
+    lines = []
+    if "test/acc" in metrics and "train/loss" in metrics:
+        lines += tutorial_lines(metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
+                                metrics.get("examples_per_sec") or 0.0, metrics.get("device") or "?").splitlines()
+    best = metrics.get("best_checkpoint")
+    lines += [f"run folder: {shown_path(run_dir)}",
+              f"best checkpoint: {shown_path(best) if best else 'none saved'}",
+              f"dashboard: tensorboard --logdir {shlex.quote(shown_path(run_dir))}"]
+    return lines
 
 
 def _spawned(trainer: Trainer) -> bool:

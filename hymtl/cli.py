@@ -19,6 +19,11 @@ The policy, the same everywhere:
   folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
 * anything else is a bug: its traceback is the report.
 
+The console is quiet (:class:`QuietConsole`, the console handler's filter in
+``conf/hydra/default.yaml``): what the user cannot act on goes only to the run folder's log
+file; ``verbose=true`` or Hydra's ``hydra.verbose`` brings it back. :func:`route_library_messages`
+sends Python warnings and Lightning's own console output through those same handlers.
+
 Importing this module registers the ``${hymtl_…:}`` resolvers of ``conf/``. It imports neither
 torch nor Lightning, so ``--help`` stays fast.
 """
@@ -26,6 +31,7 @@ torch nor Lightning, so ``--help`` stays fast.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -82,9 +88,102 @@ def in_multirun() -> bool:
     return distributed.in_hydra_multirun()
 
 
+# --------------------------------------------------------------------------- the console
+#: what the user cannot act on: (why it is hidden, logger name prefix, pattern of the message)
+CONSOLE_NOISE: tuple[tuple[str, str, re.Pattern], ...] = (
+    ("advertisement", "lightning", re.compile(r"^\W*Tip: ")),  # "💡 Tip: ... litlogger / litmodels"
+    ("accelerator inventory", "lightning",
+     re.compile(r"^(GPU|TPU|HPU|IPU) available: |^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES")),
+    # the run's own per-epoch line and the end of the run say it (the saves stay in the log file)
+    ("checkpoint saves", "lightning", re.compile(r"^Epoch \d+, global step \d+: ")),
+    # frozen layers (their BatchNorm included) are in eval mode on purpose (hymtl.model)
+    ("frozen on purpose", "py.warnings", re.compile(r"module\(s\) in eval mode at the start of training")),
+    # a library's use of another library's deprecated API (the path is site-packages/…)
+    ("library deprecation", "py.warnings",
+     re.compile(r"[/\\](?:site|dist)-packages[/\\](?!hymtl[/\\]).*?:\d+: .*(?:deprecat|FutureWarning)",
+                re.IGNORECASE | re.DOTALL)),
+)
+
+
+def _is_verbose(setting: Any) -> bool:
+    """``verbose=true``, ``hydra.verbose=true`` or ``hydra.verbose=[logger, …]``: all to the console."""
+    if isinstance(setting, str):
+        return setting.strip().lower() not in ("", "false", "0", "no", "off")
+    if isinstance(setting, (list, tuple)) or OmegaConf.is_list(setting):
+        return len(setting) > 0
+    return bool(setting)
+
+
+class QuietConsole(logging.Filter):
+    """The console handler's filter (``conf/hydra/default.yaml``; the log file has none).
+
+    Drops what the user cannot act on (:data:`CONSOLE_NOISE`: Lightning's advertisements and
+    accelerator inventory, its per-epoch checkpoint notices, the eval-mode warning for frozen
+    layers, deprecation warnings raised inside libraries) unless ``verbose``/``hydra_verbose``
+    is set, and always the records logged with ``extra={"console": False}`` (the log file's copy
+    of lines the run prints itself, or of a progress bar's view)."""
+
+    def __init__(self, verbose: Any = False, hydra_verbose: Any = False) -> None:
+        super().__init__()
+        self.verbose = _is_verbose(verbose) or _is_verbose(hydra_verbose)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "console", True) is False:
+            return False
+        return self.verbose or self.noise(record) is None
+
+    @staticmethod
+    def noise(record: logging.LogRecord) -> str | None:
+        """Why ``record`` stays off the console (a :data:`CONSOLE_NOISE` reason), or ``None``."""
+        message = None
+        for reason, logger, pattern in CONSOLE_NOISE:
+            if record.name == logger or record.name.startswith(logger + "."):
+                message = record.getMessage() if message is None else message
+                if pattern.search(message):
+                    return reason
+        return None
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as the console shows it: relative to the working directory when inside it
+    (shorter to read and to paste), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (OSError, ValueError):
+        return str(path)
+
+
+def route_library_messages() -> None:
+    """Python warnings and Lightning's messages through the handlers of ``conf/hydra/``.
+
+    * ``warnings.warn`` (Lightning's ``rank_zero_warn`` included) goes to the ``py.warnings``
+      logger (``logging.captureWarnings``): filtered on the console, complete in the log file;
+    * importing ``lightning`` gives its logger a stderr handler of its own
+      (``lightning/__init__.py``; ``lightning.pytorch``/``lightning.fabric`` too, when imported
+      before any logging was configured): every Lightning message a second time, unfiltered.
+      It is imported here and those handlers removed; the messages reach the root's handlers.
+
+    Only where the console is ours (a handler with :class:`QuietConsole`): an entry point with
+    ``hydra/job_logging: none`` keeps Python's and Lightning's defaults."""
+    root = logging.getLogger()
+    if not any(isinstance(f, QuietConsole) for h in root.handlers for f in h.filters):
+        return
+    logging.captureWarnings(True)
+    import lightning  # noqa: F401  (the entry points import it next anyway)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        package_logger = logging.getLogger(name)
+        for handler in list(package_logger.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout):
+                package_logger.removeHandler(handler)
+        package_logger.propagate = True
+
+
 def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
     """Run ``task(cfg)`` under the error policy of the module docstring; return its value
     (``nan`` for a failed job of a multirun)."""
+    route_library_messages()
     try:
         return task(cfg)
     except Exception as exc:
