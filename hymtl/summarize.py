@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -235,7 +236,8 @@ def summarize(root: str | Path, write: bool = True) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: print and write the summary of a multirun when it ends."""
+    """Hydra callback: when a multirun ends, write its summary, print the table and say where
+    it is (:func:`sweep_end_lines`)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -245,7 +247,17 @@ class SweepSummary(Callback):
             log.warning("no sweep summary: %s", first_line(exc))
             return
         print(markdown, flush=True)
-        log.info("sweep summary written to %s and %s", sweep_dir / "summary.md", sweep_dir / "summary.csv")
+        print("\n".join(sweep_end_lines(sweep_dir)), flush=True)
+
+
+def sweep_end_lines(sweep_dir: str | Path) -> list[str]:
+    """The end of a multirun's output, after its table: where the summary is, and the command
+    that opens every run of the sweep side by side in TensorBoard."""
+    from hymtl.cli import shown_path
+
+    sweep_dir = Path(sweep_dir)
+    return [f"sweep summary: {shown_path(sweep_dir / 'summary.md')} (table above; also {(sweep_dir / 'summary.csv').name})",
+            f"dashboard: tensorboard --logdir {shlex.quote(shown_path(sweep_dir))}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,15 @@ def test_multirun_records_a_failing_run_and_summarises_the_others(tiny_folder, t
     markdown = (sweep / "summary.md").read_text()
     assert "4 runs: 2 ok, 2 failed, 0 incomplete." in markdown
     assert "4 runs: 2 ok, 2 failed" in result.stdout
+    # ... and its end says where the summary is and how to compare the runs, after the table
+    relative = sweep.relative_to(tmp_path)
+    assert result.stdout.rstrip().splitlines()[-2:] == [
+        f"sweep summary: {relative}/summary.md (table above; also summary.csv)",
+        f"dashboard: tensorboard --logdir {relative}",
+    ]
+    assert result.stdout.rstrip().endswith(markdown.strip() + "\n\n" + f"sweep summary: {relative}/summary.md "
+                                           "(table above; also summary.csv)\n"
+                                           f"dashboard: tensorboard --logdir {relative}")
     rows = list(csv.DictReader(io.StringIO((sweep / "summary.csv").read_text())))
     assert [r["status"] for r in rows] == ["ok", "failed", "ok", "failed"]
     assert [r["overrides"] for r in rows] == ["seed=0 model.dropout=0.0", "seed=0 model.dropout=2.0",
