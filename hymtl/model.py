@@ -297,7 +297,8 @@ class TransferModule(ClassificationModule):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
         self.backbone_frozen = False
         self.backbone_stages = built.stages
-        self.trainable_stage_names, self._prefix_modules = self._split_stages(built, unfreeze_at_epoch, trainable_stages)
+        self.trainable_stage_names, self._prefix_modules = self._split_stages(
+            built, unfreeze_at_epoch, trainable_stages)
 
         if unfreeze_at_epoch is None:
             # never trains: freeze now, so DDP does not even register the backbone's parameters
@@ -316,7 +317,8 @@ class TransferModule(ClassificationModule):
                              f"{built.name} ({listing}), got {trainable_stages!r}")
         if unfreeze_at_epoch is None:
             raise HymtlError(f"model.trainable_stages={trainable_stages} with a frozen backbone "
-                             "(unfreeze_at_epoch=null) trains nothing of it: use mode=partial, or mode.trainable_stages=null")
+                             "(unfreeze_at_epoch=null) trains nothing of it: use mode=partial, "
+                             "or mode.trainable_stages=null")
         prefix = built.stages[: len(names) - trainable_stages]
         modules = [module for stage in prefix for module in stage.modules(self.backbone)]
         for stage in prefix:
@@ -330,7 +332,8 @@ class TransferModule(ClassificationModule):
         """The backbone's parameters that train when it trains: those of the top stages under
         partial fine-tuning, else all."""
         wanted = set(self.trainable_stage_names)
-        return [param for stage in self.backbone_stages if stage.name in wanted for param in stage.parameters(self.backbone)]
+        return [param for stage in self.backbone_stages if stage.name in wanted
+                for param in stage.parameters(self.backbone)]
 
     # ------------------------------------------------------------------ freezing
     def freeze_backbone(self) -> None:

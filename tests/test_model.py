@@ -225,7 +225,6 @@ class RecordStages(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            prefix, top = prefix_and_top(pl_module)
             self.seen[trainer.current_epoch] = {
                 "features": isinstance(batch, FeatureBatch),
                 "trainable": count_trainable(pl_module.backbone),
@@ -269,7 +268,8 @@ def test_resumed_two_phase_partial_run_trains_the_same_top_stages(tiny_folder, t
     module = make_module(1, trainable_stages=1)
     prefix, top = prefix_and_top(module)
     prefix_before = stage_state(module, prefix)
-    fit(module, tiny_folder, epochs=2, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    fit(module, tiny_folder, epochs=2, limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
     resumed = make_module(1, trainable_stages=1)
     recorder = RecordPhase()
     dm = ImageFolderDataModule(root=str(tiny_folder), batch_size=4, num_workers=0, preprocessing=SMALL)
@@ -347,6 +347,7 @@ def test_non_finite_loss_in_a_later_epoch_leaves_the_last_good_epoch_as_last(tin
     with pytest.raises(NonFiniteLossError, match="at epoch 1, step "):
         fit(module, tiny_folder, epochs=3, limit_val_batches=0, callbacks=[ckpt, ExplodeAt(1)])
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert saved["epoch"] == 0 and sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    assert saved["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
     weights = {k: v for k, v in saved["state_dict"].items() if k.startswith(("backbone.", "head."))}
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
