@@ -280,3 +280,30 @@ def test_download_ends_with_byte_and_rate_summary_lines(tmp_path, http_root, cap
     assert len(extract) == 1 and re.fullmatch(r"extract: 5 files in \d+\.\ds \(\d+\.\d files/s\)", extract[0]), extract
     captured = capsys.readouterr()
     assert "download" not in captured.out + captured.err
+
+
+def test_zip_names_from_other_systems_extract_or_fail_as_one_line(tmp_path, http_root):
+    """Names without zip's UTF-8 flag (old Windows/DOS tools) are read as cp437 and work; a name
+    flagged UTF-8 that is not UTF-8 is one DownloadError line, not a UnicodeDecodeError."""
+    import io
+
+    www, url = http_root
+    src = make_image_folder(tmp_path / "src", per_class=2)
+    image = (src / "train" / "ants" / "ants_0.jpg").read_bytes()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for f in sorted(src.rglob("*.jpg")):
+            zf.write(f, f"d/{f.relative_to(src)}")
+        zf.writestr("d/train/ants/cafXY.jpg", image)  # ASCII: no UTF-8 flag; the bytes are patched below
+        zf.writestr("d/train/bees/caf\u00e9.jpg", image)  # non-ASCII: flagged UTF-8
+    data = buffer.getvalue()
+    (www / "cp437.zip").write_bytes(data.replace(b"cafXY", b"caf\x82\xe9").replace("caf\u00e9".encode(), b"caf\xc3A"))
+    with pytest.raises(DownloadError) as info:
+        download_and_extract(f"{url}/cp437.zip", tmp_path / "out" / "d")
+    assert "marked as UTF-8 but is not valid UTF-8" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "d").exists()
+    (www / "cp437_only.zip").write_bytes(data.replace(b"cafXY", b"caf\x82\xe9"))
+    root = download_and_extract(f"{url}/cp437_only.zip", tmp_path / "out2" / "d")
+    assert (root / "train" / "ants" / "caf\u00e9\u0398.jpg").is_file()  # cp437: 0x82 é, 0xe9 Θ
+    dm = _dm(root)
+    assert str(root / "train" / "ants" / "caf\u00e9\u0398.jpg") in {s.path for s in dm.train_samples}

@@ -49,9 +49,9 @@ def verify_manifest(folder: Path, manifest: Path) -> None:
         digest, rel = line.split(maxsplit=1)
         path = folder / rel.lstrip("*")
         if not path.is_file():
-            raise DownloadError(f"downloaded data lacks {rel}")
+            raise DownloadError(f"downloaded data lacks {printable(rel)}")
         if sha256_file(path) != digest:
-            raise DownloadError(f"checksum mismatch for {rel} in the downloaded data")
+            raise DownloadError(f"checksum mismatch for {printable(rel)} in the downloaded data")
 
 
 def download_and_extract(url: str, root: Path, sha256: str | None = None, manifest: Path | None = None) -> Path:
@@ -72,7 +72,10 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, manife
             with zipfile.ZipFile(archive_path) as archive:
                 _safe_extract(archive, tmp / "extracted")
         except zipfile.BadZipFile as exc:
-            raise DownloadError(f"{url} is not a valid zip: {exc}") from None
+            raise DownloadError(f"{printable(url)} is not a valid zip: {printable(exc)}") from None
+        except UnicodeDecodeError:  # zipfile decodes flagged names strictly (unflagged ones as cp437)
+            raise DownloadError(f"{printable(url)} is not a valid zip: a member name is marked as UTF-8 but is not "
+                                f"valid UTF-8; re-create the archive") from None
         entries = [p for p in (tmp / "extracted").iterdir() if is_visible(p.name)]
         content = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp / "extracted"
         if manifest is not None:
