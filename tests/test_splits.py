@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def test_duplicates_in_a_flat_folder_split_are_found(tmp_path, caplog):
     assert report["duplicates_across_splits"]["examples"][0][1].startswith("ants/")
 
 
-def test_only_files_whose_sizes_collide_are_read_and_large_ones_by_prefix_first(tmp_path, monkeypatch):
+def test_only_files_whose_sizes_collide_are_read_and_large_ones_by_prefix_first(tmp_path, monkeypatch, caplog):
     read: list[tuple[str, int | None]] = []
     real_digest = folders._digest
 
@@ -131,10 +132,14 @@ def test_only_files_whose_sizes_collide_are_read_and_large_ones_by_prefix_first(
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
     samples = {rel: folders.Sample(str(tmp_path / rel), 0) for rel in files}
-    pairs = folders.find_duplicates([samples["train/a.bin"], samples["train/big.bin"]],
-                                    [samples["val/b.bin"], samples["val/big_other_tail.bin"],
-                                     samples["val/big_other_head.bin"]])
+    with caplog.at_level("INFO", logger="hymtl"):
+        pairs = folders.find_duplicates([samples["train/a.bin"], samples["train/big.bin"]],
+                                        [samples["val/b.bin"], samples["val/big_other_tail.bin"],
+                                         samples["val/big_other_head.bin"]])
     assert pairs == []
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("duplicate check:")]
+    assert len(summary) == 1 and re.fullmatch(r"duplicate check: 3 files in \d+\.\ds \(\d+\.\d files/s, duplicates 0\)",
+                                              summary[0]), summary
     names = {name for name, _ in read}
     assert "a.bin" not in names and "b.bin" not in names  # unique sizes: never opened
     assert ("big_other_head.bin", None) not in read  # its first 64 KiB differ: never hashed whole

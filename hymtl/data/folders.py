@@ -18,6 +18,7 @@ evaluation split lacks, byte-identical files across splits) is :func:`compare_sp
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import unicodedata
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Collection, Iterator, Sequence
 
 from hymtl.errors import DataError, printable
+from hymtl.progress import Progress
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # torchvision.datasets.folder.IMG_EXTENSIONS: ImageFolder's rules (no .gif), for exact tutorial counts
@@ -170,18 +174,25 @@ def find_duplicates(train: Sequence[Sample], other: Sequence[Sample]) -> list[tu
         return out
 
     train_sizes, other_sizes = sizes(train), sizes(other)
+    colliding = sorted(train_sizes.keys() & other_sizes.keys())
     pairs: list[tuple[str, str]] = []
-    for size in sorted(train_sizes.keys() & other_sizes.keys()):
-        stages: list[int | None] = [_PREFIX_BYTES, None] if size > _PREFIX_BYTES else [None]
-        left, right = train_sizes[size], other_sizes[size]
-        for limit in stages:  # keep, stage by stage, only the files whose digests still collide
-            left_d = {p: d for p in left if (d := _digest(p, limit)) is not None}
-            right_d = {p: d for p in right if (d := _digest(p, limit)) is not None}
-            common = set(left_d.values()) & set(right_d.values())
-            left = [p for p in left if left_d.get(p) in common]
-            right = [p for p in right if right_d.get(p) in common]
-        by_digest = {left_d[p]: p for p in left}
-        pairs += [(by_digest[right_d[p]], p) for p in right]
+    if not colliding:
+        return pairs
+    total = sum(len(train_sizes[size]) + len(other_sizes[size]) for size in colliding)
+    with Progress("duplicate check", total=total, unit="files", log=log) as progress:
+        for size in colliding:
+            stages: list[int | None] = [_PREFIX_BYTES, None] if size > _PREFIX_BYTES else [None]
+            left, right = train_sizes[size], other_sizes[size]
+            progress.update(len(left) + len(right))
+            for limit in stages:  # keep, stage by stage, only the files whose digests still collide
+                left_d = {p: d for p in left if (d := _digest(p, limit)) is not None}
+                right_d = {p: d for p in right if (d := _digest(p, limit)) is not None}
+                common = set(left_d.values()) & set(right_d.values())
+                left = [p for p in left if left_d.get(p) in common]
+                right = [p for p in right if right_d.get(p) in common]
+            by_digest = {left_d[p]: p for p in left}
+            pairs += [(by_digest[right_d[p]], p) for p in right]
+            progress.update(0, duplicates=len(pairs))
     return pairs
 
 
