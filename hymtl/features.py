@@ -441,6 +441,17 @@ def autocast_dtype(precision: str | None) -> torch.dtype | None:
     return torch.float16 if precision.startswith("16") else None
 
 
+def epoch_to_run(trainer) -> int:
+    """The training epoch the fit loop runs next (or is running): ``trainer.current_epoch``, except
+    while a resumed fit builds its first loaders. Lightning requests them (the sanity check's
+    val loader, then the train loader) before it updates ``current_epoch`` from the checkpoint's
+    progress, so it still names the epoch *before* the resumed one; the loop's count of processed
+    epochs already names the right one (it is what ``current_epoch`` becomes)."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+    processed = getattr(progress, "processed", None)
+    return max(int(trainer.current_epoch), int(processed)) if isinstance(processed, int) else int(trainer.current_epoch)
+
+
 class FeatureServer:
     """Serves backbone features computed once (:class:`FeatureExtractor`, with the disk cache)
     instead of images while the module's backbone is frozen: ``mode=frozen`` for the whole run
@@ -477,8 +488,14 @@ class FeatureServer:
         self._datasets: dict = {}
 
     def trainer_kwargs(self, unfreeze_at_epoch: int | None) -> dict:
-        """Extra Trainer arguments: a two-phase run needs new dataloaders (images) at the switch."""
-        return {"reload_dataloaders_every_n_epochs": int(unfreeze_at_epoch)} if self.precompute and unfreeze_at_epoch else {}
+        """Extra Trainer arguments: a two-phase run needs new dataloaders (images) at the switch.
+
+        Every epoch, not every ``unfreeze_at_epoch`` epochs: Lightning counts that period from the
+        epoch it last built the loaders, which after a resume is the resumed epoch, so a run
+        resumed in its head-only phase would miss the switch (features served to a training
+        backbone) and reload at other epochs than an uninterrupted run (other worker seeds).
+        Rebuilding a loader costs little: the features stay in memory (:meth:`dataset`)."""
+        return {"reload_dataloaders_every_n_epochs": 1} if self.precompute and unfreeze_at_epoch else {}
 
     def serves(self, trainer, stage: str) -> bool:
         """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
@@ -489,7 +506,7 @@ class FeatureServer:
             return False  # a module without a backbone schedule is always given images
         if stage == "test":
             return module.hparams.unfreeze_at_epoch is None
-        return not module.backbone_trains_at(trainer.current_epoch)
+        return not module.backbone_trains_at(epoch_to_run(trainer))
 
     def dataset(self, datamodule, samples: Sequence[Sample], train: bool) -> FeatureTensorDataset:
         """The features of ``samples`` (a split of ``datamodule``: its ``trainer``, ``preprocessing``,

@@ -260,8 +260,20 @@ def test_the_server_asks_the_module_what_to_serve():
     assert not server.serves(_trainer(finetune), "fit") and not server.serves(_trainer(frozen), "predict")
     assert not FeatureServer(precompute=False).serves(_trainer(frozen), "fit")
     assert not server.serves(None, "fit")  # no Trainer (the datamodule on its own): images
-    assert server.trainer_kwargs(2) == {"reload_dataloaders_every_n_epochs": 2}
+    # every epoch: Lightning counts a longer period from the resumed epoch and would miss the switch
+    assert server.trainer_kwargs(2) == server.trainer_kwargs(3) == {"reload_dataloaders_every_n_epochs": 1}
     assert server.trainer_kwargs(None) == server.trainer_kwargs(0) == FeatureServer().trainer_kwargs(2) == {}
+
+
+def test_a_resumed_fit_gets_the_loaders_of_the_epoch_it_resumes():
+    """Resumed after epoch 1 of a run that unfreezes at epoch 2, Lightning asks for the loaders
+    while ``current_epoch`` still reads 1; its loop has processed 2 epochs: images, not features."""
+    server = FeatureServer(precompute=True)
+    resumed = SimpleNamespace(lightning_module=_Module(2), current_epoch=1,
+                              fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=2))))
+    assert not server.serves(resumed, "fit")
+    resumed.fit_loop.epoch_progress.current.processed = 1  # the uninterrupted run in epoch 1
+    assert server.serves(resumed, "fit")
 
 
 def test_a_bad_file_in_the_feature_views_follows_the_image_loaders_rule(backbone, samples, tmp_path):
