@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,10 @@ def test_every_mode_trains_on_hostile_names_and_forges_no_log_line(named_folder,
     output = _output(result)
     assert result.returncode == 0, output[-3000:]
     _check_clean_output(output)
+    # not a terminal: no bar, one summary line for the file check (48 files, the 4 empty ones bad)
+    checks = [line for line in output.splitlines() if "file check" in line]
+    assert len(checks) == 1 and re.search(r"file check: 48 files in \d+\.\ds \(\d+\.\d files/s, bad 4\)$",
+                                          checks[0]), checks
     run = tmp_path / "run"
     log_text = (run / "train.log").read_bytes().decode("utf-8")  # the run's log is valid UTF-8 too
     _check_clean_output(log_text)
