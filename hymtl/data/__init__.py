@@ -46,9 +46,10 @@ from hymtl.data.images import (
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
 
 __all__ = [
-    "BadFile", "BadImageDropper", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR", "RUNTIME_SUFFIX",
-    "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS", "VAL_DIR_NAMES",
-    "build_transforms", "check_class_names", "check_files", "check_image_file", "collate_skipping", "compare_splits",
-    "default_num_workers", "download_and_extract", "find_classes", "find_duplicates", "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout",
-    "scan_split", "skipped_line", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
+    "BadFile", "BadImageDropper", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageSampleDataset", "MANIFEST_DIR",
+    "RUNTIME_SUFFIX", "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS",
+    "VAL_DIR_NAMES", "build_transforms", "check_class_names", "check_files", "check_image_file", "collate_skipping",
+    "compare_splits", "default_num_workers", "download_and_extract", "find_classes", "find_duplicates",
+    "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout", "scan_split",
+    "skipped_line", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
 ]

@@ -165,7 +165,8 @@ class ImageFolderDataModule(LightningDataModule):
         for s in train:
             counts[s.label] += s.path not in reasons
         empty = [name for name, n in zip(names, counts) if n == 0]
-        bad += [BadFile(str(Path(source) / name), "class folder without a usable image: class ignored") for name in empty]
+        bad += [BadFile(str(Path(source) / name), "class folder without a usable image: class ignored")
+                for name in empty]
         self.skipped = bad
         self._write_skipped(bad, len(every))
         if bad:
