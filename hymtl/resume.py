@@ -9,13 +9,22 @@
 * :class:`RNGStateCheckpoint` — Lightning checkpoints do not hold the random number generators;
   this callback stores the torch/CUDA/numpy/python states and puts them back when a resumed fit
   starts, so the shuffling and augmentations continue as if never stopped.
-* :class:`GracefulStop` — SIGINT (Ctrl-C) and SIGTERM finish the batch in progress, save
-  ``interrupted.ckpt`` and stop with :class:`RunInterrupted`; ``last.ckpt`` (end of the last
-  whole epoch) is left untouched and is what ``ckpt_path=last`` resumes from, exactly.
+  Reading goes through :func:`hymtl.loading.read_checkpoint`: a resumed fit and the test of the
+  best checkpoint get the same checks (CRC of every member, weights-only) as eval/predict/export.
+* :class:`RunSignals` — SIGINT (Ctrl-C) and SIGTERM for a whole run (``hymtl.train`` wraps the
+  run in it): outside the batch loops (file scan, feature extraction, between fit and test,
+  figures, metrics.json) the run stops at once with :class:`RunInterrupted` — safe, every file
+  is written atomically; inside them it defers to :class:`GracefulStop`.
+* :class:`GracefulStop` — inside the fit's epochs and the test's batches a signal finishes the
+  batch in progress; in the fit it saves ``interrupted.ckpt``; then :class:`RunInterrupted`.
+  ``last.ckpt`` (end of the last whole epoch) is left untouched and is what ``ckpt_path=last``
+  resumes from, exactly.
 * :func:`resolve_resume` — what ``ckpt_path=last`` / a path means, and which run folder a
-  resumed run continues in (the run of a checkpoint is :func:`hymtl.runs.run_dir_of`).
+  resumed run continues in (the run of a checkpoint is :func:`hymtl.runs.run_dir_of`);
+  :func:`check_resume` — what may be resumed: a whole checkpoint of the same run settings
+  (:data:`RESUME_MUST_MATCH`), refused with one line before the run folder is touched.
 
-Imports only downward (errors, fileio, runs); used by the entry points and conf/.
+Imports only downward (errors, fileio, loading, runs); used by the entry points and conf/.
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from hymtl.errors import HymtlError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
-from hymtl.runs import CHECKPOINTS_DIR, run_dir_of
+from hymtl.loading import LoadError, read_checkpoint
+from hymtl.runs import CHECKPOINTS_DIR, launch_dir, run_dir_of, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getbuffer())
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
             stale.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint, read by :func:`hymtl.loading.read_checkpoint` (the one reader of
+        eval/predict/export: every zip member against its CRC, ``weights_only``), on the CPU;
+        Lightning moves the states to the device. A damaged file is a one-line ``LoadError``."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return read_checkpoint(path)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -120,7 +140,13 @@ def _python_state_from_plain(state: dict[str, Any]) -> tuple:
 # --------------------------------------------------------------------------- signals
 class RunInterrupted(BaseException):
     """The run stopped on SIGINT/SIGTERM after saving its state. A ``BaseException`` so that a
-    sweep's per-run ``except Exception`` does not swallow the user's Ctrl-C."""
+    sweep's per-run ``except Exception`` does not swallow the user's Ctrl-C.
+
+    ``stage``: ``"fit"`` (in an epoch: ``checkpoint`` is ``interrupted.ckpt``), ``"test"``
+    (training had finished, ``checkpoint`` is the best one), ``"results"`` (the test had
+    finished; figures and metrics.json were being written), else the phase outside the batch
+    loops it stopped in, in words (``"the file scan"``, ``"the feature extraction"``…).
+    """
 
     def __init__(self, signum: int, checkpoint: str | None, resume_from: str | None, epoch: int,
                  stage: str = "fit"):
@@ -128,7 +154,7 @@ class RunInterrupted(BaseException):
         self.checkpoint = checkpoint
         self.resume_from = resume_from
         self.epoch = epoch
-        self.stage = stage  # "fit", or "test": training had finished, its checkpoints are on disk
+        self.stage = stage
         super().__init__(self.message)
 
     @property
@@ -138,47 +164,167 @@ class RunInterrupted(BaseException):
     @property
     def message(self) -> str:
         name = signal.Signals(self.signum).name
+        best = f" (best: {self.checkpoint})" if self.checkpoint else ""
+        test_it = "test it with python -m hymtl.eval ckpt_path=<the checkpoint>"
         if self.stage == "test":
-            saved = f"; training had finished and its checkpoints are saved (best: {self.checkpoint})" \
-                if self.checkpoint else "; training had finished"
-            return (f"interrupted by {name} during the test{saved}; no metrics.json was written: "
-                    "test it with python -m hymtl.eval ckpt_path=<the checkpoint>")
-        where = f"; state saved in {self.checkpoint}" if self.checkpoint else ""
+            return (f"interrupted by {name} during the test; training had finished and its checkpoints are saved"
+                    f"{best}; no metrics.json was written: {test_it}")
+        if self.stage == "results":
+            return (f"interrupted by {name} while writing the results (figures, metrics.json); training and the test "
+                    f"had finished and the checkpoints are saved{best}; each result file is written whole or not at "
+                    f"all: where metrics.json is missing, {test_it}")
+        if self.stage == "fit":
+            where = f"in epoch {self.epoch}; state saved in {self.checkpoint}" if self.checkpoint else f"in epoch {self.epoch}"
+        else:
+            where = f"during {self.stage}"
         if self.resume_from:
             resume = (f"; resume with ckpt_path=last (or ckpt_path={self.resume_from}): it continues from the "
                       f"end of the last whole epoch and ends as an uninterrupted run would")
         else:
-            resume = "; no epoch had finished, so a new run starts from scratch"
-        return f"interrupted by {name} in epoch {self.epoch}{where}{resume}"
+            resume = "; no epoch had finished, so nothing of the run is saved: a new run starts from scratch"
+            if self.stage == "the feature extraction":
+                resume += " (the feature cache keeps the features computed so far)"
+        return f"interrupted by {name} {where}{resume}"
 
 
-class GracefulStop(Callback):
-    """SIGINT/SIGTERM: finish the batch in progress, save ``<dirpath>/interrupted.ckpt`` (the
-    state at that batch: weights for evaluation, or a mid-epoch resume Lightning cannot replay
-    exactly), then stop with :class:`RunInterrupted`. A second Ctrl-C stops at once."""
+_ACTIVE: "RunSignals | None" = None  # the run-wide handler of this process, while a run is under way
 
-    def __init__(self, dirpath: str | None = None, filename: str = INTERRUPTED) -> None:
-        self.dirpath = dirpath
-        self.filename = filename
-        self.signum: int | None = None
+
+class RunSignals:
+    """SIGINT/SIGTERM for a whole run: ``with RunSignals(checkpoints_dir) as signals: ...``.
+
+    Outside the batch loops a signal raises :class:`RunInterrupted` at once, from wherever the
+    main thread is (the file scan, the feature extraction, between fit and test, the figures,
+    metrics.json): safe because every file of a run (checkpoints, feature-cache entries,
+    metrics.json, skipped.txt) is written atomically, so a stop leaves each whole or absent.
+    Inside them (:meth:`defer_to`, set by :class:`GracefulStop`) the batch in progress finishes.
+    ``phase`` (in words; set by the entry point and :class:`GracefulStop`) says where a stop happened; ``best`` is the best
+    checkpoint once the fit has ended. Handlers are installed from the main thread only."""
+
+    def __init__(self, checkpoints_dir: str | os.PathLike | None = None) -> None:
+        self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else None
+        self.phase = "the start of the run"
+        self.best: str | None = None
+        self._deferred_to: GracefulStop | None = None
         self._previous: dict[int, Any] = {}
+        self._outer: RunSignals | None = None
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._install()
+    def __enter__(self) -> "RunSignals":
+        global _ACTIVE
+        self._outer, _ACTIVE = _ACTIVE, self
+        self.install()
+        return self
 
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # every phase stops on a signal with a non-zero code (Lightning's own handler exits 0 here)
-        self._install()
+    def __exit__(self, *exc_info) -> None:
+        global _ACTIVE
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+        _ACTIVE, self._outer = self._outer, None
 
-    def _install(self) -> None:
-        self.signum = None
+    def install(self) -> None:
+        """(Re)install the handler: Lightning puts its own on SIGTERM when a fit or test starts."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
 
+    def defer_to(self, stop: "GracefulStop | None") -> None:
+        """Inside the batch loops: let ``stop`` finish the batch (``None``: stop at once again)."""
+        self._deferred_to = stop
+
     def _handle(self, signum: int, frame) -> None:
+        if self._deferred_to is not None:
+            self._deferred_to.request(signum)
+            return
+        raise self.interruption(signum)
+
+    def interruption(self, signum: int) -> RunInterrupted:
+        """The :class:`RunInterrupted` of a stop in the current phase, saying what is on disk."""
+        if self.phase in ("test", "results"):
+            return RunInterrupted(signum, self.best, None, -1, self.phase)
+        last = self.checkpoints_dir / LAST if self.checkpoints_dir is not None else None
+        resume_from = str(last) if last is not None and last.is_file() else None
+        return RunInterrupted(signum, None, resume_from, -1, self.phase)
+
+
+def active_run_signals() -> RunSignals | None:
+    """The run-wide handler of the run under way in this process, if any."""
+    return _ACTIVE
+
+
+class GracefulStop(Callback):
+    """SIGINT/SIGTERM inside the batch loops: finish the batch in progress; in the fit save
+    ``<dirpath>/interrupted.ckpt`` (the state at that batch: weights for evaluation, or a
+    mid-epoch resume Lightning cannot replay exactly); then stop with :class:`RunInterrupted`.
+    A second Ctrl-C stops at once.
+
+    The fit defers from ``on_train_start`` to ``on_train_end`` (every epoch, its validation and
+    checkpoints), the test during each batch. Outside those — the fit's setup with its feature
+    extraction, the test's setup, the figures and metrics.json after the last test batch — a
+    signal stops at once (:class:`RunSignals`): the run-wide handler of ``hymtl.train``, or one
+    this callback installs from ``setup`` to ``teardown`` when the Trainer is used alone."""
+
+    def __init__(self, dirpath: str | None = None, filename: str = INTERRUPTED) -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.signum: int | None = None
+        self._signals: RunSignals | None = None
+        self._own: RunSignals | None = None
+
+    # -- phases ------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.signum = None
+        self._signals = active_run_signals()
+        if self._signals is None:  # the Trainer used on its own: a handler for this fit/test only
+            self._own = self._signals = RunSignals(_checkpoint_dir(trainer)).__enter__()
+        self._signals.install()
+        if stage == "fit":
+            serves = getattr(trainer.datamodule, "serves_features", None)
+            self._signals.phase = ("the feature extraction" if callable(serves) and serves("fit")
+                                   else "the setup of the fit")
+        elif stage == "test":
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            self._signals.best = best or self._signals.best
+            self._signals.phase = "test"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning has put its SIGTERM handler over ours by now; inside the loops it would raise
+        # SIGTERMException, a SystemExit with code 0, at the next batch: take the signal back
+        self._signals.install()
+        self._signals.phase = "the fit"
+        self._signals.defer_to(self)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._signals.defer_to(None)
+        self._signals.phase = "the end of the fit"
+        self._stop_if_asked(trainer)  # a signal after the last batch: every epoch is saved
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._signals.install()  # over Lightning's handler, as in on_train_start
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        self._signals.defer_to(self)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        self._signals.defer_to(None)
+        if self.signum is not None:
+            raise RunInterrupted(self.signum, self._signals.best, _last_checkpoint(trainer), trainer.current_epoch, "test")
+        if trainer.test_loop.batch_progress.is_last_batch:
+            self._signals.phase = "results"  # the figures and metrics.json follow
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._signals is not None:
+            self._signals.defer_to(None)
+        if self._own is not None:
+            self._own.__exit__(None, None, None)
+        self._own = self._signals = None
+
+    # -- the deferred stop ---------------------------------------------------------------
+    def request(self, signum: int) -> None:
+        """A signal inside the batch loops: stop after the batch in progress."""
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: do not wait for the batch
         self.signum = signum
@@ -192,11 +338,6 @@ class GracefulStop(Callback):
         if not trainer.sanity_checking:
             self._stop_if_asked(trainer)
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        if self.signum is not None:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            raise RunInterrupted(self.signum, best or None, _last_checkpoint(trainer), trainer.current_epoch, "test")
-
     def _stop_if_asked(self, trainer: Trainer) -> None:
         if self.signum is None:
             return
@@ -204,12 +345,6 @@ class GracefulStop(Callback):
         path = folder / self.filename
         trainer.save_checkpoint(path)
         raise RunInterrupted(self.signum, str(path), _last_checkpoint(trainer), trainer.current_epoch)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for signum, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        self._previous = {}
 
 
 def _last_checkpoint(trainer: Trainer) -> str | None:
@@ -272,18 +407,95 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path) -> Re
     return Resume(path, run_dir_of(path))
 
 
-def check_resumable(path: Path, backbone: str, class_names: list[str], unfreeze_at_epoch: Any) -> None:
-    """One clear line instead of a shape-mismatch traceback when the checkpoint is of another
-    model, dataset or regime (read with ``weights_only=True``: no code runs)."""
+#: What a resumed run must share with the run it continues, compared between the run's saved
+#: ``.hydra/config.yaml`` (resolved) and the resuming command's config: every setting that
+#: changes what the run's metrics mean. The class names are compared with the checkpoint's
+#: (:func:`check_resumable_classes`): they are known only once the folders are scanned.
+RESUME_MUST_MATCH: tuple[str, ...] = (
+    "data.root",                 # the images (a relative root: relative to the folder launched from)
+    "data.val_fraction",         # the val split of a flat folder ...
+    "data.seed",                 # ... its seed (also the augmentation seed of the cached views)
+    "data.extensions",           # which files are images
+    "data.preprocessing",        # image size and normalisation (default: the backbone's)
+    "model.backbone",            # the network and its preprocessing
+    "model.label_smoothing",     # what train/val loss measure
+    "mode.name",                 # the regime ...
+    "model.unfreeze_at_epoch",
+    "model.trainable_stages",
+    "mode.precompute_features",  # ... and what the head trains on: cached features and their views
+    "mode.feature_views",
+)
+_ABSENT = object()
+
+
+def check_resume(resume: Resume, cfg: DictConfig) -> dict[str, Any]:
+    """What may be resumed: ``resume.checkpoint`` must be a whole hymtl checkpoint (read by
+    :func:`hymtl.loading.read_checkpoint`, the checks of eval/predict/export) of the same backbone
+    and regime, and the run it belongs to must have been run with the same
+    :data:`RESUME_MUST_MATCH` settings as ``cfg``. Otherwise one :class:`HymtlError` line that
+    names every difference (``data.root differs (was X, now Y)``) — raised before the run folder
+    is touched. Returns the checkpoint's hyperparameters."""
+    where = printable(str(resume.checkpoint))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, foreign or tampered: one line
-        raise HymtlError(f"cannot resume from {path}: not a readable checkpoint ({type(exc).__name__})") from None
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    mismatches = []
-    for key, want in (("backbone", backbone), ("class_names", list(class_names)),
-                      ("unfreeze_at_epoch", unfreeze_at_epoch)):
-        if key in hp and hp[key] != want:
-            mismatches.append(f"{key} {hp[key]!r} (this run: {want!r})")
-    if mismatches:
-        raise HymtlError(f"cannot resume from {path}: it was trained with " + ", ".join(mismatches))
+        checkpoint = read_checkpoint(resume.checkpoint)
+    except LoadError as exc:
+        raise HymtlError(f"cannot resume {where}: {exc}") from None
+    differences = setting_differences(resume.run_dir, cfg)
+    hp = checkpoint["hyper_parameters"]
+    for key, name in (("model.backbone", "backbone"), ("model.unfreeze_at_epoch", "unfreeze_at_epoch")):
+        now = OmegaConf.select(cfg, key, default=None)
+        if name in hp and hp[name] != now and not any(d.startswith(f"{key} ") for d in differences):
+            differences.append(f"{key} differs (the checkpoint's: {printable(repr(hp[name]))}, now {printable(repr(now))})")
+    if differences:
+        raise HymtlError(f"cannot resume {where}: " + "; ".join(differences)
+                         + " (a resume must run with its run's settings; start a new run to change them)")
+    return hp
+
+
+def setting_differences(run_dir: Path | None, cfg: DictConfig) -> list[str]:
+    """``"<key> differs (was X, now Y)"`` for each :data:`RESUME_MUST_MATCH` key whose value in
+    ``<run_dir>/.hydra/config.yaml`` differs from ``cfg``'s (none for a checkpoint outside a run
+    folder, or keys an older run did not save)."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return []
+    launched = launch_dir(run_dir)
+    differences = []
+    for key in RESUME_MUST_MATCH:
+        was = _setting(saved, key, launched)
+        if was is _ABSENT:
+            continue
+        now = _setting(cfg, key, Path.cwd())
+        now = None if now is _ABSENT else now
+        if was != now:
+            differences.append(f"{key} differs (was {printable(_shown(was))}, now {printable(_shown(now))})")
+    return differences
+
+
+def _setting(config: DictConfig, key: str, launched: Path | None) -> Any:
+    try:
+        value = OmegaConf.select(config, key, default=_ABSENT, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - e.g. a resolver an older hymtl had: nothing to compare
+        return _ABSENT
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if key == "data.root" and value not in (None, _ABSENT):
+        root = Path(os.path.expanduser(str(value)))
+        if not root.is_absolute() and launched is not None:
+            root = launched / root
+        value = os.path.normpath(root.absolute())
+    return value
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def check_resumable_classes(path: Path, hparams: dict[str, Any], class_names: list[str]) -> None:
+    """The class names found by the scan must be those of the checkpoint (``hparams``, from
+    :func:`check_resume`): one line, not a shape-mismatch traceback, when the folder now holds
+    other classes."""
+    saved = hparams.get("class_names")
+    if saved is not None and list(saved) != list(class_names):
+        raise HymtlError(f"cannot resume {printable(str(path))}: class names differ (was {printable(repr(list(saved)))}, "
+                         f"now {printable(repr(list(class_names)))})")

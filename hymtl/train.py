@@ -29,11 +29,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from hymtl.callbacks import RunSummary
     from hymtl.config import check_numbers, instantiate_group
-    from hymtl.resume import check_resumable, resolve_resume
+    from hymtl.resume import RunSignals, check_resumable_classes, check_resume, resolve_resume
+    from hymtl.runs import CHECKPOINTS_DIR
     from hymtl.runtime import configure_backends
 
     check_numbers(cfg)
     resume = resolve_resume(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
+    # a damaged checkpoint or other settings (data, preprocessing, regime…): refused before the
+    # run folder is touched (its metrics.json, skipped.txt and .hydra/ stay the run's own)
+    resumed_hparams = check_resume(resume, cfg) if resume is not None else None
     if resume is not None and resume.run_dir is not None and resume.run_dir.resolve() != Path(cfg.paths.output_dir).resolve():
         # one run, one folder: the best checkpoint so far, the curves and metrics.json stay together
         log.info("resuming %s: writing to its run folder %s", resume.checkpoint, resume.run_dir)
@@ -41,27 +45,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
 
-    features = instantiate(cfg.feature_cache)
-    datamodule = instantiate(cfg.data, features=features)
-    datamodule.prepare_data()  # download if missing: the class names are needed to build the head
-    model = instantiate(cfg.model, num_classes=len(datamodule.class_names), class_names=datamodule.class_names)
-    if resume is not None:
-        check_resumable(resume.checkpoint, model.hparams.backbone, model.class_names, model.hparams.unfreeze_at_epoch)
-    log.info("classes %s; backbone %s (%s)", model.class_names, model.hparams.backbone, model.weights_source)
+    # SIGINT/SIGTERM stop every phase with 128+signal and a line saying what is saved
+    with RunSignals(Path(cfg.paths.output_dir) / CHECKPOINTS_DIR) as signals:
+        features = instantiate(cfg.feature_cache)
+        datamodule = instantiate(cfg.data, features=features)
+        signals.phase = "the download"
+        datamodule.prepare_data()  # download if missing: the class names are needed to build the head
+        signals.phase = "the file scan"
+        log.info("checking the files of %s", datamodule.root)
+        class_names = datamodule.class_names
+        signals.phase = "the setup of the run"
+        model = instantiate(cfg.model, num_classes=len(class_names), class_names=class_names)
+        if resume is not None:
+            check_resumable_classes(resume.checkpoint, resumed_hparams, model.class_names)
+        log.info("classes %s; backbone %s (%s)", model.class_names, model.hparams.backbone, model.weights_source)
 
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers,
-                                      **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers = instantiate_group(cfg.get("logger"))
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+                                          logger=loggers, **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None, weights_only=True)
-    if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-    # RunSummary publishes the numbers (from metrics.json where a DDP-spawn fit ran in child processes)
-    summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
-    return summary.result() if summary is not None else {}
+        signals.phase = "the setup of the fit"  # hymtl.resume.GracefulStop names the phases inside
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None,
+                    weights_only=True)
+        signals.phase = "the end of the fit"
+        if cfg.get("test"):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        signals.phase = "results" if cfg.get("test") else "the end of the fit"
+        # RunSummary publishes the numbers (from metrics.json where a DDP-spawn fit ran in child processes)
+        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+        return summary.result() if summary is not None else {}
 
 
 def _train_and_score(cfg: DictConfig) -> float | None:

@@ -230,3 +230,168 @@ def test_sigterm_during_the_test_exits_non_zero_and_says_what_was_saved(tmp_path
                            f"are saved (best: {tmp_path / 'run' / 'checkpoints'}/best-"), last
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+# --------------------------------------------------------------------------- what may be resumed
+FROZEN = ["model=efficientnet_lite0", "model.pretrained=false", "data=folder", "data.num_workers=0", "data.batch_size=4",
+          "mode=frozen", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+          "+trainer.limit_test_batches=1", "callbacks.test_figures=null"]
+
+
+def _frozen(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hymtl.train", *FROZEN, *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HYMTL_CACHE_DIR": str(cwd / "cache")})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished one-epoch ``mode=frozen`` run on ``<base>/A`` in ``<base>/run``; ``<base>/B``
+    holds other images of the same class names. Tests copy it (:func:`_copy_run`)."""
+    base = tmp_path_factory.mktemp("resume_run")
+    make_image_folder(base / "A", per_class=4)
+    make_image_folder(base / "B", per_class=5)
+    result = _frozen(base, f"data.root={base / 'A'}", "mode.epochs=1", "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base / "run"
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def _stamps(run: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of a run folder with its mtime and bytes: what "untouched" means."""
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_with_other_data_is_refused_before_the_run_folder_is_touched(finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    data_a, data_b = finished_run.parent / "A", finished_run.parent / "B"
+    before = _stamps(run)
+    # from a new Hydra folder (the resume writes to the checkpoint's run folder) and in place
+    # (hydra.run.dir=<run>: Hydra would write the new config over the run's .hydra/)
+    for where in ("hydra.run.dir=elsewhere", f"hydra.run.dir={run}"):
+        refused = _frozen(tmp_path, f"data.root={data_b}", "mode.epochs=2", where, f"ckpt_path={run}/checkpoints/last.ckpt")
+        assert refused.returncode == 2, (where, refused.stderr[-3000:])
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert lines[0] == (f"error: cannot resume {run}/checkpoints/last.ckpt: data.root differs (was {data_a}, now "
+                            f"{data_b}) (a resume must run with its run's settings; start a new run to change them)"), lines
+        assert _stamps(run) == before, where  # metrics.json, skipped.txt, .hydra/, checkpoints: the run's own
+    # every difference in the one line
+    refused = _frozen(tmp_path, f"data.root={data_a}", "mode.epochs=2", "mode.feature_views=1", "data.val_fraction=0.5",
+                      "hydra.run.dir=elsewhere", f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert refused.returncode == 2
+    assert "data.val_fraction differs (was 0.2, now 0.5); mode.feature_views differs (was 2, now 1)" in refused.stderr
+    # the same settings (a relative data.root naming the same folder) resume in the run's folder
+    resumed = subprocess.run([sys.executable, "-m", "hymtl.train", *FROZEN, "data.root=A", "mode.epochs=2",
+                              f"hydra.run.dir={run}", "ckpt_path=last"], cwd=finished_run.parent, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache")})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flipped bytes":  # inside the weights: torch.load alone would not notice
+        middle = len(data) // 2
+        data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    else:
+        data = data[: len(data) * 2 // 3]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["flipped bytes", "truncated"])
+def test_resume_from_a_damaged_checkpoint_is_refused_and_trains_nothing(finished_run, tmp_path, how):
+    run = _copy_run(finished_run, tmp_path)
+    _damage(run / "checkpoints" / LAST, how)
+    before = _stamps(run)
+    refused = _frozen(tmp_path, f"data.root={finished_run.parent / 'A'}", "mode.epochs=2", "hydra.run.dir=elsewhere",
+                      f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot resume {run}/checkpoints/last.ckpt: cannot read "
+                                                    "checkpoint "), refused.stderr[-3000:]
+    assert _stamps(run) == before  # no epoch trained, no file of the run rewritten
+
+
+def test_checkpoint_io_reads_through_the_safe_loader(tiny_checkpoint, tmp_path):
+    """What Lightning reads on resume (and for the test of the best checkpoint) is checked as
+    eval/predict/export check it: a damaged tensor is refused, a whole file loads."""
+    from hymtl.loading import LoadError
+
+    whole = AtomicCheckpointIO().load_checkpoint(tiny_checkpoint)
+    assert "state_dict" in whole and "hyper_parameters" in whole
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(tiny_checkpoint.read_bytes())
+    _damage(damaged, "flipped bytes")
+    with pytest.raises(LoadError, match="fails its CRC check"):
+        AtomicCheckpointIO().load_checkpoint(damaged)
+
+
+# --------------------------------------------------------------------------- signals outside the loops
+def _cache_entries(cache: Path) -> int:
+    return sum(1 for _ in cache.rglob("*.pt")) if cache.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_during_feature_extraction_stops_within_a_few_batches(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=150)  # 300 training images to extract
+    cache = tmp_path / "cache"
+    # one image (3 views) per extraction batch: a cache entry per batch shows where it is
+    proc = subprocess.Popen([sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1",
+                             "feature_cache.batch_size=3", "hydra.run.dir=run"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+                            env={**os.environ, "HYMTL_CACHE_DIR": str(cache)})
+    deadline = time.monotonic() + 600
+    while _cache_entries(cache) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    at_signal = _cache_entries(cache)
+    proc.wait(timeout=300)
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted by SIGTERM during the feature extraction; no epoch had finished, so nothing of the run is saved: "
+        "a new run starts from scratch (the feature cache keeps the features computed so far)")
+    assert _cache_entries(cache) <= at_signal + 5  # a few batches, not the other ~300 images
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
+    import shutil
+
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    for name in ("ants", "bees"):  # 40 000 files: a scan of several seconds
+        first = root / "train" / name / f"{name}_0.jpg"
+        for i in range(1, 20_000):
+            shutil.copyfile(first, first.with_name(f"{name}_{i}.jpg"))
+    proc = subprocess.Popen([sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1",
+                             "hydra.run.dir=run"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+                            env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache")})
+    for line in proc.stdout:  # the log says when the scan starts
+        if "checking the files of" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    else:
+        pytest.fail("the run did not log the start of its file scan: " + (tmp_path / "stderr").read_text()[-3000:])
+    proc.stdout.read()
+    proc.wait(timeout=120)
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted by SIGTERM during the file scan; no epoch had finished, so nothing of the run is saved: "
+        "a new run starts from scratch")
+    assert not (tmp_path / "run" / "metrics.json").exists()
