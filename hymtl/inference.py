@@ -150,13 +150,13 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
     Folders follow the file rules of :mod:`hymtl.data.folders` (:func:`walk_images`: hidden
     entries skipped, sorted). A file named explicitly is taken whatever its extension (decoding
     decides); glob matches are filtered by extension like folder contents. Then every path goes
-    through training's file check (:func:`hymtl.data.images.check_image_file`: stat and image
+    through training's file check (:func:`hymtl.data.images.check_files`: stat and image
     header, no pixels): a FIFO or other special file, a decompression bomb, an empty or
     unreadable file is skipped with its reason and never opened for decoding. Paths that match
     nothing are returned as skipped. Duplicates are dropped, order is kept.
     """
     from hymtl.data.folders import is_image_file, walk_images
-    from hymtl.data.images import check_image_file
+    from hymtl.data.images import check_files
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
@@ -180,14 +180,10 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
                 skipped.append(Skipped(item, "pattern matches no images"))
         else:
             skipped.append(Skipped(item, "no such file or folder"))
-    usable = []
-    for path in dict.fromkeys(files):
-        reason = check_image_file(path)
-        if reason is None:
-            usable.append(path)
-        else:
-            skipped.append(Skipped(path, reason))
-    return usable, skipped
+    files = list(dict.fromkeys(files))
+    reasons = check_files(files)  # training's file check, with its progress and summary line
+    skipped += [Skipped(path, reasons[path]) for path in files if path in reasons]
+    return [path for path in files if path not in reasons], skipped
 
 
 def _skip_reason(path: str) -> str:
