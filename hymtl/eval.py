@@ -7,8 +7,10 @@ table and saved as ``eval.json`` — with the test figures — in ``<run>/eval/<
 where ``<run>`` is the training run the checkpoint belongs to. Without ``data.root`` the folder
 the checkpoint was trained on (its run's ``.hydra/config.yaml``) is used.
 
-The checkpoint is read with ``weights_only=True`` (no code from the file runs); a folder whose
-classes differ from the checkpoint's is refused with one line.
+The checkpoint is read with ``weights_only=True`` (no code from the file runs; a TorchScript
+program is refused whatever its name: :func:`hymtl.loading.read_checkpoint`); a folder whose
+classes differ from the checkpoint's is refused with one line. Paths in the printed report go
+through :func:`hymtl.errors.printable`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.cli import run_entry
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, printable
 from hymtl.runtime import config_dir
 
 if TYPE_CHECKING:
@@ -53,8 +55,8 @@ def format_report(result: dict[str, Any]) -> str:
     names = result["class_names"]
     width = max(10, *(len(n) for n in names)) + 2
     lines = [
-        f"checkpoint  {result['checkpoint']}",
-        f"data        {result['data_root']} (split {result['split']}, {result['num_images']} images)",
+        f"checkpoint  {printable(result['checkpoint'])}",
+        f"data        {printable(result['data_root'])} (split {result['split']}, {result['num_images']} images)",
         "",
         f"{'class':<{width}}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}",
     ]
@@ -134,7 +136,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["output"] = str(output_dir / "eval.json")
         atomic_write_json(output_dir / "eval.json", result)
         print(format_report(result), flush=True)
-        print(f"\nsaved {result['output']}", flush=True)
+        print(f"\nsaved {printable(result['output'])}", flush=True)
     return result
 
 

@@ -357,6 +357,10 @@ def test_hostile_torchscript_is_refused_by_default_and_nothing_runs(tiny_checkpo
         load_predictor(disguised)
     with pytest.raises(LoadError, match=r"refusing to read .*evil\.ckpt as a checkpoint: it is a TorchScript program"):
         load_checkpoint(disguised)  # eval, export and resume read checkpoints through this
+    from hymtl.eval import EvalError, load_checkpoint as eval_load_checkpoint
+
+    with pytest.raises(EvalError, match=r"evil\.ckpt as a checkpoint: it is a TorchScript program"):
+        eval_load_checkpoint(disguised)
 
     result = subprocess.run([sys.executable, "-m", "hymtl.predict", f"ckpt_path={evil}", f"inputs=[{images}]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
