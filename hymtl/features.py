@@ -50,7 +50,6 @@ import hashlib
 import io
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, NamedTuple, Protocol, Sequence
@@ -64,6 +63,7 @@ from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
 from hymtl.errors import HymtlError
 from hymtl.fileio import atomic_write_bytes
+from hymtl.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -280,35 +280,39 @@ class FeatureExtractor:
         """Features ``(n, 1 + source.num_views, F)`` of the items ``indices`` of ``source`` (default: all).
 
         Cached entries are read; the others are computed in batches (decoding in
-        ``num_workers`` DataLoader workers) and stored. ``indices`` selects a shard.
+        ``num_workers`` DataLoader workers) and stored. ``indices`` selects a shard. Progress:
+        a bar on a terminal (images, images/s, time left, cache hits), and one summary line in
+        the log at the end (count, duration, cache hits, computed): :class:`hymtl.progress.Progress`.
         """
         started = time.perf_counter()
         indices = list(range(len(source))) if indices is None else list(indices)
         views = 1 + source.num_views
         results: dict[int, torch.Tensor] = {}
         missing: list[int] = []
-        for i in indices:
-            path = self.entry_path(source.recipe, source.identity(i))
-            cached = self._read(path, source.identity(i), source.num_views) if path is not None else None
-            if cached is None:
-                missing.append(i)
-            else:
-                results[i] = cached
-        self.stats["hits"] += len(results)
-        if missing:
-            self._compute(source, missing, views, results)
-        elapsed = time.perf_counter() - started
-        self.stats["seconds"] += elapsed
-        if not sys.stdout.isatty():  # logs and CI: one line instead of a bar
-            log.info("feature extraction: %d images in %.1fs (%d cache hits, %d computed)",
-                     len(indices), elapsed, len(indices) - len(missing), len(missing))
+        with Progress("feature extraction", total=len(indices), unit="images", log=log) as progress:
+            for i in indices:
+                path = self.entry_path(source.recipe, source.identity(i))
+                cached = self._read(path, source.identity(i), source.num_views) if path is not None else None
+                if cached is None:
+                    missing.append(i)
+                else:
+                    results[i] = cached
+                    progress.update(1, cache_hits=len(results), computed=0)
+            self.stats["hits"] += len(results)
+            if missing:
+                self._compute(source, missing, views, results, progress)
+            failed = len(indices) - len(results)
+            progress.update(0, cache_hits=len(indices) - len(missing), computed=len(missing) - failed,
+                            **({"failed": failed} if failed else {}))
+        self.stats["seconds"] += time.perf_counter() - started
         kept = [i for i in indices if i in results]
         if len(kept) < len(indices):
             log.warning("%d of %d images failed to decode and have no features", len(indices) - len(kept), len(indices))
         tensor = torch.stack([results[i] for i in kept]) if kept else torch.empty(0, views, 0)
         return Features(kept, tensor)
 
-    def _compute(self, source: ViewSource, missing: Sequence[int], views: int, results: dict) -> None:
+    def _compute(self, source: ViewSource, missing: Sequence[int], views: int, results: dict,
+                 progress: Progress) -> None:
         # every item is (V, 3, H, W): batch whole images so a batch holds ~batch_size views
         per_batch = max(1, self.batch_size // views)
         loader = SkippingDataLoader(
@@ -318,16 +322,9 @@ class FeatureExtractor:
             # RNG would make a run that extracts differ from one that reads the cache
             generator=torch.Generator(),
         )
+        hits, done = len(results), 0
         with self._eval_mode():
-            bar = None
-            if sys.stdout.isatty():  # a terminal gets a bar like Lightning's
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(missing), initial=0, unit="images", desc="features",
-                           postfix={"cache hits": len(results)}, leave=False)
             for positions, batch in loader:  # items that failed to decode are dropped (None)
-                if bar is not None:
-                    bar.update(len(positions))
                 n, v = batch.shape[:2]
                 feats = self.forward(batch.flatten(0, 1)).view(n, v, -1)
                 for pos, item in zip(positions.tolist(), feats):
@@ -336,8 +333,10 @@ class FeatureExtractor:
                     path = self.entry_path(source.recipe, source.identity(index))
                     if path is not None:
                         self._write(path, source.identity(index), item)
-            if bar is not None:
-                bar.close()
+                # the positions of a batch are increasing: up to its last, every item is done (or dropped)
+                progress.update(int(positions[-1]) + 1 - done, cache_hits=hits, computed=len(results) - hits)
+                done = int(positions[-1]) + 1
+        progress.update(len(missing) - done)  # a last batch whose every file failed to decode
         self.stats["computed"] += sum(i in results for i in missing)
 
 

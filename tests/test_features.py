@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -433,9 +434,56 @@ def test_a_poisoned_entry_is_recomputed_and_trains_to_finite_loss(backbone, samp
 
 
 def test_extraction_off_a_terminal_reports_one_line(backbone, samples, tmp_path, caplog):
+    """Not a terminal (CI, logs): no bar, one summary line per extraction, from hymtl.progress."""
+    Path(samples[3].path).write_bytes(b"\xff\xd8\xff broken jpeg")
     source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
-    extractor(backbone, tmp_path).extract(source)
     with caplog.at_level(logging.INFO, logger="hymtl.features"):
-        extractor(backbone, tmp_path).extract(source)
-    lines = [r.getMessage() for r in caplog.records if "feature extraction" in r.getMessage()]
-    assert len(lines) == 1 and "4 images" in lines[0] and "4 cache hits, 0 computed" in lines[0]
+        extractor(backbone, tmp_path).extract(source)  # computes
+        extractor(backbone, tmp_path).extract(source)  # reads the cache (the broken file again fails)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("feature extraction:")]
+    assert len(lines) == 2, lines
+    pattern = r"feature extraction: 4 images in \d+\.\ds \(\d+\.\d images/s, cache hits {}, computed {}, failed 1\)"
+    assert re.fullmatch(pattern.format(0, 3), lines[0]), lines[0]
+    assert re.fullmatch(pattern.format(3, 0), lines[1]), lines[1]
+
+
+_EXTRACT_ON_A_TERMINAL = r"""
+import sys
+from hymtl.backbones import create_backbone
+from hymtl.data.folders import Sample
+from hymtl.features import FeatureExtractor, MultiViewDataset
+built = create_backbone("efficientnet_lite0", pretrained=False)
+source = MultiViewDataset([Sample(p, 0) for p in sys.argv[2:]], built.preprocessing, num_views=1)
+FeatureExtractor(built.model, "efficientnet_lite0", cache_dir=sys.argv[1], batch_size=2).extract(source)
+"""
+
+
+def test_extraction_on_a_terminal_shows_a_bar_with_rate_time_left_and_cache_hits(samples, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()  # a real terminal for the child's stdout, 160 columns wide
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", _EXTRACT_ON_A_TERMINAL, str(tmp_path / "cache"),
+                             *(s.path for s in samples)], stdout=secondary, stderr=subprocess.PIPE, env=env)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    text = shown.decode(errors="replace")
+    assert "feature extraction" in text and "4/4" in text, text
+    assert "images/s" in text and "<00:00" in text and "cache hits=0" in text and "computed=4" in text, text
