@@ -301,7 +301,9 @@ def export(cfg: DictConfig) -> dict:
                     candidate = TorchScriptPredictor(module, loaded_meta, source=str(out))
         except LoadError as exc:
             raise ExportError(f"the freshly exported model does not load: {exc}") from None
-        with Progress(f"parity {candidate.backend} vs checkpoint", total=len(paths), unit="images", log=log) as progress:
+        # not "parity …": that prefix is the verdict line's
+        phase_name = f"checking parity ({candidate.backend} vs checkpoint)"
+        with Progress(phase_name, total=len(paths), unit="images", log=log) as progress:
             report = check_parity(TorchPredictor(model, str(ckpt)), candidate, paths, atol=float(cfg.parity.atol),
                                   batch_size=int(cfg.parity.batch_size), num_workers=cfg.parity.num_workers,
                                   progress=progress)

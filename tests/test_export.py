@@ -176,8 +176,9 @@ def test_every_export_phase_says_when_it_starts_and_how_long_it_took(tiny_checkp
         started = [i for i, l in enumerate(lines) if l.startswith(name) and l.endswith(" ...")]
         ended = [i for i, l in enumerate(lines) if l.startswith(name) and re.search(r": done in \d+\.\ds$", l)]
         assert len(started) == len(ended) == 1 and started[0] < ended[0], (name, lines)
-    parity = [l for l in lines if l.startswith("parity onnxruntime vs checkpoint: ")]
+    parity = [l for l in lines if l.startswith("checking parity (onnxruntime vs checkpoint): ")]
     assert len(parity) == 1 and re.fullmatch(
-        r"parity onnxruntime vs checkpoint: 12 images in \d+\.\ds \([\d.]+ images/s, skipped 0\)", parity[0])
+        r"checking parity \(onnxruntime vs checkpoint\): 12 images in \d+\.\ds \([\d.]+ images/s, skipped 0\)",
+        parity[0])
     assert "\r" not in result.stdout and "it/s" not in result.stdout + result.stderr  # no progress bar
     assert lines[-1].startswith(f"wrote {out}")
