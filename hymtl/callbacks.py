@@ -23,7 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 
-from hymtl.cli import shown_path
+from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
 from hymtl.figures import ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, prediction_grid
 from hymtl.fileio import atomic_write_bytes, atomic_write_json

@@ -40,7 +40,7 @@ from typing import Any, Callable, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl import distributed, runtime
-from hymtl.errors import user_error
+from hymtl.errors import printable, user_error
 from hymtl.fileio import atomic_write_json
 
 log = logging.getLogger("hymtl")
@@ -144,16 +144,6 @@ class QuietConsole(logging.Filter):
         return None
 
 
-def shown_path(path: str | Path) -> str:
-    """``path`` as the console shows it: relative to the working directory when inside it
-    (shorter to read and to paste), else as given."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except (OSError, ValueError):
-        return str(path)
-
-
 def route_library_messages() -> None:
     """Python warnings and Lightning's messages through the handlers of ``conf/hydra/``.
 
@@ -198,7 +188,7 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
         if error is None:
             raise
         write_error_json(exc, error)  # the folder of a run that never trained is marked failed
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
         from hymtl.resume import RunInterrupted  # loaded already: a run was under way

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from hymtl.errors import DownloadError, WriteError
+from hymtl.errors import DownloadError, WriteError, printable
 
 
 def _umask() -> int:
@@ -137,3 +137,13 @@ def download_file(
     finally:
         Path(tmp).unlink(missing_ok=True)
 
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as the console shows it: relative to the working directory when inside it
+    (shorter to read and to paste), else as given; escaped by :func:`~hymtl.errors.printable`."""
+    path = Path(path)
+    try:
+        shown = str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (OSError, ValueError):
+        shown = str(path)
+    return printable(shown)

@@ -253,7 +253,7 @@ class SweepSummary(Callback):
 def sweep_end_lines(sweep_dir: str | Path) -> list[str]:
     """The end of a multirun's output, after its table: where the summary is, and the command
     that opens every run of the sweep side by side in TensorBoard."""
-    from hymtl.cli import shown_path
+    from hymtl.fileio import shown_path
 
     sweep_dir = Path(sweep_dir)
     return [f"sweep summary: {shown_path(sweep_dir / 'summary.md')} (table above; also {(sweep_dir / 'summary.csv').name})",

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 @pytest.mark.parametrize(
     "mode, unfreeze",
-    [("frozen", None), ("finetune", 0), ("two_phase", 2)],
+    [("frozen", None), ("finetune", 0), ("two_phase", 2), ("partial", 0)],
 )
 def test_modes_drive_the_module(compose, mode, unfreeze):
     cfg = compose(f"mode={mode}")
