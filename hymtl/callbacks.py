@@ -505,7 +505,8 @@ class RunSummary(Callback):
     (``test/*``); then written. Keys: ``train/*``, ``val/*``, ``test/*``, ``examples_per_sec``
     (the logged ``train/examples_per_sec`` of :class:`ExamplesPerSecond`), ``epochs``,
     ``wall_time_s`` (since this callback was built), ``mode``, ``backbone``, ``class_names``,
-    ``test_split``, ``best_checkpoint``, ``device``, ``skipped_files`` (lines of
+    ``test_split``, ``split_report`` (the datamodule's ``split_report``: what does not match
+    between the splits, ``None`` when nothing), ``best_checkpoint``, ``device``, ``skipped_files`` (lines of
     ``skipped_file``, with one warning that summarises them).
 
     The end of the run's output, after the progress bar closed (:func:`end_lines`): the
@@ -544,6 +545,8 @@ class RunSummary(Callback):
             "epochs": trainer.current_epoch,
             "class_names": list(class_names) if class_names is not None else None,
             "test_split": getattr(trainer.datamodule, "test_split_name", None),
+            # what does not match between the splits (unknown classes, duplicates): see the datamodule
+            "split_report": getattr(trainer.datamodule, "split_report", None) or None,
             "best_checkpoint": best or None,
             "device": device_name(trainer),
         })
@@ -589,6 +592,7 @@ class RunSummary(Callback):
             "backbone": self.backbone,
             "class_names": fit.get("class_names"),
             "test_split": fit.get("test_split"),
+            "split_report": fit.get("split_report"),
             "best_checkpoint": fit.get("best_checkpoint"),
             "device": fit.get("device"),
         })

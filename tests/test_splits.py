@@ -159,3 +159,19 @@ def test_split_report_names_are_escaped_and_json_ready(tmp_path, caplog, layout)
     assert report[f"unknown_{layout}_classes"]["examples"] == ["w\\xe9sp\\n[FORGED]"]
     json.dumps(report, ensure_ascii=False).encode("utf-8")  # no lone surrogates
     assert all("\n" not in w and w.isprintable() for w in warnings)
+
+
+def test_a_run_records_the_split_report_in_metrics_json(tmp_path):
+    from test_train import TINY_MODEL, run_train
+
+    root = tmp_path / "data"
+    make_split(root, "train", {"ants": 4, "bees": 4}, 0)
+    make_split(root, "val", {"ants": 2, "bees": 2, "wasps": 2}, 1000)
+    shutil.copy(root / "train" / "ants" / "ants_0.jpg", root / "val" / "ants" / "copy.jpg")
+    result = run_train(*TINY_MODEL, "mode=frozen", "data=folder", f"data.root={root}", "+trainer.fast_dev_run=true",
+                       "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())["split_report"]
+    assert report["unknown_val_classes"] == {"count": 1, "images": 2, "examples": ["wasps"]}
+    assert report["duplicates_across_splits"]["count"] == 1
+    assert "val: 1 class folder unknown to train left out (2 images): wasps" in result.stdout + result.stderr
