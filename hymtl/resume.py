@@ -322,6 +322,9 @@ class GracefulStop(Callback):
             self._own.__exit__(None, None, None)
         self._own = self._signals = None
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "")  # Lightning calls no teardown hooks after an exception
+
     # -- the deferred stop ---------------------------------------------------------------
     def request(self, signum: int) -> None:
         """A signal inside the batch loops: stop after the batch in progress."""

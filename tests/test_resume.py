@@ -377,9 +377,13 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
         for i in range(1, 20_000):
             shutil.copyfile(first, first.with_name(f"{name}_{i}.jpg"))
     proc = subprocess.Popen([sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1",
-                             "hydra.run.dir=run"],
+                             "mode.precompute_features=false", "hydra.run.dir=run"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
                             env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache")})
+    import threading
+
+    watchdog = threading.Timer(300, proc.kill)  # a run that never logs its scan fails, not hangs
+    watchdog.start()
     for line in proc.stdout:  # the log says when the scan starts
         if "checking the files of" in line:
             proc.send_signal(signal.SIGTERM)
@@ -388,6 +392,7 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
         pytest.fail("the run did not log the start of its file scan: " + (tmp_path / "stderr").read_text()[-3000:])
     proc.stdout.read()
     proc.wait(timeout=120)
+    watchdog.cancel()
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr
