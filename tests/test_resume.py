@@ -400,3 +400,36 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
         "interrupted by SIGTERM during the file scan; no epoch had finished, so nothing of the run is saved: "
         "a new run starts from scratch")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+class SignalAfterTheTest:
+    """``+callbacks.kill._target_=test_resume.SignalAfterTheTest``: SIGTERM once the last test
+    batch is done, while the figures and metrics.json are being written."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_test_epoch_end(self, trainer, pl_module):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Signal()
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_the_results_exits_non_zero_and_says_what_was_saved(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1", "hydra.run.dir=run",
+         "+callbacks.kill._target_=test_resume.SignalAfterTheTest"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("interrupted by SIGTERM while writing the results (figures, metrics.json); training and "
+                           "the test had finished and the checkpoints are saved (best: "
+                           f"{tmp_path / 'run' / 'checkpoints'}/best-"), line
+    assert not (tmp_path / "run" / "metrics.json").exists()  # RunSummary writes it after the epoch end
