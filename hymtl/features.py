@@ -61,7 +61,7 @@ from torch.utils.data import Dataset, Subset
 from hymtl.data.folders import Sample
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
 from hymtl.progress import Progress
 
@@ -142,7 +142,7 @@ def state_digest(module: nn.Module) -> str:
 
 def view_seed(seed: int, path: str, view: int) -> int:
     """The RNG seed of augmented view ``view`` of ``path``: independent of K and of the order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}|{path}|{view}".encode()).digest()[:8], "little") & (2**63 - 1)
+    return int.from_bytes(hashlib.sha256(f"{seed}|{path}|{view}".encode("utf-8", "surrogateescape")).digest()[:8], "little") & (2**63 - 1)
 
 
 class FeatureExtractor:
@@ -238,12 +238,12 @@ class FeatureExtractor:
         buffer = io.BytesIO()
         plain, aug = views[0].clone(), views[1:].clone()
         if not torch.isfinite(views).all():  # never store poison: it would be re-served every run
-            log.warning("non-finite features for %s; not cached", identity[0])
+            log.warning("non-finite features for %s; not cached", printable(identity[0]))
             return
         try:
             file_sha256 = file_digest(identity[0])
         except OSError as exc:
-            log.warning("cannot hash %s for the feature cache: %s", identity[0], exc)
+            log.warning("cannot hash %s for the feature cache: %s", printable(identity[0]), printable(exc))
             return
         torch.save({"identity": list(identity), "file_sha256": file_sha256, "plain": plain, "aug": aug,
                     "sha256": tensor_checksum(plain, aug)}, buffer)

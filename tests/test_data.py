@@ -307,3 +307,19 @@ def test_zip_names_from_other_systems_extract_or_fail_as_one_line(tmp_path, http
     assert (root / "train" / "ants" / "caf\u00e9\u0398.jpg").is_file()  # cp437: 0x82 é, 0xe9 Θ
     dm = _dm(root)
     assert str(root / "train" / "ants" / "caf\u00e9\u0398.jpg") in {s.path for s in dm.train_samples}
+
+
+def test_a_bad_image_is_recorded_once_when_loaders_are_rebuilt_every_epoch(tmp_path):
+    # two_phase rebuilds its loaders every epoch: every rebuild is a fresh dataset (and fresh workers)
+    from hymtl.data.folders import Sample
+    from hymtl.data.images import ImageSampleDataset, read_skipped
+
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(make_image(tmp_path / "whole.jpg", (10, 200, 10), size=(64, 64)).read_bytes()[:300])
+    log_file = tmp_path / "skipped.txt"
+    for _epoch in range(3):
+        dataset = ImageSampleDataset([Sample(str(truncated), 0)], transform=lambda image: image, skip_bad=True,
+                                     failure_log=log_file)
+        assert dataset[0] is None
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and len(read_skipped(log_file)) == 1, lines

@@ -531,12 +531,8 @@ def strip_folder(tmp_path_factory) -> Path:
 # two_phase: the eval transform (hymtl.data.images.build_transforms) refuses a 4000x3 strip (0 rows
 # under Resize's max_size), so its head-only epochs leave out (and skipped.txt lists) training
 # images that its image epochs then train on; remove this mark with that fix (PadStrip).
-_EVAL_TRANSFORM_REFUSES_STRIPS = pytest.mark.xfail(
-    strict=True, reason="needs the eval transform to keep at least one row of any image (hymtl/data/images.py)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["frozen", "finetune", pytest.param("two_phase", marks=_EVAL_TRANSFORM_REFUSES_STRIPS)])
+@pytest.mark.parametrize("mode", ["frozen", "finetune", "two_phase"])
 def test_images_of_extreme_aspect_ratio_are_used_or_skipped_with_a_reason_in_every_mode(strip_folder, tmp_path, mode):
     """Every epoch of every mode sees each image of a split, or skipped.txt says why it does not."""
     epochs = ["mode.epochs=2", "mode.freeze_epochs=1"] if mode == "two_phase" else ["mode.epochs=1"]

@@ -152,11 +152,10 @@ def _output(result: subprocess.CompletedProcess) -> str:
 # hymtl/features.py view_seed() encodes the path as strict UTF-8: with mode=frozen's augmented
 # views, an image whose name is not UTF-8 fails "cannot transform" and is skipped, while
 # mode=finetune trains on it. Strict: this flips to a failure once features.py is fixed.
-FEATURES_VIEW_SEED = pytest.mark.xfail(strict=True, reason="features.view_seed: str.encode() of a non-UTF-8 path")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=FEATURES_VIEW_SEED) if m == "frozen" else m for m in MODES])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_trains_on_hostile_names_and_forges_no_log_line(named_folder, tmp_path, mode):
     result = _run(tmp_path, "hymtl.train", *TINY, *MODES[mode], f"data.root={named_folder}", "hydra.run.dir=run")
     output = _output(result)

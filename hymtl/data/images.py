@@ -83,17 +83,21 @@ class BadImageDropper:
             return None
 
     def report(self, path: str, reason: str) -> None:
-        """Log and record ``path`` as skipped (once per process)."""
+        """Log and record ``path`` as skipped: once per process, and once in ``failure_log`` even
+        when loaders are rebuilt every epoch (fresh workers, fresh datasets)."""
         if path in self._reported:
             return
         self._reported.add(path)
         log.warning("skipping %s: %s", printable(path), printable(reason))
         if self.failure_log:
+            line = skipped_line(BadFile(path, reason))
             try:
-                with open(self.failure_log, "a", encoding="utf-8") as f:
-                    f.write(skipped_line(BadFile(path, reason)))
+                with open(self.failure_log, "a+", encoding="utf-8") as f:
+                    f.seek(0)
+                    if line not in f.read().splitlines(keepends=True):  # rare, and the file is short
+                        f.write(line)
             except OSError as exc:
-                log.warning("could not record the skipped file in %s: %s", self.failure_log, exc)
+                log.warning("could not record the skipped file in %s: %s", printable(self.failure_log), exc)
 
 
 class ImageSampleDataset(Dataset):
@@ -260,6 +264,26 @@ _INTERPOLATION = {
 }
 
 
+class PadToAspect(torch.nn.Module):
+    """Pad an image tensor (centred, zeros, as ``CenterCrop`` pads) so that its long side is at
+    most ``max_ratio`` times its short side; images within that ratio pass unchanged."""
+
+    def __init__(self, max_ratio: int) -> None:
+        super().__init__()
+        self.max_ratio = int(max_ratio)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        pad_h = max(0, -(-width // self.max_ratio) - height)
+        pad_w = max(0, -(-height // self.max_ratio) - width)
+        if not (pad_h or pad_w):
+            return image
+        return T.functional.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2])
+
+    def extra_repr(self) -> str:  # part of the feature cache's transform fingerprint
+        return f"max_ratio={self.max_ratio}"
+
+
 def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
     """Eval: resize + center crop (the backbone's recipe). Train: the tutorial's
     RandomResizedCrop + horizontal flip at the backbone's input size and interpolation."""
@@ -270,11 +294,13 @@ def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
             T.RandomHorizontalFlip(),
         ]
     else:
+        max_size = 4 * preprocessing.resize_size
         geometry = [
+            # a 4000x3 strip would shrink to 0 rows under max_size: pad it to a ratio that keeps rows
+            PadToAspect(max_ratio=max_size // 2),
             # max_size: a 10000x10 strip would otherwise become 256x256000 (GBs) before the crop;
             # capped, it is padded by the crop instead. Aspect ratios up to 4:1 are unaffected.
-            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True,
-                     max_size=4 * preprocessing.resize_size),
+            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True, max_size=max_size),
             T.CenterCrop(preprocessing.input_size),
         ]
     return T.Compose(
