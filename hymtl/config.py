@@ -31,18 +31,26 @@ NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
 }
 
 
-def _parse(key: str, value: Any, kind: str) -> float:
+def checked_number(key: str, value: Any, kind: str = "integer", low: float = 1, exclusive: bool = False) -> Any:
+    """``value`` (``"8"`` too) as an ``int`` (``kind="integer"``) or ``float``, at least ``low``
+    (above it if ``exclusive``); ``"auto"`` passes for a ``…num_workers`` key. The one rule for the
+    numbers a user types, in configs and in the APIs behind the entry points: a
+    :class:`HymtlError` naming ``key`` otherwise."""
+    if key.endswith("num_workers") and value == "auto":
+        return value
     try:
-        parsed = float(value)
+        parsed = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         parsed = math.nan
     if not math.isfinite(parsed) or (kind == "integer" and parsed != int(parsed)):
         raise HymtlError(f"{key} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
-    return parsed
+    if parsed < low or (exclusive and parsed == low):
+        raise HymtlError(_bound_message(key, value, kind, low, exclusive))
+    return int(parsed) if kind == "integer" else parsed
 
 
 def _bound_message(key: str, value: Any, kind: str, low: float, exclusive: bool) -> str:
-    if key == "data.num_workers":
+    if key.endswith("num_workers"):
         return f"{key} must be 'auto' or an integer >= 0, got {value}"
     if exclusive or low == 1:
         return f"{key} must be a positive {kind}, got {value}"
@@ -55,11 +63,8 @@ def check_numbers(cfg: DictConfig) -> None:
     two-phase schedule whose run ends before its switch."""
     for key, (kind, low, exclusive) in NUMBER_RULES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None or (key == "data.num_workers" and value == "auto"):
-            continue
-        parsed = _parse(key, value, kind)
-        if parsed < low or (exclusive and parsed == low):
-            raise HymtlError(_bound_message(key, value, kind, low, exclusive))
+        if value is not None:
+            checked_number(key, value, kind, low, exclusive)
     start = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
     if start and epochs is not None and int(epochs) <= int(start) and not OmegaConf.select(

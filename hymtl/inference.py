@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
 
 if TYPE_CHECKING:
@@ -254,27 +255,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def positive_int(value, name: str) -> int:
-    """``value`` as an integer >= 1 (``"8"`` too); :class:`HymtlError` naming ``name`` otherwise."""
-    try:
-        number = int(value) if not isinstance(value, (bool, float)) else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 1:
-        raise HymtlError(f"{name} must be a positive integer, got {printable(value)}")
-    return number
+    """``value`` as an integer >= 1 (``"8"`` too): :func:`hymtl.config.checked_number`'s rule."""
+    return checked_number(name, value, "integer", 1)
 
 
 def worker_count(value) -> int | str:
-    """``"auto"`` or an integer >= 0 (DataLoader worker processes); :class:`HymtlError` otherwise."""
-    if value == "auto":
-        return value
-    try:
-        number = int(value) if not isinstance(value, (bool, float)) else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 0:
-        raise HymtlError(f"num_workers must be auto or an integer >= 0, got {printable(value)}")
-    return number
+    """``"auto"`` or an integer >= 0 (DataLoader worker processes): :func:`hymtl.config.checked_number`'s rule."""
+    return checked_number("num_workers", value, "integer", 0)
 
 
 def predict(

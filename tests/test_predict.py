@@ -131,10 +131,10 @@ def compose_predict(*overrides: str):
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "format=xml"], "format must be one of table, csv, json"),
         (["ckpt_path=missing.ckpt", "inputs=[bad.jpg]"], "checkpoint not found: missing.ckpt"),
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "batch_size=0"], "batch_size must be a positive integer"),
-        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "batch_size=abc"], "batch_size must be a positive integer, got abc"),
-        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "topk=abc"], "topk must be a positive integer, got abc"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "batch_size=abc"], "batch_size must be an integer, got 'abc'"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "topk=abc"], "topk must be an integer, got 'abc'"),
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "topk=0"], "topk must be a positive integer, got 0"),
-        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "num_workers=-1"], "num_workers must be auto or an integer >= 0, got -1"),
+        (["ckpt_path=CKPT", "inputs=[bad.jpg]", "num_workers=-1"], "num_workers must be 'auto' or an integer >= 0, got -1"),
         (["ckpt_path=CKPT", "inputs=[bad.jpg]", "trust_model=maybe"], "trust_model must be true or false, got maybe"),
         # checked before anything is predicted (the missing checkpoint would be found later)
         (["ckpt_path=missing.ckpt", "inputs=[bad.jpg]", "out=sub"], "out=sub is a folder: give the name of the file"),
@@ -166,7 +166,7 @@ def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images" / "val"
     result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "topk=abc", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["error: topk must be a positive integer, got abc"]
+    assert result.stderr.strip().splitlines() == ["error: topk must be an integer, got 'abc'"]
 
 
 def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(tiny_checkpoint, tmp_path):
