@@ -199,30 +199,33 @@ def test_sigint_and_sigterm_stop_cleanly_with_a_checkpoint(tmp_path, signum, wor
     assert "RNGStateCheckpoint" in interrupted["callbacks"]
 
 
-class SignalAtTestStart:
-    """A callback (``+callbacks.kill._target_=test_resume.SignalAtTestStart``) that sends this
-    process SIGTERM as the test begins: what a scheduler does when a job's time runs out."""
+def sigterm_at(hook: str):
+    """A callback (``+callbacks.kill._target_=test_resume.sigterm_at +callbacks.kill.hook=<hook>``)
+    that sends this process SIGTERM when Lightning calls ``hook``: what a scheduler does when a
+    job's time runs out."""
+    from lightning.pytorch.callbacks import Callback
 
-    def __new__(cls):
-        from lightning.pytorch.callbacks import Callback
+    class _Signal(Callback):
+        pass
 
-        class _Signal(Callback):
-            def on_test_batch_start(self, trainer, pl_module, *args):
-                os.kill(os.getpid(), signal.SIGTERM)
+    setattr(_Signal, hook, lambda self, *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    return _Signal()
 
-        return _Signal()
+
+def _train_until_sigterm(tmp_path: Path, hook: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hymtl.train", *overrides, "hydra.run.dir=run",
+         "+callbacks.kill._target_=test_resume.sigterm_at", f"+callbacks.kill.hook={hook}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
+    )
 
 
 @pytest.mark.slow
 def test_sigterm_during_the_test_exits_non_zero_and_says_what_was_saved(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=4)
-    result = subprocess.run(
-        [sys.executable, "-m", "hymtl.train", *ARGS, f"data.root={root}", "mode.epochs=2", "hydra.run.dir=run",
-         "+callbacks.kill._target_=test_resume.SignalAtTestStart"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
-             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
-    )
+    result = _train_until_sigterm(tmp_path, "on_test_batch_start", *ARGS, f"data.root={root}", "mode.epochs=2")
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -402,30 +405,10 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-class SignalAfterTheTest:
-    """``+callbacks.kill._target_=test_resume.SignalAfterTheTest``: SIGTERM once the last test
-    batch is done, while the figures and metrics.json are being written."""
-
-    def __new__(cls):
-        from lightning.pytorch.callbacks import Callback
-
-        class _Signal(Callback):
-            def on_test_epoch_end(self, trainer, pl_module):
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        return _Signal()
-
-
 @pytest.mark.slow
 def test_sigterm_while_writing_the_results_exits_non_zero_and_says_what_was_saved(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=4)
-    result = subprocess.run(
-        [sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1", "hydra.run.dir=run",
-         "+callbacks.kill._target_=test_resume.SignalAfterTheTest"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
-             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
-    )
+    result = _train_until_sigterm(tmp_path, "on_test_epoch_end", *FROZEN, f"data.root={root}", "mode.epochs=1")
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
