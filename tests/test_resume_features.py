@@ -32,6 +32,14 @@ MODES = {
     "two_phase": ["mode=two_phase", "mode.freeze_epochs=2", "mode.epochs=3"],
     "frozen": ["mode=frozen", "mode.epochs=3", "mode.feature_views=2"],
 }
+# with DataLoader workers (the default is one per core): the augmentations of image epochs come
+# from the workers' random streams, which a resumed run must continue exactly as well
+WORKER_CASES = {
+    # killed before epoch 1: the resumed run's workers must draw what the reference's draw in epoch 1
+    "finetune": ["mode=finetune", "mode.epochs=3"],
+    # killed before epoch 3, the second image epoch: the reference's workers started at epoch 2
+    "two_phase": ["mode=two_phase", "mode.freeze_epochs=2", "mode.epochs=4"],
+}
 COMPARED = ("train/loss", "train/acc", "val/acc", "val/loss", "val/acc_best", "test/acc", "test/loss", "epochs")
 
 
@@ -51,10 +59,14 @@ class KillAtEpochStart:
         return _Kill()
 
 
-def _train(cwd: Path, mode: str, *overrides: str) -> subprocess.CompletedProcess:
+def _train(cwd: Path, mode: str, *overrides: str, workers: int = 0) -> subprocess.CompletedProcess:
+    """``hymtl.train`` in ``cwd`` with ``workers`` DataLoader workers; ``mode``: a key of
+    :data:`MODES` or, with workers, of :data:`WORKER_CASES`."""
     env = {**os.environ, "HYMTL_CACHE_DIR": str(cwd / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "hymtl.train", *ARGS, *MODES[mode], *overrides], cwd=cwd,
+    args = [a if a != "data.num_workers=0" else f"data.num_workers={workers}" for a in ARGS]
+    mode_args = WORKER_CASES[mode] if workers else MODES[mode]
+    return subprocess.run([sys.executable, "-m", "hymtl.train", *args, *mode_args, *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -110,6 +122,49 @@ def test_a_run_on_cached_features_killed_and_resumed_logs_the_losses_of_an_unint
     assert len(want["train/loss"]) == len(want["val/loss"]) == 3
     assert got == want, (kill_at, got, want)  # exact floats, every epoch
     ref = json.loads((done[mode] / "metrics.json").read_text())
+    metrics = json.loads((root / run / "metrics.json").read_text())
+    for key in COMPARED:
+        assert metrics[key] == ref[key], (key, metrics[key], ref[key])
+
+
+@pytest.fixture(scope="module")
+def worker_references(tmp_path_factory):
+    """One uninterrupted run per :data:`WORKER_CASES` entry with one DataLoader worker."""
+    root = tmp_path_factory.mktemp("resume_workers")
+    data = make_image_folder(root / "data", per_class=4)
+    done: dict[str, Path] = {}
+
+    def reference(case: str) -> tuple[Path, Path]:
+        if case not in done:
+            result = _train(root, case, f"data.root={data}", f"hydra.run.dir=ref_{case}", workers=1)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[case] = root / f"ref_{case}"
+        return root, data
+
+    yield reference, done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, kill_at, epochs", [("finetune", 1, 3), ("two_phase", 3, 4)],
+                         ids=["finetune", "two_phase-second_image_epoch"])
+def test_a_run_with_dataloader_workers_killed_and_resumed_logs_the_losses_of_an_uninterrupted_run(
+        worker_references, case, kill_at, epochs):
+    reference, done = worker_references
+    root, data = reference(case)
+    run = f"run_{case}_{kill_at}"
+    killed = _train(root, case, f"data.root={data}", f"hydra.run.dir={run}",
+                    "+callbacks.kill._target_=test_resume_features.KillAtEpochStart", f"+callbacks.kill.epoch={kill_at}",
+                    workers=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = root / run / "checkpoints" / LAST
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_at - 1
+
+    resumed = _train(root, case, f"data.root={data}", f"hydra.run.dir={run}_resume", f"ckpt_path={last}", workers=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = _epoch_losses(done[case]), _epoch_losses(root / run)
+    assert len(want["train/loss"]) == len(want["val/loss"]) == epochs
+    assert got == want, (kill_at, got, want)  # exact floats, every epoch
+    ref = json.loads((done[case] / "metrics.json").read_text())
     metrics = json.loads((root / run / "metrics.json").read_text())
     for key in COMPARED:
         assert metrics[key] == ref[key], (key, metrics[key], ref[key])
