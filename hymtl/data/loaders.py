@@ -40,7 +40,11 @@ def worker_init(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main
     process finishes its batch and saves a checkpoint before stopping (workers dying first would
     end that batch in an error). Keeps Lightning's worker seeding (``seed_everything(workers=True)``),
-    which a DataLoader with its own ``worker_init_fn`` would otherwise lose."""
+    which a DataLoader with its own ``worker_init_fn`` would otherwise lose: a worker's torch,
+    ``random`` and numpy seeds derive from (base seed, worker id, rank), the base seed being drawn
+    from the main process's torch RNG when the loader's iterator is made. With workers made anew
+    each epoch (``persistent_workers=False``) the augmentations of an epoch are thus a function of
+    the main process's RNG state at its start, which a checkpoint holds: resume stays exact."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         from lightning.fabric.utilities.seed import pl_worker_init_function
