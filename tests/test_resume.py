@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -416,3 +417,21 @@ def test_sigterm_while_writing_the_results_exits_non_zero_and_says_what_was_save
                            "the test had finished and the checkpoints are saved (best: "
                            f"{tmp_path / 'run' / 'checkpoints'}/best-"), line
     assert not (tmp_path / "run" / "metrics.json").exists()  # RunSummary writes it after the epoch end
+
+
+@pytest.mark.slow
+def test_resume_on_the_same_folder_with_other_images_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    assert _frozen(tmp_path, f"data.root={data}", "mode.epochs=1", "hydra.run.dir=run").returncode == 0
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    extra = next((data / "train" / "ants").iterdir())
+    shutil.copy(extra, extra.with_name("copy_" + extra.name))  # one more training image, same root and classes
+    refused = _frozen(tmp_path, f"data.root={data}", "mode.epochs=2", "hydra.run.dir=elsewhere",
+                      f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert lines[0] == (f"error: cannot resume: the images of {data} are not the ones this checkpoint was trained and "
+                        "scored on (train: 8 files, now 9); start a new run for new data"), lines
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
+    assert len(list((tmp_path / "run" / "checkpoints").glob("epoch=1*"))) == 0  # nothing trained

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -22,7 +22,9 @@ from hymtl.data.folders import (
     SplitLayout,
     check_class_names,
     compare_splits,
+    content_fingerprint,
     find_classes,
+    fingerprint_differences,
     resolve_layout,
     scan_split,
     stratified_split,
@@ -117,6 +119,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.skipped_file = skipped_file
         self.features = features
         self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
+        self._content: dict[str, dict] | None = None  # content_fingerprint, once scanned
         self.split_report: dict = {}  # what does not match between the splits: see _report_splits
         self._class_names: list[str] | None = None
         self.train_samples: list[Sample] = []
@@ -261,6 +264,33 @@ class ImageFolderDataModule(LightningDataModule):
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
             if not samples:
                 raise DataError(f"no images in the {split} split of {printable(self.root)}")
+
+    # -- resume --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the content fingerprint of the splits (file counts and a
+        SHA-256 of names, sizes and labels: :func:`~hymtl.data.folders.content_fingerprint`)."""
+        return {"content": self.content_fingerprint()} if self._class_names is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume (Lightning restores this from the checkpoint after the scan): refuse, with
+        one line, images other than those the checkpoint was trained and scored on — the same
+        ``data.root`` with files added, removed, renamed or resized is other data."""
+        saved = state_dict.get("content")
+        if not saved:  # a checkpoint of an older hymtl
+            return
+        differences = fingerprint_differences(saved, self.content_fingerprint())
+        if differences:
+            raise DataError(f"cannot resume: the images of {printable(self.root)} are not the ones this checkpoint "
+                            f"was trained and scored on ({'; '.join(differences)}); start a new run for new data")
+
+    def content_fingerprint(self) -> dict[str, dict]:
+        """:func:`~hymtl.data.folders.content_fingerprint` of the train, val and (a real) test split,
+        computed once per run (one ``stat`` per file)."""
+        if self._content is None:
+            test = self.test_samples if self.layout.test is not None else None
+            self._content = content_fingerprint(
+                self.root, {"train": self.train_samples, "val": self.val_samples, "test": test})
+        return self._content
 
     @property
     def test_split_name(self) -> str:

@@ -24,7 +24,7 @@ import random
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Sequence
+from typing import Collection, Iterator, Mapping, Sequence
 
 from hymtl.errors import DataError, printable
 from hymtl.progress import Progress
@@ -232,3 +232,42 @@ def compare_splits(train: Sequence[Sample], evaluation: dict[str, Sequence[Sampl
         duplicates["examples"] += [[rel(a), rel(b)] for a, b in pairs[:max(0, room)]]
     report["duplicates_across_splits"] = duplicates
     return report
+
+
+def content_fingerprint(root: str | os.PathLike, splits: Mapping[str, Sequence[Sample] | None]) -> dict[str, dict]:
+    """What a run trains and is scored on, for a resume to compare: per split, its file count and
+    a SHA-256 over (path relative to ``root``, size, label) of its files, in order. The same names
+    and sizes with other pixels go unseen; a file added, removed, renamed, resized or relabelled
+    changes it. One ``stat`` per file."""
+    fingerprint = {}
+    for split, samples in splits.items():
+        if samples is None:
+            continue
+        digest = hashlib.sha256()
+        for sample in samples:
+            try:
+                size = os.stat(sample.path).st_size
+            except OSError:
+                size = -1
+            name = os.path.relpath(sample.path, root)
+            digest.update(f"{name}\0{size}\0{sample.label}\n".encode("utf-8", "surrogateescape"))
+        fingerprint[split] = {"files": len(samples), "sha256": digest.hexdigest()}
+    return fingerprint
+
+
+def fingerprint_differences(saved: Mapping[str, Mapping], now: Mapping[str, Mapping]) -> list[str]:
+    """``"train: 244 files, now 250"`` / ``"val: other files (153 both times)"`` for each split of
+    :func:`content_fingerprint` that differs between ``saved`` and ``now``."""
+    differences = []
+    for split in sorted(set(saved) | set(now)):
+        was, current = saved.get(split), now.get(split)
+        if was == current:
+            continue
+        if was is None or current is None:
+            differences.append(f"{split}: {'no split' if was is None else str(was['files']) + ' files'}, now "
+                               f"{'no split' if current is None else str(current['files']) + ' files'}")
+        elif was["files"] != current["files"]:
+            differences.append(f"{split}: {was['files']} files, now {current['files']}")
+        else:
+            differences.append(f"{split}: other files ({was['files']} both times)")
+    return differences
