@@ -10,7 +10,8 @@ For each configuration it runs ``python -m hymtl.train`` in a fresh process and 
 * test accuracy (the best checkpoint on the test split; ants/bees: val doubles as test);
 * peak memory: the largest resident set of the run's processes (``wait4`` ru_maxrss).
 
-Rows: ``frozen`` (cold feature cache, then a warm rerun), ``finetune``, ``two_phase``
+Rows: ``frozen`` (cold feature cache, then a warm rerun), ``finetune``, ``two_phase``, ``partial``
+(top 2 and top 1 stages)
 (``model=efficientnet_lite0``, the offline backbone, and ``frozen`` with ``efficientnet_lite2``),
 beside the classic recipe run in the same invocation (batch 4, SGD lr 1e-3 momentum 0.9, StepLR
 7/0.1, 25 epochs, fp32, no feature cache, same backbone and data), with the ratios.
@@ -216,6 +217,8 @@ def main() -> None:
         ("frozen", ["mode=frozen", *lite0]),
         ("frozen (warm cache)", ["mode=frozen", *lite0]),
         ("two_phase", ["mode=two_phase", *lite0]),
+        ("partial (top 2 stages)", ["mode=partial", *lite0]),
+        ("partial (top 1 stage)", ["mode=partial", "mode.trainable_stages=1", *lite0]),
         ("finetune", ["mode=finetune", *lite0]),
         ("classic frozen" + ce, ["mode=frozen", *lite0, *CLASSIC, f"mode.epochs={classic_epochs}"]),
         ("frozen lite2", ["mode=frozen", "model=efficientnet_lite2", "mode.feature_views=0"]),
@@ -225,7 +228,8 @@ def main() -> None:
         configs = [c for c in configs if c[0] != "frozen lite2"]
     classic_of = {"frozen": "classic frozen" + ce, "frozen (warm cache)": "classic frozen" + ce,
                   "frozen lite2": "classic frozen" + ce, "finetune": "classic finetune" + ce,
-                  "two_phase": "classic finetune" + ce}
+                  "two_phase": "classic finetune" + ce, "partial (top 2 stages)": "classic finetune" + ce,
+                  "partial (top 1 stage)": "classic finetune" + ce}
     n_train = train_images(data)
     rows: list[dict] = []
     floor_results = None
