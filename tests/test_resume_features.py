@@ -84,21 +84,53 @@ def _epoch_losses(run: Path) -> dict[str, dict[int, float]]:
     return losses
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """One uninterrupted run per mode (computed lazily), in a folder the resumed runs share."""
-    root = tmp_path_factory.mktemp("resume_features")
+def _reference_runs(tmp_path_factory, name: str, workers: int):
+    """``(reference, done)``: ``reference(mode)`` trains one uninterrupted run per mode (lazily) in a
+    folder the killed and resumed runs share; ``done`` maps each mode to its run folder."""
+    root = tmp_path_factory.mktemp(name)
     data = make_image_folder(root / "data", per_class=4)
     done: dict[str, Path] = {}
 
     def reference(mode: str) -> tuple[Path, Path]:
         if mode not in done:
-            result = _train(root, mode, f"data.root={data}", f"hydra.run.dir=ref_{mode}")
+            result = _train(root, mode, f"data.root={data}", f"hydra.run.dir=ref_{mode}", workers=workers)
             assert result.returncode == 0, result.stderr[-3000:]
             done[mode] = root / f"ref_{mode}"
         return root, data
 
-    yield reference, done
+    return reference, done
+
+
+def _kill_resume_and_compare(references, mode: str, kill_at: int, epochs: int, workers: int = 0) -> str:
+    """SIGKILL a run of ``mode`` as epoch ``kill_at`` starts, resume it from ``last.ckpt`` and
+    require the reference's losses (exact floats, every epoch) and metrics; the killed run's output."""
+    reference, done = references
+    root, data = reference(mode)
+    run = f"run_{mode}_{kill_at}"
+    killed = _train(root, mode, f"data.root={data}", f"hydra.run.dir={run}",
+                    "+callbacks.kill._target_=test_resume_features.KillAtEpochStart", f"+callbacks.kill.epoch={kill_at}",
+                    workers=workers)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = root / run / "checkpoints" / LAST
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_at - 1
+
+    resumed = _train(root, mode, f"data.root={data}", f"hydra.run.dir={run}_resume", f"ckpt_path={last}",
+                     workers=workers)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = _epoch_losses(done[mode]), _epoch_losses(root / run)
+    assert len(want["train/loss"]) == len(want["val/loss"]) == epochs
+    assert got == want, (kill_at, got, want)  # exact floats, every epoch
+    ref = json.loads((done[mode] / "metrics.json").read_text())
+    metrics = json.loads((root / run / "metrics.json").read_text())
+    for key in COMPARED:
+        assert metrics[key] == ref[key], (key, metrics[key], ref[key])
+    return killed.stderr + killed.stdout
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One uninterrupted run per mode of :data:`MODES`, without DataLoader workers."""
+    return _reference_runs(tmp_path_factory, "resume_features", workers=0)
 
 
 @pytest.mark.slow
@@ -106,42 +138,14 @@ def references(tmp_path_factory):
                          ids=["two_phase-head_only_epoch", "two_phase-switch_epoch", "frozen"])
 def test_a_run_on_cached_features_killed_and_resumed_logs_the_losses_of_an_uninterrupted_run(
         references, mode, kill_at):
-    reference, done = references
-    root, data = reference(mode)
-    run = f"run_{mode}_{kill_at}"
-    killed = _train(root, mode, f"data.root={data}", f"hydra.run.dir={run}",
-                    "+callbacks.kill._target_=test_resume_features.KillAtEpochStart", f"+callbacks.kill.epoch={kill_at}")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = root / run / "checkpoints" / LAST
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_at - 1
-    assert "cache hits" in killed.stderr + killed.stdout  # the killed run read the reference's features
-
-    resumed = _train(root, mode, f"data.root={data}", f"hydra.run.dir={run}_resume", f"ckpt_path={last}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    want, got = _epoch_losses(done[mode]), _epoch_losses(root / run)
-    assert len(want["train/loss"]) == len(want["val/loss"]) == 3
-    assert got == want, (kill_at, got, want)  # exact floats, every epoch
-    ref = json.loads((done[mode] / "metrics.json").read_text())
-    metrics = json.loads((root / run / "metrics.json").read_text())
-    for key in COMPARED:
-        assert metrics[key] == ref[key], (key, metrics[key], ref[key])
+    output = _kill_resume_and_compare(references, mode, kill_at, epochs=3)
+    assert "cache hits" in output  # the killed run read the reference's features
 
 
 @pytest.fixture(scope="module")
 def worker_references(tmp_path_factory):
     """One uninterrupted run per :data:`WORKER_CASES` entry with one DataLoader worker."""
-    root = tmp_path_factory.mktemp("resume_workers")
-    data = make_image_folder(root / "data", per_class=4)
-    done: dict[str, Path] = {}
-
-    def reference(case: str) -> tuple[Path, Path]:
-        if case not in done:
-            result = _train(root, case, f"data.root={data}", f"hydra.run.dir=ref_{case}", workers=1)
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[case] = root / f"ref_{case}"
-        return root, data
-
-    yield reference, done
+    return _reference_runs(tmp_path_factory, "resume_workers", workers=1)
 
 
 @pytest.mark.slow
@@ -149,22 +153,4 @@ def worker_references(tmp_path_factory):
                          ids=["finetune", "two_phase-second_image_epoch"])
 def test_a_run_with_dataloader_workers_killed_and_resumed_logs_the_losses_of_an_uninterrupted_run(
         worker_references, case, kill_at, epochs):
-    reference, done = worker_references
-    root, data = reference(case)
-    run = f"run_{case}_{kill_at}"
-    killed = _train(root, case, f"data.root={data}", f"hydra.run.dir={run}",
-                    "+callbacks.kill._target_=test_resume_features.KillAtEpochStart", f"+callbacks.kill.epoch={kill_at}",
-                    workers=1)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = root / run / "checkpoints" / LAST
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_at - 1
-
-    resumed = _train(root, case, f"data.root={data}", f"hydra.run.dir={run}_resume", f"ckpt_path={last}", workers=1)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    want, got = _epoch_losses(done[case]), _epoch_losses(root / run)
-    assert len(want["train/loss"]) == len(want["val/loss"]) == epochs
-    assert got == want, (kill_at, got, want)  # exact floats, every epoch
-    ref = json.loads((done[case] / "metrics.json").read_text())
-    metrics = json.loads((root / run / "metrics.json").read_text())
-    for key in COMPARED:
-        assert metrics[key] == ref[key], (key, metrics[key], ref[key])
+    _kill_resume_and_compare(worker_references, case, kill_at, epochs, workers=1)
