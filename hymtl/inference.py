@@ -64,20 +64,73 @@ class Predictor(ABC):
         """float32 logits for a float32 NCHW batch."""
 
 
+PRECISIONS = ("auto", "32", "bf16")
+
+
+def checked_precision(value) -> str:
+    """``"auto"``, ``"32"`` (``32`` as Hydra parses it too) or ``"bf16"``; a :class:`HymtlError`
+    (one line) otherwise."""
+    text = str(value).strip().lower() if not isinstance(value, bool) else ""
+    if text not in PRECISIONS:
+        raise HymtlError(f"precision must be one of {', '.join(PRECISIONS)}, got {printable(str(value))}")
+    return text
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` runs bf16 in hardware, by torch's own capability queries: CUDA's
+    ``is_bf16_supported``; on a CPU, oneDNN present and AVX512-BF16 or AMX-BF16
+    (``torch.cpu.get_capabilities``). Emulated bf16 (plain AVX-512 or AVX2) is slower than fp32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:  # older torch: oneDNN's own check (AVX-512 core or better)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    caps = capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(precision, device: torch.device | str = "cpu") -> str:
+    """``"32"`` or ``"bf16"`` for a :data:`PRECISIONS` choice: ``auto`` is bf16 where
+    :func:`native_bf16`, else fp32."""
+    precision = checked_precision(precision)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "32"
+    return precision
+
+
 class TorchPredictor(Predictor):
-    """The LightningModule itself (fp32, eval mode)."""
+    """The LightningModule itself: eval mode, ``torch.inference_mode``, channels-last parameters
+    and inputs (the fast convolution layout on CPU and GPU; the module's own ``forward`` also
+    converts inputs when ``hparams.channels_last``).
+
+    ``precision``: ``"32"`` (the default: fp32, exact — what ``hymtl.export``'s parity check
+    compares against), ``"bf16"`` (bf16 autocast) or ``"auto"`` (bf16 where the device has it in
+    hardware, :func:`native_bf16`; else fp32). ``self.precision`` is the resolved one.
+    Logits are returned as float32 whatever the precision.
+    """
 
     backend = "pytorch"
 
-    def __init__(self, model: torch.nn.Module, source: str = ""):
+    def __init__(self, model: torch.nn.Module, source: str = "", precision: str = "32"):
+        import torch
+
         super().__init__(model.class_names, model.preprocessing, source)
-        self.model = model.float().eval()
+        self.model = model.float().eval().to(memory_format=torch.channels_last)
+        self.device = next(self.model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            return self.model(images).float().numpy()
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
+            return self.model(images).float().cpu().numpy()
 
 
 class OnnxPredictor(Predictor):
@@ -118,14 +171,16 @@ def _preprocessing_of(meta: dict) -> Preprocessing:
     return metadata_preprocessing(meta)
 
 
-def load_predictor(path: str | os.PathLike, trust_model: bool = False) -> Predictor:
+def load_predictor(path: str | os.PathLike, trust_model: bool = False, precision: str = "32") -> Predictor:
     """``.onnx`` -> ONNX Runtime; a TorchScript archive (told by its content, whatever its
     suffix) -> ``torch.jit`` only with ``trust_model=True``; anything else is read as a Lightning
-    checkpoint (PyTorch). All through :mod:`hymtl.loading`."""
+    checkpoint (PyTorch, run at ``precision``: see :class:`TorchPredictor`). All through
+    :mod:`hymtl.loading`. ``precision`` is checked for every format (it only changes PyTorch)."""
     from hymtl.loading import is_torchscript_archive, load_checkpoint, load_onnx, load_torchscript
 
     import zipfile
 
+    precision = checked_precision(precision)
     path = str(path)
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
@@ -135,7 +190,7 @@ def load_predictor(path: str | os.PathLike, trust_model: bool = False) -> Predic
     if is_torchscript_archive(path) or (suffix in (".pt", ".torchscript") and not zipfile.is_zipfile(path)):
         module, meta = load_torchscript(path, trust=trust_model)
         return TorchScriptPredictor(module, meta, source=path)
-    return TorchPredictor(load_checkpoint(path), source=path)
+    return TorchPredictor(load_checkpoint(path), source=path, precision=precision)
 
 
 # --------------------------------------------------------------------------- inputs

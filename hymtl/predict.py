@@ -6,6 +6,8 @@ program (it can read and write files): it is refused unless ``trust_model=true``
 trust where it came from. Inputs are image files, folders (searched recursively for the image
 extensions of :mod:`hymtl.data`) or glob patterns; every file passes training's file check
 first (special files such as FIFOs, decompression bombs, empty files: skipped with the reason).
+A checkpoint runs in eval mode, channels-last, at ``precision=auto`` (bf16 autocast where the
+device has bf16 in hardware, else fp32), ``32`` (fp32, exact) or ``bf16``.
 Images are prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms``
 with the preprocessing saved with the model). An image that cannot be read is listed as skipped
 and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
@@ -38,7 +40,8 @@ def run(cfg: DictConfig) -> PredictionResult:
 
     from hymtl.fileio import atomic_write_text
     from hymtl.inference import (
-        FORMATS, collect_inputs, format_result, load_predictor, non_finite_count, positive_int, predict, worker_count,
+        FORMATS, checked_precision, collect_inputs, format_result, load_predictor, non_finite_count, positive_int,
+        predict, worker_count,
     )
 
     for key in ("ckpt_path", "inputs"):
@@ -48,6 +51,7 @@ def run(cfg: DictConfig) -> PredictionResult:
         raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {printable(cfg.format)}")
     topk, batch_size = positive_int(cfg.topk, "topk"), positive_int(cfg.batch_size, "batch_size")
     num_workers = worker_count(cfg.num_workers)
+    precision = checked_precision(cfg.get("precision", "auto"))
     trust_model = cfg.get("trust_model", False)
     if not isinstance(trust_model, bool):
         raise HymtlError(f"trust_model must be true or false, got {printable(trust_model)}")
@@ -55,7 +59,8 @@ def run(cfg: DictConfig) -> PredictionResult:
     if out is not None and out.is_dir():  # before the work, not after it
         raise HymtlError(f"out={printable(out)} is a folder: give the name of the file to write the predictions to")
 
-    predictor = load_predictor(cfg.ckpt_path, trust_model=trust_model)  # a model error before a long folder walk
+    # a model error before a long folder walk
+    predictor = load_predictor(cfg.ckpt_path, trust_model=trust_model, precision=precision)
     inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     paths, skipped = collect_inputs(inputs)
     if not paths:
@@ -77,12 +82,18 @@ def run(cfg: DictConfig) -> PredictionResult:
               "(their probabilities are nan; null in JSON): the model is broken", file=sys.stderr)
     print(
         f"{len(result.predictions)} images in {result.seconds:.2f} s ({result.images_per_sec:.1f} images/s, "
-        f"{result.backend}, decoding included); {len(result.skipped)} skipped",
+        f"{result.backend}{_precision_note(predictor)}, decoding included); {len(result.skipped)} skipped",
         file=sys.stderr,
     )
     if not result.predictions:
         raise HymtlError(f"none of the {len(paths)} images could be read")
     return result
+
+
+def _precision_note(predictor) -> str:
+    """`` bf16``/`` fp32`` for the PyTorch backend (the precision ``auto`` chose), else nothing."""
+    precision = getattr(predictor, "precision", None)
+    return "" if precision is None else f" {'fp32' if precision == '32' else precision}"
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
