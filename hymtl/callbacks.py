@@ -291,7 +291,9 @@ class TestFigures(_TestOutputsTap):
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
         self.confusion.update(logits, labels)
-        if images.dim() != 4:  # cached features, not pixels: keep the images' positions, decoded at the end
+        if self._index is not None or images.dim() != 4:
+            # a FeatureBatch (cached features or prefix activations, not pixels): keep the images'
+            # positions, decoded at the end
             if self._index is None:
                 return
             self._features_only = True

@@ -1,20 +1,25 @@
-"""Run a frozen backbone once; the on-disk feature cache.
+"""Run a frozen backbone (or its frozen prefix) once; the on-disk feature cache.
 
 A frozen backbone in eval mode is a fixed function of the image, so the head can train on
-its outputs instead of re-running it every epoch. :class:`FeatureExtractor` computes, for each
-image of a :class:`ViewSource`, the features of its plain (eval-transform) view and of ``K``
-augmented views, and keeps them in a persistent cache:
+its outputs instead of re-running it every epoch. The same holds for the frozen prefix of a
+partially fine-tuned backbone (the stages below the ones that train): the top stages can
+train on its activations (:class:`BackbonePrefix`). :class:`FeatureExtractor` computes, for
+each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) view and of
+``K`` augmented views, and keeps them in a persistent cache:
 
 ``<cache dir>/features/<fingerprint>/<kk>/<key>.pt``
 
-* ``fingerprint`` (one folder per extractor setting): cache format, backbone name, a SHA-256
-  of every tensor of the backbone's state dict (weights *and* BatchNorm statistics), the
+* ``fingerprint`` (one folder per extractor setting): cache format, backbone name, the prefix
+  (how many of its stages; all: the pooled features), a SHA-256 of every tensor of the
+  prefix's state dict (weights *and* BatchNorm statistics), the stored dtype, the
   source's ``recipe`` (the exact eval and train transforms and the augmentation seed), the
   autocast dtype and the memory format. Any change selects a new folder.
 * ``key`` (one file per image): SHA-256 of the file's absolute path, size and ``mtime_ns``:
   an edited or replaced image misses the cache; ``kk`` is its first two hex digits.
-* Each file holds ``{"identity": [path, size, mtime_ns], "file_sha256": ..., "plain": (F,),
-  "aug": (k, F), "sha256": ...}``. An entry is *verified* on every read: its identity, the
+* Each file holds ``{"identity": [path, size, mtime_ns], "file_sha256": ..., "plain": (*S),
+  "aug": (k, *S), "sha256": ...}``: ``S = (F,)`` for pooled features (float32), ``(C, H, W)``
+  for the activations of a prefix (bfloat16: half the bytes, and the top stages train in
+  bf16 autocast on a CPU or GPU that has it). An entry is *verified* on every read: its identity, the
   SHA-256 of the image file's bytes (an image rewritten with the same size and mtime is
   caught; hashing the whole file costs one read of a few hundred KiB, far less than the
   decode it saves, and a partial hash would miss an edit in the middle), the SHA-256 of the
@@ -67,7 +72,7 @@ from hymtl.progress import Progress
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the entry layout changes: old folders are then never read
+CACHE_FORMAT = 3  # bump when the entry layout changes: old folders are then never read
 
 
 class ViewSource(Protocol):
@@ -94,7 +99,7 @@ class Features(NamedTuple):
     (items whose file failed to decode are left out)."""
 
     indices: list[int]
-    tensor: torch.Tensor  # (len(indices), 1 + num_views, F), float32
+    tensor: torch.Tensor  # (len(indices), 1 + num_views, *S): pooled (F,) or activations (C, H, W)
 
 
 def default_cache_dir() -> Path:
@@ -145,12 +150,33 @@ def view_seed(seed: int, path: str, view: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{path}|{view}".encode("utf-8", "surrogateescape")).digest()[:8], "little") & (2**63 - 1)
 
 
+class BackbonePrefix(nn.Module):
+    """Images -> the output of the first ``stages`` stages of a split backbone
+    (:meth:`hymtl.backbones.Backbone.run_stages`). Only the prefix's modules are registered, so
+    its state dict (the cache fingerprint), ``eval()`` and ``to()`` cover those stages alone:
+    the cache of a partially fine-tuned run does not change when its top stages train."""
+
+    def __init__(self, backbone, stages: int):
+        super().__init__()
+        self.stages = int(stages)
+        self.parts = nn.ModuleList(m for stage in backbone.stages[: self.stages] for m in stage.modules(backbone.model))
+        object.__setattr__(self, "_backbone", backbone)  # not a submodule: its top stages stay out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._backbone.run_stages(images, 0, self.stages)
+
+
 class FeatureExtractor:
     """Runs ``backbone`` (eval mode, ``inference_mode``) over view sources, with the disk cache.
 
     Args:
-        backbone: maps ``(N, 3, H, W)`` to ``(N, F)`` (``TransferModule.backbone``).
+        backbone: maps ``(N, 3, H, W)`` to ``(N, F)`` (``TransferModule.backbone``), or to the
+            activations of a prefix (:class:`BackbonePrefix`).
         name: the backbone's registry name (part of the fingerprint).
+        prefix: which part of the backbone ``backbone`` is, e.g. ``"all"`` or ``"7/9"`` stages
+            (part of the fingerprint).
+        store_dtype: the dtype outputs are kept and stored in (float32 for pooled features,
+            bfloat16 for activations).
         cache_dir: the cache root; ``None``: :func:`default_cache_dir`; ``False``: no disk cache.
         device: where to run the backbone.
         batch_size, num_workers: the extraction DataLoader (decoding runs in the workers).
@@ -168,9 +194,13 @@ class FeatureExtractor:
         num_workers: int = 0,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = True,
+        prefix: str = "all",
+        store_dtype: torch.dtype = torch.float32,
     ):
         self.backbone = backbone
         self.name = name
+        self.prefix = str(prefix)
+        self.store_dtype = store_dtype
         if cache_dir is False:
             self.cache_root: Path | None = None
         else:
@@ -195,7 +225,9 @@ class FeatureExtractor:
         parts = [
             f"format={CACHE_FORMAT}",
             f"backbone={self.name}",
+            f"prefix={self.prefix}",
             f"weights={self.weights_digest}",
+            f"dtype={self.store_dtype}",
             f"recipe={recipe}",
             f"autocast={self.autocast_dtype}",
             f"channels_last={self.channels_last}",
@@ -210,7 +242,7 @@ class FeatureExtractor:
         return self.cache_root / "features" / self.fingerprint(recipe) / key[:2] / f"{key}.pt"
 
     def _read(self, path: Path, identity: tuple[str, int, int], num_views: int) -> torch.Tensor | None:
-        """The ``(1 + num_views, F)`` features of an entry, or ``None`` (missing, corrupt, too few views)."""
+        """The ``(1 + num_views, *S)`` outputs of an entry, or ``None`` (missing, corrupt, too few views)."""
         if not path.is_file():
             return None
         try:
@@ -218,8 +250,10 @@ class FeatureExtractor:
             plain, aug = entry["plain"], entry["aug"]
             if tuple(entry["identity"]) != tuple(identity):
                 raise ValueError("identity mismatch")
-            if plain.dim() != 1 or aug.dim() != 2 or aug.shape[1] != plain.shape[0]:
+            if plain.dim() < 1 or aug.dim() != plain.dim() + 1 or aug.shape[1:] != plain.shape:
                 raise ValueError("bad shapes")
+            if plain.dtype != self.store_dtype or aug.dtype != self.store_dtype:
+                raise ValueError(f"dtype {plain.dtype}, expected {self.store_dtype}")
             if entry["sha256"] != tensor_checksum(plain, aug):
                 raise ValueError("checksum mismatch")
             if not (torch.isfinite(plain).all() and torch.isfinite(aug).all()):
@@ -232,7 +266,7 @@ class FeatureExtractor:
             return None
         if aug.shape[0] < num_views:
             return None
-        return torch.cat([plain[None], aug[:num_views]]).float()
+        return torch.cat([plain[None], aug[:num_views]])
 
     def _write(self, path: Path, identity: tuple[str, int, int], views: torch.Tensor) -> None:
         buffer = io.BytesIO()
@@ -255,18 +289,19 @@ class FeatureExtractor:
     # ------------------------------------------------------------------ extraction
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features of a batch, as float32 on the CPU."""
+        """Backbone outputs of a batch, on the CPU in ``store_dtype``."""
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None) if dtype else contextlib.nullcontext():
             out = self.backbone(images)
-        return out.float().cpu()
+        return out.to(self.store_dtype).cpu()
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        was_training = self.backbone.training
+        # each submodule gets its own mode back: a prefix's parts stay in eval, whatever its wrapper says
+        modes = [(module, module.training) for module in self.backbone.modules()]
         self.backbone.eval()
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -274,10 +309,11 @@ class FeatureExtractor:
         try:
             yield
         finally:
-            self.backbone.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def extract(self, source: ViewSource, indices: Iterable[int] | None = None) -> Features:
-        """Features ``(n, 1 + source.num_views, F)`` of the items ``indices`` of ``source`` (default: all).
+        """Outputs ``(n, 1 + source.num_views, *S)`` of the items ``indices`` of ``source`` (default: all).
 
         Cached entries are read; the others are computed in batches (decoding in
         ``num_workers`` DataLoader workers) and stored. ``indices`` selects a shard. Progress:
@@ -308,7 +344,7 @@ class FeatureExtractor:
         kept = [i for i in indices if i in results]
         if len(kept) < len(indices):
             log.warning("%d of %d images failed to decode and have no features", len(indices) - len(kept), len(indices))
-        tensor = torch.stack([results[i] for i in kept]) if kept else torch.empty(0, views, 0)
+        tensor = torch.stack([results[i] for i in kept]) if kept else torch.empty(0, views, 0, dtype=self.store_dtype)
         return Features(kept, tensor)
 
     def _compute(self, source: ViewSource, missing: Sequence[int], views: int, results: dict,
@@ -326,7 +362,8 @@ class FeatureExtractor:
         with self._eval_mode():
             for positions, batch in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
-                feats = self.forward(batch.flatten(0, 1)).view(n, v, -1)
+                feats = self.forward(batch.flatten(0, 1))
+                feats = feats.reshape(n, v, *feats.shape[1:])
                 for pos, item in zip(positions.tolist(), feats):
                     index = missing[pos]
                     results[index] = item
@@ -398,17 +435,17 @@ class MultiViewDataset(Dataset):
 
 
 class FeatureBatch(NamedTuple):
-    """A batch (or one item) of cached backbone features, not of images: what the module's steps
-    give the head directly (``TransferModule(features=…)``). ``index`` names each row's image:
+    """A batch (or one item) of cached backbone outputs, not of images: what the module's steps
+    give the head, or the top stages, directly (``TransferModule(features=…)``). ``index`` names each row's image:
     its position in the split the loader serves (the test figures decode those few images)."""
 
-    features: torch.Tensor  # (N, F)
+    features: torch.Tensor  # (N, F) pooled features, or (N, C, H, W) activations of a frozen prefix
     index: torch.Tensor  # (N,)
     labels: torch.Tensor  # (N,): last, like the labels of an image batch
 
 
 class FeatureTensorDataset(Dataset):
-    """:class:`FeatureBatch` items from cached backbone features ``(N, V, F)``.
+    """:class:`FeatureBatch` items from cached backbone outputs ``(N, V, *S)``.
 
     ``random_view``: each access returns one of the image's V cached views (plain + augmented)
     at random, the cached stand-in for on-the-fly augmentation; otherwise view 0 (plain).
@@ -417,8 +454,8 @@ class FeatureTensorDataset(Dataset):
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, random_view: bool = False,
                  index: torch.Tensor | None = None):
-        if features.dim() != 3 or features.shape[0] != labels.shape[0]:
-            raise ValueError(f"features (N, V, F) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        if features.dim() < 3 or features.shape[0] != labels.shape[0]:
+            raise ValueError(f"features (N, V, *S) and labels (N,) expected, got {tuple(features.shape)}, {tuple(labels.shape)}")
         self.features, self.labels, self.random_view = features, labels, random_view
         self.index = torch.arange(features.shape[0]) if index is None else torch.as_tensor(index, dtype=torch.long)
 
@@ -452,17 +489,19 @@ def epoch_to_run(trainer) -> int:
 
 
 class FeatureServer:
-    """Serves backbone features computed once (:class:`FeatureExtractor`, with the disk cache)
-    instead of images while the module's backbone is frozen: ``mode=frozen`` for the whole run
-    and its test, ``two_phase`` for its head-only epochs. Built from ``feature_cache:`` in conf/
-    and given to the datamodule (``ImageFolderDataModule(features=…)``), which asks it per loader.
+    """Serves the outputs of a frozen backbone, or of a frozen prefix of it, computed once
+    (:class:`FeatureExtractor`, with the disk cache) instead of images: ``mode=frozen`` for the
+    whole run and its test, ``two_phase`` for its head-only epochs, partial fine-tuning
+    (``mode=partial``) the activations below its trainable stages for every epoch and the test.
+    Built from ``feature_cache:`` in conf/ and given to the datamodule
+    (``ImageFolderDataModule(features=…)``), which asks it per loader.
 
     What it serves is decided by the module being trained, found as ``trainer.lightning_module``
-    and never read from the config: features for ``fit`` while ``backbone_trains_at(epoch)`` is
-    false, for ``test`` when the backbone never trains (``hparams.unfreeze_at_epoch is None``).
-    The backbone (``module.backbone``, named ``hparams.backbone``, run channels-last when
-    ``hparams.channels_last``), the device (``trainer.strategy.root_device``) and the autocast
-    dtype (``trainer.precision``) come from the module and the Trainer too.
+    and never read from the config: ``module.cached_stages_at(epoch)`` names how many leading
+    stages are fixed at the epoch to run (``fit``) or for good (``test``: ``epoch=None``), and
+    ``module.cached_prefix(stages)`` the network that computes their output; ``0`` means images.
+    The device (``trainer.strategy.root_device``) and the autocast dtype (``trainer.precision``)
+    come from the Trainer, the memory format from ``hparams.channels_last``.
 
     Args:
         precompute: serve features at all (``mode.precompute_features``); ``False``: images always.
@@ -482,7 +521,8 @@ class FeatureServer:
         self.views = int(views)
         self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
         self.batch_size = int(batch_size)
-        self.extractor: FeatureExtractor | None = None  # built at the first feature loader
+        self.extractor: FeatureExtractor | None = None  # the last one used (built per module and prefix)
+        self._extractors: dict[int, FeatureExtractor] = {}
         self._module = None
         self._datasets: dict = {}
 
@@ -496,26 +536,30 @@ class FeatureServer:
         Rebuilding a loader costs little: the features stay in memory (:meth:`dataset`)."""
         return {"reload_dataloaders_every_n_epochs": 1} if self.precompute and unfreeze_at_epoch else {}
 
-    def serves(self, trainer, stage: str) -> bool:
-        """Whether the ``stage`` ("fit", "test", "predict") loaders give features right now."""
+    def cached_stages(self, trainer, stage: str) -> int:
+        """How many leading backbone stages the ``stage`` ("fit", "test", "predict") loaders serve
+        the output of right now; ``0``: images."""
         if not self.precompute or trainer is None or stage not in ("fit", "test"):
-            return False
+            return 0
         module = getattr(trainer, "lightning_module", None)
-        if not callable(getattr(module, "backbone_trains_at", None)):
-            return False  # a module without a backbone schedule is always given images
-        if stage == "test":
-            return module.hparams.unfreeze_at_epoch is None
-        return not module.backbone_trains_at(epoch_to_run(trainer))
+        if not callable(getattr(module, "cached_stages_at", None)):
+            return 0  # a module without a backbone schedule is always given images
+        return int(module.cached_stages_at(None if stage == "test" else epoch_to_run(trainer)))
 
-    def dataset(self, datamodule, samples: Sequence[Sample], train: bool) -> FeatureTensorDataset:
-        """The features of ``samples`` (a split of ``datamodule``: its ``trainer``, ``preprocessing``,
-        ``seed``, ``num_workers`` and ``skipped_file`` are used), computed once per split and run."""
-        trainer = datamodule.trainer
-        module = trainer.lightning_module
+    def serves(self, trainer, stage: str) -> bool:
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give cached outputs right now."""
+        return self.cached_stages(trainer, stage) > 0
+
+    def _extractor(self, datamodule, module, stages: int) -> FeatureExtractor:
+        """The extractor of ``module``'s first ``stages`` stages (one per module and prefix)."""
         if module is not self._module:  # another module: other weights, other features
-            self._module, self._datasets = module, {}
-            self.extractor = FeatureExtractor(
-                module.backbone,
+            self._module, self._datasets, self._extractors = module, {}, {}
+        if stages not in self._extractors:
+            trainer = datamodule.trainer
+            network = module.cached_prefix(stages)
+            whole = stages >= len(module.backbone_stages)
+            self._extractors[stages] = FeatureExtractor(
+                network,
                 name=module.hparams.backbone,
                 cache_dir=self.cache_dir,
                 device=trainer.strategy.root_device,
@@ -523,10 +567,31 @@ class FeatureServer:
                 num_workers=datamodule.num_workers,
                 autocast_dtype=autocast_dtype(trainer.precision),
                 channels_last=bool(module.hparams.channels_last),
+                prefix="all" if whole else f"{stages}/{len(module.backbone_stages)}",
+                store_dtype=torch.float32 if whole else torch.bfloat16,
             )
-            log.info("head-only epochs train on cached backbone features (%s)",
-                     self.extractor.cache_root or "in memory: feature_cache.enabled=false")
-        key = (train, tuple(s.path for s in samples))
+            where = self._extractors[stages].cache_root or "in memory: feature_cache.enabled=false"
+            if whole:
+                log.info("head-only epochs train on cached backbone features (%s)", where)
+            else:
+                names = [stage.name for stage in module.backbone_stages]
+                log.info("the top stages (%s) train on cached activations of the frozen stages %s…%s (%s)",
+                         ", ".join(names[stages:]), names[0], names[stages - 1], where)
+        self.extractor = self._extractors[stages]
+        return self.extractor
+
+    def dataset(self, datamodule, samples: Sequence[Sample], train: bool,
+                stage: str = "fit") -> FeatureTensorDataset:
+        """The cached outputs of ``samples`` (a split of ``datamodule``: its ``trainer``,
+        ``preprocessing``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the
+        ``stage`` loaders (:meth:`cached_stages`), computed once per split, prefix and run."""
+        trainer = datamodule.trainer
+        module = trainer.lightning_module
+        stages = self.cached_stages(trainer, stage)
+        if stages <= 0:
+            raise ValueError(f"no cached outputs are served for {stage!r} now")
+        self._extractor(datamodule, module, stages)
+        key = (train, stages, tuple(s.path for s in samples))
         if key not in self._datasets:
             source = MultiViewDataset(samples, datamodule.preprocessing, self.views if train else 0, datamodule.seed,
                                       failure_log=datamodule.skipped_file)
@@ -550,4 +615,4 @@ class FeatureServer:
 
     def __getstate__(self) -> dict:
         # DDP spawn pickles the datamodule: the module and features stay behind (rebuilt there)
-        return {**self.__dict__, "extractor": None, "_module": None, "_datasets": {}}
+        return {**self.__dict__, "extractor": None, "_extractors": {}, "_module": None, "_datasets": {}}

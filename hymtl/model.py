@@ -45,7 +45,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
-from hymtl.features import FeatureBatch
+from hymtl.features import BackbonePrefix, FeatureBatch
 
 class NonFiniteLossError(HymtlError):
     """The training loss became NaN or infinite: the run stops, no model of it is written."""
@@ -297,6 +297,7 @@ class TransferModule(ClassificationModule):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(built.num_features, num_classes))
         self.backbone_frozen = False
         self.backbone_stages = built.stages
+        self._built_backbone = built  # runs the backbone stage by stage (the prefix cache)
         self.trainable_stage_names, self._prefix_modules = self._split_stages(
             built, unfreeze_at_epoch, trainable_stages)
 
@@ -358,6 +359,38 @@ class TransferModule(ClassificationModule):
         start = self.hparams.unfreeze_at_epoch
         return start is not None and epoch >= start
 
+    @property
+    def fixed_prefix_stages(self) -> int:
+        """How many leading backbone stages never train in this run: all of them when the
+        backbone stays frozen, the stages below the trainable ones under partial fine-tuning."""
+        if self.hparams.unfreeze_at_epoch is None:
+            return len(self.backbone_stages)
+        return len(self.backbone_stages) - len(self.trainable_stage_names)
+
+    def cached_stages_at(self, epoch: int | None) -> int:
+        """How many leading backbone stages give the same output for an image at training epoch
+        ``epoch`` (``None``: evaluating the trained model), so their output may be served,
+        computed once, instead of the image (:class:`hymtl.features.FeatureServer`); ``0``: images.
+
+        All stages (the pooled features) while the whole backbone is frozen; under partial
+        fine-tuning the frozen prefix, at every epoch (the top stages run on its activations
+        in head-only epochs too: one cache for the whole run) — when the backbone can be run
+        stage by stage (:attr:`hymtl.backbones.Backbone.can_split`), else images."""
+        total = len(self.backbone_stages)
+        fixed = self.fixed_prefix_stages
+        if fixed == total:
+            return total
+        if fixed > 0 and self._built_backbone.can_split:
+            return fixed
+        return total if epoch is not None and not self.backbone_trains_at(epoch) else 0
+
+    def cached_prefix(self, stages: int) -> nn.Module:
+        """The network whose output :meth:`cached_stages_at` serves: the backbone itself for all
+        stages, else its first ``stages`` stages (:class:`hymtl.features.BackbonePrefix`)."""
+        if stages >= len(self.backbone_stages):
+            return self.backbone
+        return BackbonePrefix(self._built_backbone, stages)
+
     def setup(self, stage: str) -> None:
         # Before the strategy wraps the model: DDP lays its gradient buckets out like the parameters.
         if self.hparams.channels_last:
@@ -385,6 +418,17 @@ class TransferModule(ClassificationModule):
             self.freeze_backbone()
 
     # ------------------------------------------------------------------ forward / steps
+    def forward_top_stages(self, activations: torch.Tensor) -> torch.Tensor:
+        """The pooled features from the frozen prefix's activations: the stages above it."""
+        start, total = self.fixed_prefix_stages, len(self.backbone_stages)
+        activations = activations.to(self.head[1].weight.dtype)
+        if self.hparams.channels_last:
+            activations = activations.contiguous(memory_format=torch.channels_last)
+        if self.backbone_frozen:
+            with torch.no_grad():
+                return self._built_backbone.run_stages(activations, start, total)
+        return self._built_backbone.run_stages(activations, start, total)
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.backbone_frozen:
             with torch.no_grad():
@@ -392,11 +436,15 @@ class TransferModule(ClassificationModule):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for a batch of preprocessed images ``(N, 3, H, W)``, or, given ``features=``, for
-        the backbone's features of a batch ``(N, F)``: the head-only step on the features cached
-        by :mod:`hymtl.features` (its :class:`~hymtl.features.FeatureBatch` batches)."""
+        """Logits for a batch of preprocessed images ``(N, 3, H, W)``, or, given ``features=``,
+        for what :mod:`hymtl.features` cached of a batch (its :class:`~hymtl.features.FeatureBatch`
+        batches): the backbone's pooled features ``(N, F)`` (the head-only step), or the
+        activations ``(N, C, H, W)`` of the frozen prefix (:attr:`fixed_prefix_stages`), which the
+        top stages then run on."""
         if features is not None:
-            return self.head(features)
+            if features.dim() > 2:
+                features = self.forward_top_stages(features)
+            return self.head(features.to(self.head[1].weight.dtype))
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
         return self.head(self.forward_features(images))

@@ -154,3 +154,41 @@ def test_stages_partition_the_backbone_in_forward_order(name):
         listed = [m.split(".")[0] for stage in stages for m in stage.members]
         with_params = [n for n, child in model.named_children() if any(True for _ in child.parameters())]
         assert [n for n in dict.fromkeys(listed) if n in with_params] == with_params
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_running_stage_by_stage_gives_the_whole_forward(name):
+    """The prefix cache's split: the first k stages, then the rest, equal the backbone's forward
+    for every cut (eval mode, random weights), and a cut out of range is refused."""
+    import torch
+
+    from hymtl.backbones import create_backbone
+
+    torch.manual_seed(0)
+    built = create_backbone(name, pretrained=False)
+    built.model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        whole = built.model(images)
+        total = len(built.stages)
+        for cut in range(1, total):
+            activations = built.run_stages(images, 0, cut)
+            assert activations.dim() == 4, (cut, activations.shape)
+            assert torch.equal(built.run_stages(activations, cut, total), whole), cut
+    assert built.can_split
+    with pytest.raises(ValueError):
+        built.run_stages(images, 0, total + 1)
+
+
+def test_a_timm_architecture_without_a_split_says_so():
+    import torch
+
+    from hymtl.backbones import create_backbone
+    from hymtl.errors import BackboneError
+
+    built = create_backbone("timm/resnet10t", pretrained=False)
+    built.model.eval()
+    assert not built.can_split
+    with pytest.raises(BackboneError, match="stage by stage"):
+        built.run_stages(torch.zeros(1, 3, 32, 32), 0, 1)
+    assert built.run_stages(torch.zeros(1, 3, 32, 32), 0, len(built.stages)).shape == (1, built.num_features)

@@ -236,15 +236,12 @@ def test_two_phase_switches_from_features_to_images(tiny_folder, tmp_path):
 
 
 # --------------------------------------------------------------------------- serving (FeatureServer)
-class _Module:
-    """What the server asks of a LightningModule: its backbone schedule."""
+def _module(unfreeze_at_epoch, trainable_stages=None, backbone="efficientnet_lite0"):
+    """A real TransferModule (random weights): the server asks it what to serve."""
+    from hymtl.model import TransferModule
 
-    def __init__(self, unfreeze_at_epoch):
-        self.hparams = SimpleNamespace(unfreeze_at_epoch=unfreeze_at_epoch)
-
-    def backbone_trains_at(self, epoch: int) -> bool:
-        start = self.hparams.unfreeze_at_epoch
-        return start is not None and epoch >= start
+    return TransferModule(backbone, pretrained=False, unfreeze_at_epoch=unfreeze_at_epoch,
+                          trainable_stages=trainable_stages)
 
 
 def _trainer(module, epoch: int = 0):
@@ -253,7 +250,7 @@ def _trainer(module, epoch: int = 0):
 
 def test_the_server_asks_the_module_what_to_serve():
     server = FeatureServer(precompute=True)
-    frozen, unfreezes_at_2, finetune = _Module(None), _Module(2), _Module(0)
+    frozen, unfreezes_at_2, finetune = _module(None), _module(2), _module(0)
     assert all(server.serves(_trainer(frozen, e), "fit") for e in range(5)) and server.serves(_trainer(frozen), "test")
     # mode=frozen model.unfreeze_at_epoch=2: features for epochs 0 and 1 only, images for the test
     assert [server.serves(_trainer(unfreezes_at_2, e), "fit") for e in range(4)] == [True, True, False, False]
@@ -266,11 +263,108 @@ def test_the_server_asks_the_module_what_to_serve():
     assert server.trainer_kwargs(None) == server.trainer_kwargs(0) == FeatureServer().trainer_kwargs(2) == {}
 
 
+def test_partial_fine_tuning_is_served_the_activations_of_its_frozen_prefix_in_every_epoch_and_the_test():
+    server = FeatureServer(precompute=True)
+    total = len(_module(None).backbone_stages)  # lite0: stem, blocks.0-6, conv_head
+    partial, two_phase_partial = _module(0, trainable_stages=2), _module(2, trainable_stages=1)
+    assert [server.cached_stages(_trainer(partial, e), "fit") for e in range(3)] == [total - 2] * 3
+    assert server.cached_stages(_trainer(partial), "test") == total - 2
+    # head-only epochs of a two-phase partial run use the same activations: one cache for the run
+    assert [server.cached_stages(_trainer(two_phase_partial, e), "fit") for e in range(4)] == [total - 1] * 4
+    assert server.cached_stages(_trainer(_module(None)), "test") == total  # frozen: the pooled features
+    # all stages trainable: nothing stays fixed, images
+    assert server.cached_stages(_trainer(_module(0, trainable_stages=total)), "fit") == 0
+
+
+def test_a_backbone_without_a_split_is_served_images_under_partial_fine_tuning():
+    pytest.importorskip("timm")
+    server = FeatureServer(precompute=True)
+    module = _module(0, trainable_stages=1, backbone="timm/resnet10t")
+    assert not module._built_backbone.can_split
+    assert server.cached_stages(_trainer(module), "fit") == 0 and server.cached_stages(_trainer(module), "test") == 0
+    assert server.cached_stages(_trainer(_module(None, backbone="timm/resnet10t")), "fit") == len(module.backbone_stages)
+
+
+@pytest.mark.parametrize("trainable", [1, 3])
+def test_the_top_stages_on_cached_prefix_activations_give_what_the_model_computes(backbone, samples, tmp_path, trainable):
+    """The prefix cache holds bf16 activations of the frozen stages only; the model's top stages
+    on them give the logits of the image forward (up to the bf16 rounding), and training the top
+    stages does not change the cache's fingerprint."""
+    from hymtl.data import build_transforms
+    from hymtl.features import BackbonePrefix
+    from hymtl.model import TransferModule
+
+    model = TransferModule("efficientnet_lite0", pretrained=False, unfreeze_at_epoch=0, channels_last=False,
+                           trainable_stages=trainable)
+    model.backbone.load_state_dict(backbone.model.state_dict())
+    model.eval()
+    stages = model.fixed_prefix_stages
+    prefix = model.cached_prefix(stages)
+    assert isinstance(prefix, BackbonePrefix) and stages == len(model.backbone_stages) - trainable
+    ex = FeatureExtractor(prefix, "efficientnet_lite0", cache_dir=tmp_path, channels_last=False,
+                          prefix=f"{stages}/{len(model.backbone_stages)}", store_dtype=torch.bfloat16)
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    acts = ex.extract(source)
+    assert acts.tensor.dtype == torch.bfloat16 and acts.tensor.dim() == 5  # (n, views, C, H, W)
+    stored = torch.load(entries(tmp_path)[0], weights_only=True)
+    assert stored["plain"].dtype == torch.bfloat16 and stored["plain"].dim() == 3
+    transform = build_transforms(backbone.preprocessing, train=False)
+    images = torch.stack([transform(load_rgb(s.path)) for s in samples])
+    with torch.inference_mode():
+        expected = model(images)
+        got = model(features=acts.tensor[:, 0])
+    assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item() + 1e-3), (got - expected).abs().max()
+    assert prefix.training is False or all(not m.training for m in prefix.parts)  # the prefix stays in eval
+    fingerprint = ex.fingerprint(source.recipe)
+    with torch.no_grad():  # the top stages train: the prefix's cache stays valid
+        for param in model.trainable_backbone_parameters():
+            param.add_(1.0)
+    again = FeatureExtractor(model.cached_prefix(stages), "efficientnet_lite0", cache_dir=tmp_path, channels_last=False,
+                             prefix=f"{stages}/{len(model.backbone_stages)}", store_dtype=torch.bfloat16)
+    assert again.fingerprint(source.recipe) == fingerprint
+    again.extract(source)
+    assert again.stats["hits"] == len(samples) and again.stats["computed"] == 0
+    with torch.no_grad():  # a changed prefix weight: another folder
+        next(prefix.parameters()).add_(1.0)
+    moved = FeatureExtractor(model.cached_prefix(stages), "efficientnet_lite0", cache_dir=tmp_path, channels_last=False,
+                             prefix=f"{stages}/{len(model.backbone_stages)}", store_dtype=torch.bfloat16)
+    assert moved.fingerprint(source.recipe) != fingerprint
+
+
+def test_partial_run_trains_the_top_stage_on_cached_activations(tiny_folder, tmp_path):
+    """mode=partial end to end: train, val and test batches hold the frozen prefix's activations
+    (4-d, 320 channels for lite0's blocks.6), a second run reads them from the cache, and the
+    checkpoint still classifies images."""
+    cache = tmp_path / "cache"
+    env = {"HYMTL_CACHE_DIR": str(cache),
+           "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [*TINY_MODEL, "mode=partial", "mode.epochs=2", "mode.feature_views=1", "data=folder",
+            f"data.root={tiny_folder}", "trainer.precision=32-true",
+            "+callbacks.probe._target_=test_features.BatchShapeProbe"]
+    first = run_train(*args, "hydra.run.dir=first", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shapes = json.loads((tmp_path / "first" / "batch_dims.json").read_text())
+    assert shapes == {"train": {"0": 4, "1": 4}, "val": {"0": 4, "1": 4}, "test": 4}, shapes
+    stored = torch.load(entries(cache)[0], weights_only=True)
+    assert stored["plain"].shape[0] == 320 and stored["plain"].dtype == torch.bfloat16
+    count = len(entries(cache))
+    second = run_train(*args, "hydra.run.dir=second", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(entries(cache)) == count  # every activation came from the cache
+    assert "computed 0" in (tmp_path / "second" / "train.log").read_text()
+    assert _metrics(tmp_path, "first")["test/acc"] == _metrics(tmp_path, "second")["test/acc"]
+    from hymtl.loading import load_checkpoint
+
+    model = load_checkpoint(_metrics(tmp_path, "first")["best_checkpoint"])
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
+
+
 def test_a_resumed_fit_gets_the_loaders_of_the_epoch_it_resumes():
     """Resumed after epoch 1 of a run that unfreezes at epoch 2, Lightning asks for the loaders
     while ``current_epoch`` still reads 1; its loop has processed 2 epochs: images, not features."""
     server = FeatureServer(precompute=True)
-    resumed = SimpleNamespace(lightning_module=_Module(2), current_epoch=1,
+    resumed = SimpleNamespace(lightning_module=_module(2), current_epoch=1,
                               fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=2))))
     assert not server.serves(resumed, "fit")
     resumed.fit_loop.epoch_progress.current.processed = 1  # the uninterrupted run in epoch 1

@@ -320,8 +320,8 @@ class ImageFolderDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
         )
 
-    def _feature_loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
-        dataset = self.features.dataset(self, samples, train)
+    def _feature_loader(self, samples: Sequence[Sample], train: bool, stage: str = "fit") -> DataLoader:
+        dataset = self.features.dataset(self, samples, train, stage)
         # tensors already in memory: worker processes would only add start-up time
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
                           sampler=None if train else self._eval_sampler(dataset))
@@ -338,7 +338,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.serves_features("test"):
-            return self._feature_loader(self.test_samples, train=False)
+            return self._feature_loader(self.test_samples, train=False, stage="test")
         return self._loader(self.test_samples, train=False)
 
     def predict_dataloader(self) -> DataLoader:
