@@ -100,14 +100,16 @@ def _contrasting(rnd: random.Random, against: Sequence[Sequence[int]], min_diff:
     return (255, 255, 255) if _lum(against[0]) < 128 else (0, 0, 0)
 
 
+_GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE - 0.5
+
+
 def _background(rnd: random.Random, nrng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int]]:
     """A linear gradient between two close colours in a random direction, with small clutter
     (short lines, dots) in random colours; returns the image and its mean colour."""
     a = _colour(rnd)
     b = tuple(max(0, min(255, v + rnd.randint(-60, 60))) for v in a)
     theta = rnd.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
-    t = np.clip(0.5 + (xs - 0.5) * math.cos(theta) + (ys - 0.5) * math.sin(theta), 0, 1)[..., None]
+    t = np.clip(0.5 + _GRID_X * math.cos(theta) + _GRID_Y * math.sin(theta), 0, 1)[..., None]
     arr = np.asarray(a, np.float32) * (1 - t) + np.asarray(b, np.float32) * t
     img = Image.fromarray(arr.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
@@ -120,7 +122,7 @@ def _background(rnd: random.Random, nrng: np.random.Generator) -> tuple[Image.Im
         else:
             r = rnd.uniform(1.5, 5)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_colour(rnd))
-    mean = tuple(int(v) for v in np.asarray(img).reshape(-1, 3).mean(0))
+    mean = tuple(int(v) for v in np.asarray(img)[::8, ::8].reshape(-1, 3).mean(0))
     return img, mean
 
 
@@ -148,9 +150,9 @@ def _region_mask(rnd: random.Random) -> Image.Image:
 
 
 def _texture(kind: str, rnd: random.Random) -> Image.Image:
-    """A texture pattern as an ``L`` mask (255: foreground colour) over a canvas twice the size,
+    """A texture pattern as an ``L`` mask (255: foreground colour) over a canvas 1.5x the size,
     rotated at random and cropped back to the canvas."""
-    big = SIZE * 2
+    big = SIZE * 3 // 2  # > SIZE * sqrt(2): the rotated crop has no corners left empty
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
     if kind == "stripes":
@@ -179,7 +181,7 @@ def _texture(kind: str, rnd: random.Random) -> Image.Image:
     elif kind == "rings":
         period = rnd.uniform(9, 20)
         width = max(2, round(period * rnd.uniform(0.3, 0.5)))
-        cx, cy = big / 2 + rnd.uniform(-40, 40), big / 2 + rnd.uniform(-40, 40)
+        cx, cy = big / 2 + rnd.uniform(-30, 30), big / 2 + rnd.uniform(-30, 30)
         for k in range(1, int(big / period)):
             r = k * period
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=width)
@@ -192,11 +194,11 @@ def _texture(kind: str, rnd: random.Random) -> Image.Image:
         xs = np.arange(0, big + 4, 4, dtype=np.float64)
         for k in range(int(big / period) + 1):
             ys = k * period + amplitude * np.sin(2 * math.pi * xs / wavelength + phase)
-            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=255, width=width, joint="curve")
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=255, width=width)
     else:
         raise ValueError(f"unknown texture {kind}")
     mask = mask.rotate(rnd.uniform(0, 180), resample=Image.BILINEAR)
-    offset = SIZE // 2
+    offset = (big - SIZE) // 2
     return mask.crop((offset, offset, offset + SIZE, offset + SIZE))
 
 
@@ -284,7 +286,7 @@ def draw_procedural(kind: str, rnd: random.Random, nrng: np.random.Generator) ->
     if blur:
         img = img.filter(ImageFilter.GaussianBlur(blur))
     sigma = rnd.uniform(0, 18)
-    arr = np.asarray(img, np.float32) + nrng.normal(0, sigma, (SIZE, SIZE, 3)).astype(np.float32)
+    arr = np.asarray(img, np.float32) + sigma * nrng.standard_normal((SIZE, SIZE, 3), dtype=np.float32)
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
