@@ -260,3 +260,77 @@ def test_any_file_name_works_and_cannot_forge_lines(tiny_checkpoint, tmp_path, m
     doc = _strict_json((tmp_path / "p.json").read_bytes().decode("utf-8"))
     assert sorted(p["path"] for p in doc["predictions"]) == expected
     assert [s["path"] for s in doc["skipped"]] == ["in/x\nerror: forged line.jpg"]
+
+
+# --------------------------------------------------------------------------- precision, channels-last
+def _val_batch(tiny_checkpoint, model, n: int = 6):
+    from hymtl.inference import iter_batches
+
+    files, _ = collect_inputs([str(tiny_checkpoint.parent / "images" / "val")])
+    return next(iter_batches(files[:n], model.preprocessing, batch_size=n, num_workers=0))[1]
+
+
+def test_fp32_path_is_bit_identical_to_the_modules_own_forward(tiny_checkpoint):
+    import torch
+
+    from hymtl.inference import TorchPredictor
+    from hymtl.loading import load_checkpoint
+
+    reference = load_checkpoint(tiny_checkpoint)
+    reference.setup("predict")  # as Lightning runs it: the module's own channels-last rule
+    images = _val_batch(tiny_checkpoint, reference)
+    with torch.inference_mode():
+        expected = reference(images).numpy()
+    predictor = TorchPredictor(load_checkpoint(tiny_checkpoint))  # the default: fp32
+    assert predictor.precision == "32"
+    assert np.array_equal(predictor.logits(images), expected)
+    assert np.array_equal(predictor.logits(images.clone()), expected)  # contiguous input too
+
+
+def test_bf16_and_fp32_agree_on_labels_and_probabilities(tiny_checkpoint):
+    from hymtl.inference import TorchPredictor, softmax
+    from hymtl.loading import load_checkpoint
+
+    fp32 = TorchPredictor(load_checkpoint(tiny_checkpoint), precision="32")
+    bf16 = TorchPredictor(load_checkpoint(tiny_checkpoint), precision="bf16")
+    assert bf16.precision == "bf16"
+    images = _val_batch(tiny_checkpoint, fp32.model, n=12)
+    a, b = fp32.logits(images), bf16.logits(images)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 really ran
+    pa, pb = softmax(a), softmax(b)
+    assert np.abs(pa - pb).max() < 0.05
+    sure = np.abs(pa[:, 0] - pa[:, 1]) > 0.1  # labels of near-ties may flip
+    assert (pa.argmax(1) == pb.argmax(1))[sure].all()
+
+
+def test_predictor_feeds_the_model_channels_last(tiny_checkpoint):
+    import torch
+
+    from hymtl.inference import TorchPredictor
+    from hymtl.loading import load_checkpoint
+
+    predictor = TorchPredictor(load_checkpoint(tiny_checkpoint))
+    seen = []
+    first_conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    predictor.logits(_val_batch(tiny_checkpoint, predictor.model))
+    assert seen == [True]
+
+
+def test_auto_precision_follows_torchs_native_bf16_query(tiny_checkpoint, monkeypatch):
+    import hymtl.inference as inference
+    from hymtl.loading import load_checkpoint
+
+    for native, expected in ((True, "bf16"), (False, "32")):
+        monkeypatch.setattr(inference, "native_bf16", lambda device="cpu", native=native: native)
+        assert inference.TorchPredictor(load_checkpoint(tiny_checkpoint), precision="auto").precision == expected
+    assert inference.checked_precision(32) == "32"  # as Hydra parses precision=32
+
+
+def test_cli_precision_garbage_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
+    images = tiny_checkpoint.parent / "images" / "val"
+    result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "precision=garbage", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: precision must be one of auto, 32, bf16, got garbage"]
