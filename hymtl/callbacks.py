@@ -286,7 +286,8 @@ class TestFigures(_TestOutputsTap):
         self._features_only = False
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._index = getattr(batch, "index", None)  # a FeatureBatch: the test images it stands for
+        index = getattr(batch, "index", None)  # a FeatureBatch: the test images it stands for
+        self._index = index if isinstance(index, torch.Tensor) else None  # (a tuple's .index is a method)
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
