@@ -77,21 +77,17 @@ def checked_precision(value) -> str:
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` runs bf16 in hardware, by torch's own capability queries: CUDA's
-    ``is_bf16_supported``; on a CPU, oneDNN present and AVX512-BF16 or AMX-BF16
-    (``torch.cpu.get_capabilities``). Emulated bf16 (plain AVX-512 or AVX2) is slower than fp32."""
+    """Whether ``device`` runs bf16 in hardware: CUDA's ``is_bf16_supported``; on a CPU the rule
+    training's ``precision=auto`` uses (:func:`hymtl.runtime.cpu_has_native_bf16`: AVX512-BF16 or
+    AMX). Emulated bf16 (plain AVX-512 or AVX2) is slower than fp32."""
     import torch
+
+    from hymtl.runtime import cpu_has_native_bf16
 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is None:  # older torch: oneDNN's own check (AVX-512 core or better)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    caps = capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def resolve_precision(precision, device: torch.device | str = "cpu") -> str:
