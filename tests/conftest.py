@@ -12,6 +12,17 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str):
+    """Import a script of benchmarks/ (not a package) as module ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera_data"
 
 

@@ -4,13 +4,13 @@ the imbalance is the one asked for, and only a finished build is ever taken as c
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from PIL import Image
 
 from hymtl.data.folders import find_classes, resolve_layout, scan_split
@@ -22,11 +22,7 @@ SCRIPT = REPO / "benchmarks" / "folders.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_folders", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_folders")
 
 
 def tree(root: Path) -> dict[str, bytes]:
