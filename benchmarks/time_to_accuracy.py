@@ -4,7 +4,10 @@
 
 For each configuration it runs ``python -m hymtl.train`` in a fresh process and reports:
 
-* wall time: model load + decoding + training + test, as measured inside ``hymtl.train.train``
+* process s: the whole command, interpreter start and imports included (what a user waits);
+* CPU s: user + system CPU time of the process and its workers (``wait4``): on a 2-core machine
+  a run near 2x its process time used both cores;
+* in-run wall s: model load + decoding + training + test, as measured inside ``hymtl.train.train``
   (``metrics.json: wall_time_s``; Python imports excluded);
 * images/s: training images processed per second of that wall time (epochs x train images / wall);
 * test accuracy (the best checkpoint on the test split; ants/bees: val doubles as test);
@@ -16,7 +19,12 @@ Rows: ``frozen`` (cold feature cache, then a warm rerun), ``finetune``, ``two_ph
 beside the classic recipe run in the same invocation (batch 4, SGD lr 1e-3 momentum 0.9, StepLR
 7/0.1, 25 epochs, fp32, no feature cache, same backbone and data), with the ratios.
 
-Then the floor, in-process: decode-only (DataLoader + eval transforms, no model), forward-only
+The ``floor`` row is a process that only decodes every train and test image once (two workers,
+reduced-scale JPEG decoding) and runs one forward pass of the backbone on each (bf16 autocast
+where the CPU has native bf16, channels-last): the least any mode that looks at every image
+once must spend. The load average (1 min) is printed before and after, into the table.
+
+Then the floor's parts, in-process: decode-only (DataLoader + eval transforms, no model), forward-only
 (random batches; fp32 / bf16 autocast x contiguous / channels-last), training steps (fp32 vs
 bf16), and predict throughput (files -> probabilities, decoding included).
 
@@ -48,22 +56,26 @@ CLASSIC = [
 ]
 
 
-def run_config(name: str, overrides: list[str], data: str, out: Path, env: dict) -> dict:
-    """One ``python -m hymtl.train`` run; its metrics plus peak RSS and the command."""
-    run_dir = out / "runs" / name
-    cmd = [sys.executable, "-m", "hymtl.train", *overrides, f"data.root={data}", f"hydra.run.dir={run_dir}"]
-    log_path = out / "runs" / f"{name}.log"
+def measured(cmd: list[str], log_path: Path, env: dict) -> dict:
+    """Run ``cmd``; its return code, whole-process wall and CPU seconds and peak RSS."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - started
+        _, status, usage = os.wait4(proc.pid, 0)  # usage covers the process and the workers it waited for
+    return {"process_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": usage.ru_maxrss / 1024**2, "returncode": os.waitstatus_to_exitcode(status)}
+
+
+def run_config(name: str, overrides: list[str], data: str, out: Path, env: dict) -> dict:
+    """One ``python -m hymtl.train`` run; its metrics plus process time, CPU time, peak RSS and the command."""
+    run_dir = out / "runs" / name
+    cmd = [sys.executable, "-m", "hymtl.train", *overrides, f"data.root={data}", f"hydra.run.dir={run_dir}"]
+    log_path = out / "runs" / f"{name}.log"
     row = {"name": name, "command": "python -m hymtl.train " + " ".join(shlex.quote(o) for o in overrides),
-           "process_s": elapsed, "peak_rss_gb": usage.ru_maxrss / 1024**2, "returncode": proc.returncode}
+           **measured(cmd, log_path, env)}
     metrics_path = run_dir / "metrics.json"
-    if proc.returncode != 0 or not metrics_path.is_file():
+    if row["returncode"] != 0 or not metrics_path.is_file():
         row["error"] = log_path.read_text()[-1500:]
         return row
     m = json.loads(metrics_path.read_text())
@@ -82,6 +94,30 @@ def train_images(data: str) -> int:
 
 
 # --------------------------------------------------------------------------- the floor
+def floor_process(data: str) -> None:
+    """The floor row's process: decode every train and test image once, one forward pass each."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hymtl.backbones import create_backbone
+    from hymtl.data import ImageFolderDataModule, ImageSampleDataset, build_transforms
+    from hymtl.runtime import cpu_has_native_bf16
+
+    backbone = create_backbone("efficientnet_lite0")
+    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    dm = ImageFolderDataModule(data, preprocessing=backbone.preprocessing)
+    dm.setup()
+    ds = ImageSampleDataset(list(dm.train_samples) + list(dm.test_samples),
+                            build_transforms(backbone.preprocessing, train=False))
+    ds.decode_size = backbone.preprocessing.resize_size
+    seen = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
+        for images, _ in DataLoader(ds, batch_size=64, num_workers=2):
+            model(images.contiguous(memory_format=torch.channels_last))
+            seen += len(images)
+    print(f"floor: {seen} images decoded and run once")
+
+
 def floor(data: str, quick: bool) -> dict:
     """Decode-only, forward-only, train-step and predict rates, measured in this process."""
     import torch
@@ -162,27 +198,31 @@ def fmt(v, spec: str = ".1f") -> str:
 
 def markdown(rows: list[dict], floor_results: dict | None, info: dict) -> str:
     by = {r["name"]: r for r in rows}
+    load = f"load average (1 min) {fmt(info.get('load_before'), '.2f')} before, {fmt(info.get('load_after'), '.2f')} after"
     lines = [
-        f"Machine: {info['machine']}; {info['cores']} cores; torch {info['torch']}; {info['when']}"
+        f"Machine: {info['machine']}; {info['cores']} cores; torch {info['torch']}; {info['when']}; {load}"
         + (f"; **{info['note']}**" if info.get("note") else ""),
         "",
-        "| run | backbone | wall s | images/s | test acc | peak RSS GB | vs classic |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| run | backbone | process s | CPU s | in-run wall s | images/s | test acc | peak RSS GB | vs classic (process) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         classic = by.get(r.get("classic_of") or "")
-        if classic and classic.get("wall_s") and r.get("wall_s"):
-            ratio = (f"{classic['wall_s'] / r['wall_s']:.1f}x faster, "
-                     f"acc {r['test_acc'] - classic['test_acc']:+.3f}")
+        if classic and classic.get("process_s") and r.get("process_s") and "error" not in classic and "error" not in r:
+            ratio = f"{classic['process_s'] / r['process_s']:.1f}x faster"
+            if r.get("test_acc") is not None and classic.get("test_acc") is not None:
+                ratio += f", acc {r['test_acc'] - classic['test_acc']:+.3f}"
         else:
             ratio = ""
         if "error" in r:
-            lines.append(f"| {r['name']} | | failed (rc {r['returncode']}) | | | {fmt(r['peak_rss_gb'], '.2f')} | |")
+            lines.append(f"| {r['name']} | | failed (rc {r['returncode']}) | | | | | {fmt(r['peak_rss_gb'], '.2f')} | |")
             continue
-        lines.append(f"| {r['name']} | {r.get('backbone', '')} | {fmt(r.get('wall_s'))} | {fmt(r.get('images_per_s'))} | "
-                     f"{fmt(r.get('test_acc'), '.3f')} | {fmt(r.get('peak_rss_gb'), '.2f')} | {ratio} |")
+        lines.append(f"| {r['name']} | {r.get('backbone', '')} | {fmt(r.get('process_s'))} | {fmt(r.get('cpu_s'))} | "
+                     f"{fmt(r.get('wall_s'))} | {fmt(r.get('images_per_s'))} | {fmt(r.get('test_acc'), '.3f')} | "
+                     f"{fmt(r.get('peak_rss_gb'), '.2f')} | {ratio} |")
     if floor_results:
-        lines += ["", "Floor (efficientnet_lite0, images/s, best of 2):", "", "| measurement | images/s |", "|---|---:|"]
+        lines += ["", "Floor parts (efficientnet_lite0, images/s, best of 2, in-process):", "",
+                  "| measurement | images/s |", "|---|---:|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in floor_results.items() if k != "threads"]
     lines += ["", "Commands (run from the repository root, `data.root=` added):", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
@@ -199,7 +239,11 @@ def main() -> None:
     parser.add_argument("--classic-epochs", type=int, default=25,
                         help="epochs of the classic recipe (25 is the recipe; fewer only to save time)")
     parser.add_argument("--note", default="", help="e.g. 'CPU shared with other jobs'")
+    parser.add_argument("--floor-process", action="store_true", help=argparse.SUPPRESS)  # the floor row's child
     args = parser.parse_args()
+    if args.floor_process:
+        floor_process(str(Path(args.data).resolve()))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = str(Path(args.data).resolve())
@@ -207,13 +251,16 @@ def main() -> None:
     import torch
 
     info = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note}
+            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note,
+            "load_before": os.getloadavg()[0]}
+    print(f"load average before: {os.getloadavg()}", flush=True)
     cache = Path(tempfile.mkdtemp(prefix="hymtl-bench-cache-"))  # a cold cache for the first frozen run
     env = {**os.environ, "HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}
     lite0 = ["model=efficientnet_lite0"]
     classic_epochs = 2 if args.quick else args.classic_epochs
     ce = f" ({classic_epochs} ep)" if classic_epochs != 25 else ""
     configs = [  # in order of importance: a run cut short keeps the first rows
+        ("floor", None),  # decode + one forward per image: the least a mode can cost
         ("frozen", ["mode=frozen", *lite0]),
         ("frozen (warm cache)", ["mode=frozen", *lite0]),
         ("two_phase", ["mode=two_phase", *lite0]),
@@ -242,19 +289,28 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         print(f"running {name}: {' '.join(overrides)}", flush=True)
-        row = run_config(name.replace(" ", "_").replace("(", "").replace(")", ""), overrides, data, out, env)
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+        if overrides is None:
+            row = {"name": name, "command": f"python benchmarks/time_to_accuracy.py --floor-process --data {data}",
+                   **measured([sys.executable, __file__, "--floor-process", "--data", data], out / "runs" / f"{slug}.log", env)}
+            if row["returncode"]:
+                row["error"] = (out / "runs" / f"{slug}.log").read_text()[-1500:]
+        else:
+            row = run_config(slug, overrides, data, out, env)
         row["name"], row["classic_of"] = name, classic_of.get(name)
         if row.get("wall_s") and row.get("epochs"):
             row["images_per_s"] = row["epochs"] * n_train / row["wall_s"]
         rows.append(row)
         save()
-        print(f"  wall {fmt(row.get('wall_s'))} s, test acc {fmt(row.get('test_acc'), '.3f')}, "
+        print(f"  process {fmt(row.get('process_s'))} s, CPU {fmt(row.get('cpu_s'))} s, test acc {fmt(row.get('test_acc'), '.3f')}, "
               f"peak RSS {row['peak_rss_gb']:.2f} GB" + (f"  FAILED: {row['error'][-300:]}" if "error" in row else ""),
               flush=True)
     if not args.no_floor:
-        print("measuring the floor", flush=True)
+        print("measuring the floor's parts", flush=True)
         floor_results = floor(data, args.quick)
-        save()
+    info["load_after"] = os.getloadavg()[0]
+    print(f"load average after: {os.getloadavg()}", flush=True)
+    save()
     print(markdown(rows, floor_results, info))
     print(f"reproduce: .venv/bin/python benchmarks/time_to_accuracy.py --data {args.data}" + (" --quick" if args.quick else ""))
     print(f"results in {out}")

@@ -7,28 +7,33 @@ train on its activations (:class:`BackbonePrefix`). :class:`FeatureExtractor` co
 each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) view and of
 ``K`` augmented views, and keeps them in a persistent cache:
 
-``<cache dir>/features/<fingerprint>/<kk>/<key>.pt``
+``<cache dir>/features/<fingerprint>/<shard>.safetensors``
 
 * ``fingerprint`` (one folder per extractor setting): cache format, backbone name, the prefix
   (how many of its stages; all: the pooled features), a SHA-256 of every tensor of the
   prefix's state dict (weights *and* BatchNorm statistics), the stored dtype, the
   source's ``recipe`` (the exact eval and train transforms and the augmentation seed), the
   autocast dtype and the memory format. Any change selects a new folder.
-* ``key`` (one file per image): SHA-256 of the file's absolute path, size and ``mtime_ns``:
-  an edited or replaced image misses the cache; ``kk`` is its first two hex digits.
-* Each file holds ``{"identity": [path, size, mtime_ns], "file_sha256": ..., "plain": (*S),
-  "aug": (k, *S), "sha256": ...}``: ``S = (F,)`` for pooled features (float32), ``(C, H, W)``
-  for the activations of a prefix (bfloat16: half the bytes, and the top stages train in
-  bf16 autocast on a CPU or GPU that has it). An entry is *verified* on every read: its identity, the
-  SHA-256 of the image file's bytes (an image rewritten with the same size and mtime is
-  caught; hashing the whole file costs one read of a few hundred KiB, far less than the
-  decode it saves, and a partial hash would miss an edit in the middle), the SHA-256 of the
-  stored tensors' bytes (flipped bits), their shapes, and that every view is finite.
-  Augmented view ``i`` of an image is drawn with a seed derived from (seed, path, i), so it
-  is the same tensor whatever ``K`` is: an entry with ``k >= K`` views serves ``K``.
-* Files are written atomically (:func:`hymtl.fileio.atomic_write_bytes`) and read with
-  ``torch.load(weights_only=True)``; an unreadable or inconsistent entry is logged and
-  recomputed, never an error.
+* The folder is a :class:`hymtl.store.ShardedStore`: a few large safetensors shards, each
+  with the index of its rows in its header, written atomically and read through memory maps
+  (a folder of a million images is a few hundred files, readable by every DDP rank at once).
+  A row is one image: its ``(1 + k, *S)`` views (the plain one first), keyed by the file's
+  identity, absolute path, size and ``mtime_ns`` (an edited or replaced image misses the
+  cache), with the SHA-256 of the image file's bytes beside it. ``S = (F,)`` for pooled
+  features (float32), ``(C, H, W)`` for the activations of a prefix (bfloat16: half the
+  bytes, and the top stages train in bf16 autocast on a CPU or GPU that has it).
+* A row is *verified* on every read: the SHA-256 of its bytes (flipped bits), its dtype
+  and shape (the store), that every view is finite, and the SHA-256 of the image file
+  (an image rewritten with the same size and mtime is caught; hashing the whole file costs
+  one read of a few hundred KiB, far less than the decode it saves, and a partial hash
+  would miss an edit in the middle). Augmented view ``i`` of an image is drawn with a seed
+  derived from (seed, path, i), so it is the same tensor whatever ``K`` is: a row with
+  ``k >= K`` views serves ``K``.
+* Rows are written in shards of ``shard_mb`` (``feature_cache.shard_mb``), at least every
+  ``flush_seconds`` and when the extraction ends or is interrupted (a stopped run keeps what
+  it computed); the expected size of what a split adds is logged before it is written. An
+  unreadable shard or an inconsistent row is logged and recomputed, never an error; a
+  recomputed row goes into a new shard and, being newer, is the one read next time.
 
 Cache location: the ``cache_dir`` argument (``feature_cache.dir`` in the config), else
 ``$HYMTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/hymtl`` (``~/.cache/hymtl``). ``cache_dir=False``
@@ -52,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import time
@@ -67,12 +71,13 @@ from hymtl.data.folders import Sample
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
 from hymtl.errors import HymtlError, printable
-from hymtl.fileio import atomic_write_bytes
+from hymtl.fileio import sha256_file
 from hymtl.progress import Progress
+from hymtl.store import ShardedStore, StoreError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when the entry layout changes: old folders are then never read
+CACHE_FORMAT = 4  # bump when the row layout changes: old folders are then never read
 
 
 class ViewSource(Protocol):
@@ -114,25 +119,6 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     """``(absolute path, size, mtime_ns)``: what makes a cached entry belong to a file."""
     st = os.stat(path)
     return os.path.abspath(path), int(st.st_size), int(st.st_mtime_ns)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes: ties a cache entry to the image content, not just its stat."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tensor_checksum(*tensors: torch.Tensor) -> str:
-    """SHA-256 over the raw bytes of ``tensors`` (with their shapes): detects flipped bytes."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def state_digest(module: nn.Module) -> str:
@@ -182,6 +168,8 @@ class FeatureExtractor:
         batch_size, num_workers: the extraction DataLoader (decoding runs in the workers).
         autocast_dtype: e.g. ``torch.bfloat16``; ``None`` runs in the backbone's dtype.
         channels_last: run in channels-last memory format (faster convolutions on CPU and GPU).
+        shard_mb, flush_seconds: a cache shard is written per ``shard_mb`` of new rows, and at
+            least every ``flush_seconds`` (:class:`hymtl.store.ShardedStore`).
     """
 
     def __init__(
@@ -196,6 +184,8 @@ class FeatureExtractor:
         channels_last: bool = True,
         prefix: str = "all",
         store_dtype: torch.dtype = torch.float32,
+        shard_mb: float = 64,
+        flush_seconds: float = 30.0,
     ):
         self.backbone = backbone
         self.name = name
@@ -210,7 +200,10 @@ class FeatureExtractor:
         self.num_workers = int(num_workers)
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
+        self.shard_bytes = max(1, int(float(shard_mb) * 2**20))
+        self.flush_seconds = float(flush_seconds)
         self._weights_digest: str | None = None
+        self._stores: dict[str, ShardedStore] = {}
         self.stats = {"hits": 0, "computed": 0, "corrupt": 0, "seconds": 0.0}
 
     # ------------------------------------------------------------------ cache layout
@@ -234,57 +227,48 @@ class FeatureExtractor:
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
-    def entry_path(self, recipe: str, identity: tuple[str, int, int]) -> Path | None:
-        """Where the entry of one image file lives (``None`` without a disk cache)."""
+    def store(self, recipe: str) -> ShardedStore | None:
+        """The shard store of this extractor's outputs on views made by ``recipe`` (``None``
+        without a disk cache)."""
         if self.cache_root is None:
             return None
-        key = hashlib.sha256(repr(tuple(identity)).encode()).hexdigest()
-        return self.cache_root / "features" / self.fingerprint(recipe) / key[:2] / f"{key}.pt"
+        fingerprint = self.fingerprint(recipe)
+        if fingerprint not in self._stores:
+            self._stores[fingerprint] = ShardedStore(self.cache_root / "features" / fingerprint, self.store_dtype,
+                                                     self.shard_bytes, self.flush_seconds)
+        return self._stores[fingerprint]
 
-    def _read(self, path: Path, identity: tuple[str, int, int], num_views: int) -> torch.Tensor | None:
-        """The ``(1 + num_views, *S)`` outputs of an entry, or ``None`` (missing, corrupt, too few views)."""
-        if not path.is_file():
-            return None
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            plain, aug = entry["plain"], entry["aug"]
-            if tuple(entry["identity"]) != tuple(identity):
-                raise ValueError("identity mismatch")
-            if plain.dim() < 1 or aug.dim() != plain.dim() + 1 or aug.shape[1:] != plain.shape:
-                raise ValueError("bad shapes")
-            if plain.dtype != self.store_dtype or aug.dtype != self.store_dtype:
-                raise ValueError(f"dtype {plain.dtype}, expected {self.store_dtype}")
-            if entry["sha256"] != tensor_checksum(plain, aug):
-                raise ValueError("checksum mismatch")
-            if not (torch.isfinite(plain).all() and torch.isfinite(aug).all()):
-                raise ValueError("non-finite values")
-            if entry["file_sha256"] != file_digest(identity[0]):
-                raise ValueError("image file content changed")
-        except Exception as exc:  # truncated, garbage, wrong structure: recompute, never crash
-            log.warning("feature cache entry %s is unreadable (%s: %s); recomputing", path, type(exc).__name__, exc)
-            self.stats["corrupt"] += 1
-            return None
-        if aug.shape[0] < num_views:
-            return None
-        return torch.cat([plain[None], aug[:num_views]])
+    def _read(self, store: ShardedStore, identity: tuple[str, int, int], views: int) -> torch.Tensor | None:
+        """The first ``views`` stored views of an image, verified, or ``None`` (missing, too few
+        views, or failing a check: logged and counted as corrupt, so it is recomputed)."""
+        for row in store.rows(identity):  # newest first
+            if len(row.shape) < 2 or row.shape[0] < views:
+                continue  # a row with fewer views than needed: not wrong, just not enough
+            try:
+                stored = store.read(row)
+                if not torch.isfinite(stored).all():
+                    raise StoreError("non-finite values")
+                if row.meta.get("file_sha256") != sha256_file(identity[0]):
+                    raise StoreError("image file content changed")
+            except (StoreError, OSError) as exc:  # never crash on a cache: recompute
+                log.warning("feature cache row of %s in %s is unusable (%s); recomputing",
+                            printable(identity[0]), row.shard, printable(exc))
+                self.stats["corrupt"] += 1
+                return None
+            return stored[:views]
+        return None
 
-    def _write(self, path: Path, identity: tuple[str, int, int], views: torch.Tensor) -> None:
-        buffer = io.BytesIO()
-        plain, aug = views[0].clone(), views[1:].clone()
+    def _keep(self, writer, identity: tuple[str, int, int], views: torch.Tensor) -> None:
+        """Hand one image's computed views to the cache writer (unless they must not be stored)."""
         if not torch.isfinite(views).all():  # never store poison: it would be re-served every run
             log.warning("non-finite features for %s; not cached", printable(identity[0]))
             return
         try:
-            file_sha256 = file_digest(identity[0])
+            file_sha256 = sha256_file(identity[0])
         except OSError as exc:
             log.warning("cannot hash %s for the feature cache: %s", printable(identity[0]), printable(exc))
             return
-        torch.save({"identity": list(identity), "file_sha256": file_sha256, "plain": plain, "aug": aug,
-                    "sha256": tensor_checksum(plain, aug)}, buffer)
-        try:
-            atomic_write_bytes(path, buffer.getvalue())
-        except OSError as exc:  # a read-only or full cache disk slows runs down, it does not stop them
-            log.warning("cannot write feature cache entry %s: %s", path, exc)
+        writer.add(identity, views, {"file_sha256": file_sha256})
 
     # ------------------------------------------------------------------ extraction
     @torch.inference_mode()
@@ -315,7 +299,7 @@ class FeatureExtractor:
     def extract(self, source: ViewSource, indices: Iterable[int] | None = None) -> Features:
         """Outputs ``(n, 1 + source.num_views, *S)`` of the items ``indices`` of ``source`` (default: all).
 
-        Cached entries are read; the others are computed in batches (decoding in
+        Cached rows are read; the others are computed in batches (decoding in
         ``num_workers`` DataLoader workers) and stored. ``indices`` selects a shard. Progress:
         a bar on a terminal (images, images/s, time left, cache hits), and one summary line in
         the log at the end (count, duration, cache hits, computed): :class:`hymtl.progress.Progress`.
@@ -325,18 +309,28 @@ class FeatureExtractor:
         views = 1 + source.num_views
         results: dict[int, torch.Tensor] = {}
         missing: list[int] = []
+        store = self.store(source.recipe)
         with Progress("feature extraction", total=len(indices), unit="images", log=log) as progress:
+            if store is not None:
+                unreadable = store.unreadable_shards
+                store.refresh()  # shards written since the last extraction, by any process
+                self.stats["corrupt"] += store.unreadable_shards - unreadable
             for i in indices:
-                path = self.entry_path(source.recipe, source.identity(i))
-                cached = self._read(path, source.identity(i), source.num_views) if path is not None else None
+                cached = self._read(store, source.identity(i), views) if store is not None else None
                 if cached is None:
                     missing.append(i)
                 else:
                     results[i] = cached
                     progress.update(1, cache_hits=len(results), computed=0)
+            if len({t.shape for t in results.values()}) > 1:  # rows of foreign shapes: trust none of them
+                log.warning("feature cache %s holds rows of several shapes; recomputing them all", store.folder)
+                self.stats["corrupt"] += len(results)
+                missing, results = list(indices), {}
+            if store is not None:
+                store.close()
             self.stats["hits"] += len(results)
             if missing:
-                self._compute(source, missing, views, results, progress)
+                self._compute(source, missing, views, results, progress, store)
             failed = len(indices) - len(results)
             progress.update(0, cache_hits=len(indices) - len(missing), computed=len(missing) - failed,
                             **({"failed": failed} if failed else {}))
@@ -348,7 +342,7 @@ class FeatureExtractor:
         return Features(kept, tensor)
 
     def _compute(self, source: ViewSource, missing: Sequence[int], views: int, results: dict,
-                 progress: Progress) -> None:
+                 progress: Progress, store: ShardedStore | None) -> None:
         # every item is (V, 3, H, W): batch whole images so a batch holds ~batch_size views
         per_batch = max(1, self.batch_size // views)
         loader = SkippingDataLoader(
@@ -359,22 +353,36 @@ class FeatureExtractor:
             generator=torch.Generator(),
         )
         hits, done = len(results), 0
-        with self._eval_mode():
+        # the writer flushes on exit, also on an interrupting signal: the rows computed so far are kept
+        with self._eval_mode(), (store.writer() if store is not None else contextlib.nullcontext()) as writer:
             for positions, batch in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
                 feats = self.forward(batch.flatten(0, 1))
                 feats = feats.reshape(n, v, *feats.shape[1:])
+                if writer is not None and done == 0:
+                    self._log_size(store, feats[0], len(missing))
                 for pos, item in zip(positions.tolist(), feats):
                     index = missing[pos]
                     results[index] = item
-                    path = self.entry_path(source.recipe, source.identity(index))
-                    if path is not None:
-                        self._write(path, source.identity(index), item)
+                    if writer is not None:
+                        self._keep(writer, source.identity(index), item)
                 # the positions of a batch are increasing: up to its last, every item is done (or dropped)
                 progress.update(int(positions[-1]) + 1 - done, cache_hits=hits, computed=len(results) - hits)
                 done = int(positions[-1]) + 1
         progress.update(len(missing) - done)  # a last batch whose every file failed to decode
         self.stats["computed"] += sum(i in results for i in missing)
+
+    @staticmethod
+    def _log_size(store: ShardedStore, row: torch.Tensor, count: int) -> None:
+        """The size the cache grows by, said before the first of it is written."""
+        size = row.numel() * row.element_size() * count
+        log.info("the feature cache grows by about %s for %d images (%d views of %s, %s each) in %s",
+                 _megabytes(size), count, row.shape[0], "x".join(map(str, row.shape[1:])),
+                 str(row.dtype).removeprefix("torch."), store.folder)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 class _Indexed(Dataset):
@@ -509,18 +517,27 @@ class FeatureServer:
         enabled: the disk cache; ``False`` computes in memory and writes nothing.
         dir: the cache root; ``None``: :func:`default_cache_dir`.
         batch_size: images per extraction forward pass.
+        shard_mb: the size of the cache's shard files (:class:`hymtl.store.ShardedStore`).
+        flush_seconds: the most extraction time whose rows wait in memory before they are
+            written (a run killed without warning loses at most this much).
     """
 
     def __init__(self, precompute: bool = False, views: int = 0, enabled: bool = True,
-                 dir: str | os.PathLike | None = None, batch_size: int = 64):
+                 dir: str | os.PathLike | None = None, batch_size: int = 64, shard_mb: float = 64,
+                 flush_seconds: float = 30.0):
         if int(views) < 0:
             raise HymtlError(f"feature views must be >= 0, got {views}")
         if int(batch_size) < 1:
             raise HymtlError(f"feature_cache.batch_size must be a positive integer, got {batch_size}")
+        if not float(shard_mb) > 0:
+            raise HymtlError(f"feature_cache.shard_mb must be positive, got {shard_mb}")
+        if not float(flush_seconds) >= 0:
+            raise HymtlError(f"feature_cache.flush_seconds must be >= 0, got {flush_seconds}")
         self.precompute = bool(precompute)
         self.views = int(views)
         self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
         self.batch_size = int(batch_size)
+        self.shard_mb, self.flush_seconds = float(shard_mb), float(flush_seconds)
         self.extractor: FeatureExtractor | None = None  # the last one used (built per module and prefix)
         self._extractors: dict[int, FeatureExtractor] = {}
         self._module = None
@@ -569,6 +586,8 @@ class FeatureServer:
                 channels_last=bool(module.hparams.channels_last),
                 prefix="all" if whole else f"{stages}/{len(module.backbone_stages)}",
                 store_dtype=torch.float32 if whole else torch.bfloat16,
+                shard_mb=self.shard_mb,
+                flush_seconds=self.flush_seconds,
             )
             where = self._extractors[stages].cache_root or "in memory: feature_cache.enabled=false"
             if whole:

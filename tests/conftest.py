@@ -26,6 +26,20 @@ def load_script(path: Path, name: str):
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera_data"
 
 
+def cached_rows(cache: Path) -> int:
+    """Rows in the feature cache under ``cache``: one per image and extraction setting (read from
+    the shards' headers, the way any safetensors reader would)."""
+    import json
+
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(cache.rglob("*.safetensors")) if cache.exists() else []:
+        with safe_open(str(shard), framework="pt") as f:
+            total += len(json.loads(f.metadata()["hymtl-store"])["rows"])
+    return total
+
+
 def make_image(path: Path, color: tuple[int, int, int], size=(48, 40), fmt: str | None = None, seed: int = 0) -> Path:
     """A small noisy image dominated by ``color`` (classes are told apart by colour)."""
     rng = random.Random(seed)

@@ -19,6 +19,7 @@ from hymtl.features import FeatureBatch, FeatureExtractor, FeatureServer, MultiV
 
 from lightning.pytorch import Callback
 
+from conftest import cached_rows
 from test_train import TINY_MODEL, run_train
 
 
@@ -58,8 +59,15 @@ def extractor(backbone, cache_dir, **kwargs) -> FeatureExtractor:
     return FeatureExtractor(backbone.model, "efficientnet_lite0", cache_dir=cache_dir, batch_size=8, **kwargs)
 
 
-def entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob("*.pt"))
+def shards(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("*.safetensors"))
+
+
+def _stored_rows(cache_dir: Path) -> torch.Tensor:
+    """The rows tensor of the first shard under ``cache_dir``, as any safetensors reader sees it."""
+    from safetensors.torch import load_file
+
+    return load_file(str(shards(cache_dir)[0]))["rows"]
 
 
 def test_second_extraction_reads_the_cache(backbone, samples, tmp_path):
@@ -68,7 +76,7 @@ def test_second_extraction_reads_the_cache(backbone, samples, tmp_path):
     a = first.extract(source)
     assert a.tensor.shape == (4, 3, 1280) and a.indices == [0, 1, 2, 3]
     assert first.stats["computed"] == 4 and first.stats["hits"] == 0
-    assert len(entries(tmp_path)) == 4  # one file per image
+    assert cached_rows(tmp_path) == 4 and len(shards(tmp_path)) == 1  # a row per image, in one shard
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
 
     second = extractor(backbone, tmp_path)  # a new run: fresh extractor, same cache
@@ -121,30 +129,79 @@ def test_changes_invalidate(backbone, samples, tmp_path):
     assert ex.stats["computed"] == 4
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong_content"])
-def test_corrupt_entry_is_recomputed(backbone, samples, tmp_path, caplog, damage):
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "padded", "empty", "foreign_safetensors", "bad_index"])
+def test_an_unreadable_shard_is_removed_and_its_rows_recomputed(backbone, samples, tmp_path, caplog, damage):
+    from safetensors.torch import save_file
+
     source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    extractor(backbone, tmp_path).extract(source, indices=[0, 1])  # two shards: images 0-1, then 2-3
     good = extractor(backbone, tmp_path).extract(source)
-    victim = entries(tmp_path)[0]
+    victim = shards(tmp_path)[0]
     data = victim.read_bytes()
     if damage == "garbage":
-        victim.write_bytes(b"not a torch file" * 10)
+        victim.write_bytes(b"not a safetensors file" * 10)
     elif damage == "truncated":
         victim.write_bytes(data[: len(data) // 2])
+    elif damage == "padded":
+        victim.write_bytes(data + b"\0" * 64)
     elif damage == "empty":
         victim.write_bytes(b"")
-    else:  # a valid file with the wrong structure
-        torch.save({"plain": "x"}, victim)
+    elif damage == "foreign_safetensors":  # a valid file that is not a shard of the store
+        save_file({"weight": torch.zeros(3)}, str(victim))
+    else:  # a shard whose index does not describe its tensor
+        save_file({"rows": torch.zeros(2, 2, 1280)}, str(victim), metadata={"hymtl-store": json.dumps(
+            {"format": 1, "created_ns": 1, "rows": [[["x", 1, 1], {}, "0" * 64]]})})
     ex = extractor(backbone, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="hymtl.features"):
+    with caplog.at_level(logging.WARNING):
         again = ex.extract(source)
-    assert ex.stats["corrupt"] == 1 and ex.stats["computed"] == 1 and ex.stats["hits"] == 3
-    assert "recomputing" in caplog.text
+    assert ex.stats["corrupt"] == 1 and ex.stats["computed"] == 2 and ex.stats["hits"] == 2
+    assert caplog.text.count("is unreadable") == 1 and "removed" in caplog.text
+    assert not victim.exists()  # removed: the warning is not repeated by every later run
     assert torch.allclose(again.tensor, good.tensor, atol=1e-6)
-    # and it was rewritten: the next run hits everywhere
-    ex = extractor(backbone, tmp_path)
-    ex.extract(source)
+    caplog.clear()
+    ex = extractor(backbone, tmp_path)  # rewritten: the next run hits everywhere, silently
+    with caplog.at_level(logging.WARNING):
+        ex.extract(source)
+    assert ex.stats["hits"] == 4 and ex.stats["corrupt"] == 0 and not caplog.text
+
+
+def test_rows_are_written_in_shards_of_the_configured_size_and_interval(backbone, samples, tmp_path):
+    source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
+    row_mb = 2 * 1280 * 4 / 2**20  # two float32 views of 1280 features
+    extractor(backbone, tmp_path / "by_size", shard_mb=2.5 * row_mb).extract(source)
+    assert cached_rows(tmp_path / "by_size") == 4 and len(shards(tmp_path / "by_size")) == 2  # 3 + 1 rows
+    extractor(backbone, tmp_path / "by_time", flush_seconds=0).extract(source)
+    assert len(shards(tmp_path / "by_time")) == 4  # a shard per row
+    ex = extractor(backbone, tmp_path / "by_time")
+    assert torch.equal(ex.extract(source).tensor, extractor(backbone, False).extract(source).tensor)
     assert ex.stats["hits"] == 4
+
+
+class _InterruptedSource(MultiViewDataset):
+    """A view source whose third image is never reached: the run is interrupted there."""
+
+    def __getitem__(self, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return super().__getitem__(index)
+
+
+def test_an_interrupted_extraction_keeps_the_rows_computed_so_far(backbone, samples, tmp_path):
+    source = _InterruptedSource(samples, backbone.preprocessing, num_views=1)
+    ex = FeatureExtractor(backbone.model, "efficientnet_lite0", cache_dir=tmp_path, batch_size=2)  # an image per batch
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract(source)
+    assert cached_rows(tmp_path) == 2  # flushed on the way out, long before flush_seconds
+    again = extractor(backbone, tmp_path)
+    again.extract(MultiViewDataset(samples, backbone.preprocessing, num_views=1))
+    assert again.stats["hits"] == 2 and again.stats["computed"] == 2
+
+
+def test_the_size_the_cache_grows_by_is_logged_before_it_is_written(backbone, samples, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="hymtl.features"):
+        extractor(backbone, tmp_path).extract(MultiViewDataset(samples, backbone.preprocessing, num_views=1))
+    line = next(r.getMessage() for r in caplog.records if "grows by" in r.getMessage())
+    assert line.startswith("the feature cache grows by about 0.0 MiB for 4 images (2 views of 1280, float32 each)"), line
 
 
 def test_disabled_cache_writes_nothing(backbone, samples, tmp_path, monkeypatch):
@@ -209,10 +266,10 @@ def test_frozen_run_uses_the_cache_and_matches_the_uncached_path(tiny_folder, tm
     env = {"HYMTL_CACHE_DIR": str(cache)}
     cached = run_train(*args, "mode.feature_views=1", "hydra.run.dir=cached", cwd=tmp_path, env=env)
     assert cached.returncode == 0, cached.stderr[-3000:]
-    assert len(entries(cache)) == 24  # 12 train + 12 val images: one entry each
+    assert cached_rows(cache) == 24  # 12 train + 12 val images: a row each
     again = run_train(*args, "mode.feature_views=1", "hydra.run.dir=again", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(entries(cache)) == 24  # nothing new: every feature came from the cache
+    assert cached_rows(cache) == 24  # nothing new: every feature came from the cache
     uncached = run_train(*args, "mode.precompute_features=false", "hydra.run.dir=uncached", cwd=tmp_path, env=env)
     assert uncached.returncode == 0, uncached.stderr[-3000:]
     first, second, plain = (_metrics(tmp_path, n) for n in ("cached", "again", "uncached"))
@@ -306,8 +363,8 @@ def test_the_top_stages_on_cached_prefix_activations_give_what_the_model_compute
     source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
     acts = ex.extract(source)
     assert acts.tensor.dtype == torch.bfloat16 and acts.tensor.dim() == 5  # (n, views, C, H, W)
-    stored = torch.load(entries(tmp_path)[0], weights_only=True)
-    assert stored["plain"].dtype == torch.bfloat16 and stored["plain"].dim() == 3
+    stored = _stored_rows(tmp_path)
+    assert stored.dtype == torch.bfloat16 and stored.shape[:2] == (len(samples), 2) and stored.dim() == 5
     transform = build_transforms(backbone.preprocessing, train=False)
     images = torch.stack([transform(load_rgb(s.path)) for s in samples])
     with torch.inference_mode():
@@ -345,12 +402,12 @@ def test_partial_run_trains_the_top_stage_on_cached_activations(tiny_folder, tmp
     assert first.returncode == 0, first.stderr[-3000:]
     shapes = json.loads((tmp_path / "first" / "batch_dims.json").read_text())
     assert shapes == {"train": {"0": 4, "1": 4}, "val": {"0": 4, "1": 4}, "test": 4}, shapes
-    stored = torch.load(entries(cache)[0], weights_only=True)
-    assert stored["plain"].shape[0] == 320 and stored["plain"].dtype == torch.bfloat16
-    count = len(entries(cache))
+    stored = _stored_rows(cache)
+    assert stored.shape[2] == 320 and stored.dtype == torch.bfloat16  # (n, views, C, H, W)
+    count = cached_rows(cache)
     second = run_train(*args, "hydra.run.dir=second", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert len(entries(cache)) == count  # every activation came from the cache
+    assert cached_rows(cache) == count  # every activation came from the cache
     assert "computed 0" in (tmp_path / "second" / "train.log").read_text()
     assert _metrics(tmp_path, "first")["test/acc"] == _metrics(tmp_path, "second")["test/acc"]
     from hymtl.loading import load_checkpoint
@@ -461,24 +518,36 @@ def test_frozen_test_figures_come_from_the_features_without_running_the_backbone
 
 
 # ---------------------------------------------------------------- verified entries (issue 12, item 6)
-def _poison(victim: Path, tmp_path: Path, case: str, sample_path: str) -> None:
-    """Damage one entry (or its image) so that it still *looks* valid."""
-    from hymtl.features import tensor_checksum
+def _row_offset(shard: Path, position: int) -> int:
+    """Where row ``position`` of a shard's tensor starts in the file (the safetensors layout:
+    an 8-byte header length, the JSON header, then the data)."""
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    start, end = header["rows"]["data_offsets"]
+    rows = header["rows"]["shape"][0]
+    return 8 + length + start + position * (end - start) // rows
 
-    if case == "nan_in_augmented_view":  # a consistent entry whose checksum matches the poison
-        entry = torch.load(victim, weights_only=True)
-        entry["aug"][0, 3] = float("nan")
-        entry["sha256"] = tensor_checksum(entry["plain"], entry["aug"])
-        torch.save(entry, victim)
-    elif case == "flipped_byte":  # one byte inside the stored tensor data, file still loads
-        entry = torch.load(victim, weights_only=True)
-        needle = entry["aug"][0, :4].numpy().tobytes()
+
+def _poison(victim: Path, tmp_path: Path, case: str, sample_path: str) -> None:
+    """Damage row 0 of a shard (or its image) so that it still *looks* valid."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hymtl.store import tensor_checksum
+
+    if case == "nan_in_augmented_view":  # a consistent shard whose checksum matches the poison
+        with safe_open(str(victim), framework="pt") as f:
+            rows, index = f.get_tensor("rows"), json.loads(f.metadata()["hymtl-store"])
+        rows[0, 1, 3] = float("nan")
+        index["rows"][0][2] = tensor_checksum(rows[0])
+        save_file({"rows": rows}, str(victim), metadata={"hymtl-store": json.dumps(index)})
+    elif case == "flipped_byte":  # one byte inside the stored tensor data, the file still loads
         data = bytearray(victim.read_bytes())
-        at = data.find(needle)
-        assert at >= 0
-        data[at + 1] ^= 0x01
+        data[_row_offset(victim, 0) + 4 * 1280 + 1] ^= 0x01  # in the first augmented view
         victim.write_bytes(bytes(data))
-        assert torch.load(victim, weights_only=True)["aug"].shape == entry["aug"].shape
+        with safe_open(str(victim), framework="pt") as f:
+            assert f.get_tensor("rows").shape[0] == 4
     else:  # the image is rewritten with other pixels, same size, mtime set back
         from PIL import Image
 
@@ -497,8 +566,7 @@ def _poison(victim: Path, tmp_path: Path, case: str, sample_path: str) -> None:
 def test_a_poisoned_entry_is_recomputed_and_trains_to_finite_loss(backbone, samples, tmp_path, caplog, case):
     source = MultiViewDataset(samples, backbone.preprocessing, num_views=2)
     extractor(backbone, tmp_path).extract(source)
-    victim = extractor(backbone, tmp_path).entry_path(source.recipe, source.identity(0))
-    assert victim is not None and victim.is_file()
+    (victim,) = shards(tmp_path)
     _poison(victim, tmp_path, case, source.identity(0)[0])
     fresh = MultiViewDataset(samples, backbone.preprocessing, num_views=2)  # re-stat the files
     ex = extractor(backbone, tmp_path)

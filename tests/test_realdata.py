@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cached_rows
 from test_train import run_train
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -42,9 +43,10 @@ def test_mode_reaches_its_target(mode, real_data, tmp_path):
 def test_frozen_rerun_reads_the_cache_and_gives_the_same_model(real_data, tmp_path):
     cache = tmp_path / "cache"
     first = train_real("frozen", real_data, tmp_path, cache, "first", "mode.epochs=5")
-    files = sorted(cache.rglob("*.pt"))
-    assert len(files) >= 390  # one entry per image of train + val (test = val): ~398
-    stamps = [f.stat().st_mtime_ns for f in files]
+    shards = sorted(cache.rglob("*.safetensors"))
+    assert cached_rows(cache) >= 390  # one row per image of train + val (test = val): ~398
+    assert len(shards) < 20  # in a few shards (about one per split here), not a file per image
+    stamps = [(f, f.stat().st_mtime_ns) for f in shards]
     second = train_real("frozen", real_data, tmp_path, cache, "second", "mode.epochs=5")
-    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.pt"))] == stamps  # nothing recomputed
+    assert [(f, f.stat().st_mtime_ns) for f in sorted(cache.rglob("*.safetensors"))] == stamps  # nothing recomputed
     assert second["test/acc"] == first["test/acc"] and second["test/loss"] == pytest.approx(first["test/loss"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_image_folder
+from conftest import REPO_ROOT, cached_rows, make_image_folder
 from hymtl.resume import LAST, AtomicCheckpointIO, resolve_resume
 from hymtl.runs import run_dir_of
 from hymtl.errors import HymtlError
@@ -340,25 +340,21 @@ def test_checkpoint_io_reads_through_the_safe_loader(tiny_checkpoint, tmp_path):
 
 
 # --------------------------------------------------------------------------- signals outside the loops
-def _cache_entries(cache: Path) -> int:
-    return sum(1 for _ in cache.rglob("*.pt")) if cache.exists() else 0
-
-
 @pytest.mark.slow
 def test_sigterm_during_feature_extraction_stops_within_a_few_batches(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=150)  # 300 training images to extract
     cache = tmp_path / "cache"
-    # one image (3 views) per extraction batch: a cache entry per batch shows where it is
+    # one image (3 views) per extraction batch and a cache shard per batch: the cache shows where it is
     proc = subprocess.Popen([sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={root}", "mode.epochs=1",
-                             "feature_cache.batch_size=3", "hydra.run.dir=run"],
+                             "feature_cache.batch_size=3", "feature_cache.flush_seconds=0", "hydra.run.dir=run"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
                             env={**os.environ, "HYMTL_CACHE_DIR": str(cache)})
     deadline = time.monotonic() + 600
-    while _cache_entries(cache) == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while cached_rows(cache) == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
     proc.send_signal(signal.SIGTERM)
-    at_signal = _cache_entries(cache)
+    at_signal = cached_rows(cache)
     proc.wait(timeout=300)
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -366,7 +362,7 @@ def test_sigterm_during_feature_extraction_stops_within_a_few_batches(tmp_path):
     assert stderr.strip().splitlines()[-1] == (
         "interrupted by SIGTERM during the feature extraction; no epoch had finished, so nothing of the run is saved: "
         "a new run starts from scratch (the feature cache keeps the features computed so far)")
-    assert _cache_entries(cache) <= at_signal + 5  # a few batches, not the other ~300 images
+    assert cached_rows(cache) <= at_signal + 5  # a few batches, not the other ~300 images
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
 
