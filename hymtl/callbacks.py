@@ -8,7 +8,6 @@ The two-phase freeze/unfreeze schedule is driven by ``TransferModule`` itself fr
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -25,7 +24,8 @@ from torchmetrics import Metric
 
 from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
-from hymtl.figures import ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, prediction_grid
+from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, png_bytes,
+                           prediction_grid, render)
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
 from hymtl.progress import on_terminal
 from hymtl.runtime import device_name
@@ -368,16 +368,15 @@ class TestFigures(_TestOutputsTap):
                                                           num_rows=-(-len(images) // cols), num_cols=cols)
         empty = (torch.zeros(0, 3, 1, 1), torch.zeros(0, len(names)), torch.zeros(0, dtype=torch.long))
         figures["test/most_wrong"] = most_wrong_grid(*(self._wrong or empty), names, **norm)
+        pixels = {tag: render(fig) for tag, fig in figures.items()}  # each drawn once, for every output
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                for tag, fig in figures.items():
-                    logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+                for tag, image in pixels.items():
+                    logger.experiment.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
                 logger.experiment.flush()
         if self.save_dir:
-            for tag, fig in figures.items():
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format="png", dpi=100)
-                atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", buffer.getvalue())
+            for tag, image in pixels.items():
+                atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", png_bytes(image))
         self._grid, self._wrong = None, None
         self._sample = self._mistakes = None
 

@@ -6,14 +6,36 @@ headless, in notebooks, and inside Lightning callbacks alike.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 CORRECT_COLOR = "#1a7f37"
 WRONG_COLOR = "#cf222e"
+
+
+def render(fig: Figure, dpi: float = 100) -> np.ndarray:
+    """``fig`` drawn once, as ``(H, W, 3)`` uint8 pixels: what both TensorBoard and the PNG file
+    get (drawing is most of a figure's cost; ``savefig`` and ``add_figure`` would each draw it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``(H, W, 3)`` uint8 pixels as a PNG file's bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -6,6 +6,10 @@
   the middle leaves a truncated ``last.ckpt``, and nothing is fsynced. This plugin writes a
   temporary file beside the target, fsyncs it and ``os.replace``-s it: the old checkpoint stays
   whole until the new one is complete.
+* :class:`LastCheckpoint` — ``last.ckpt`` at the end of an epoch (what ``ckpt_path=last``
+  resumes), at most once per ``min_interval_s`` and always after the fit's last epoch: a
+  head-only epoch on cached features takes a tenth of a second, writing the whole model
+  several times that.
 * :class:`RNGStateCheckpoint` — Lightning checkpoints do not hold the random number generators;
   this callback stores the torch/CUDA/numpy/python states and puts them back when a resumed fit
   starts, so the shuffling and augmentations continue as if never stopped.
@@ -17,7 +21,7 @@
   is written atomically; inside them it defers to :class:`GracefulStop`.
 * :class:`GracefulStop` — inside the fit's epochs and the test's batches a signal finishes the
   batch in progress; in the fit it saves ``interrupted.ckpt``; then :class:`RunInterrupted`.
-  ``last.ckpt`` (end of the last whole epoch) is left untouched and is what ``ckpt_path=last``
+  ``last.ckpt`` (end of the last saved epoch) is left untouched and is what ``ckpt_path=last``
   resumes from, exactly.
 * :func:`resolve_resume` — what ``ckpt_path=last`` / a path means, and which run folder a
   resumed run continues in (the run of a checkpoint is :func:`hymtl.runs.run_dir_of`);
@@ -36,6 +40,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -87,6 +93,49 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # --------------------------------------------------------------------------- RNG state
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (conf/callbacks: ``last_checkpoint``, ``filename: last``)
+    that skips the save of an epoch ending less than ``min_interval_s`` after its previous save
+    (or the start of the fit), except after the fit's last epoch (``max_epochs``, ``max_steps``
+    or a requested stop): a run killed without warning loses at most ``min_interval_s`` plus an
+    epoch, and a run of short epochs (head-only training on cached features) does not spend
+    most of its time writing the whole model. ``0``: every epoch. The decision is rank 0's,
+    broadcast, so every DDP rank takes part in the same saves."""
+
+    def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not float(min_interval_s) >= 0:
+            raise HymtlError(f"callbacks.last_checkpoint.min_interval_s must be >= 0, got {min_interval_s}")
+        self.min_interval_s = float(min_interval_s)
+        self._saved_at = time.monotonic()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._saved_at = time.monotonic()
+
+    def _should_skip_saving_checkpoint(self, trainer: Trainer) -> bool:
+        if super()._should_skip_saving_checkpoint(trainer):
+            return True
+        if self.min_interval_s <= 0 or _last_epoch_of_fit(trainer):
+            return False
+        recent = time.monotonic() - self._saved_at < self.min_interval_s
+        return bool(trainer.strategy.broadcast(recent, src=0))
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_at = time.monotonic()
+
+
+def _last_epoch_of_fit(trainer: Trainer) -> bool:
+    """Whether the epoch now ending is the fit's last (as far as the limits tell)."""
+    if trainer.should_stop:
+        return True
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
+
+
 class RNGStateCheckpoint(Callback):
     """Saves the global RNG states with every checkpoint and restores them on resume.
 
@@ -179,7 +228,10 @@ class RunInterrupted(BaseException):
             where = f"during {self.stage}"
         if self.resume_from:
             resume = (f"; resume with ckpt_path=last (or ckpt_path={self.resume_from}): it continues from the "
-                      f"end of the last whole epoch and ends as an uninterrupted run would")
+                      f"end of the last saved epoch and ends as an uninterrupted run would")
+        elif self.stage == "fit" and self.epoch > 0:  # epochs ended, none was due a last.ckpt (LastCheckpoint)
+            resume = ("; no epoch-end checkpoint was due yet (callbacks.last_checkpoint.min_interval_s), so there is "
+                      "nothing to resume from: a new run starts from scratch")
         else:
             resume = "; no epoch had finished, so nothing of the run is saved: a new run starts from scratch"
             if self.stage == "the feature extraction":
@@ -351,7 +403,7 @@ class GracefulStop(Callback):
 
 
 def _last_checkpoint(trainer: Trainer) -> str | None:
-    """The ``last.ckpt`` this run wrote (end of its last whole epoch), whichever checkpoint
+    """The ``last.ckpt`` this run wrote (end of its last saved epoch), whichever checkpoint
     callback writes it (``save_last`` of one, or one that writes only ``last``), else ``None``."""
     for callback in trainer.checkpoint_callbacks:
         for attribute in ("last_model_path", "best_model_path"):

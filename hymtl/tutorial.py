@@ -25,7 +25,6 @@ manifest and split, and the Trainer's settings. The figures come from :mod:`hymt
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from hymtl.backbones import Preprocessing, create_backbone, preprocessing_of
 from hymtl.callbacks import EpochLines, ExamplesPerSecond, tutorial_lines
 from hymtl.data import TORCHVISION_EXTENSIONS, ImageFolderDataModule, build_transforms
 from hymtl.errors import HymtlError
-from hymtl.figures import epoch_curves, prediction_grid
+from hymtl.figures import epoch_curves, png_bytes, prediction_grid, render
 from hymtl.fileio import atomic_write_bytes
 from hymtl.model import ClassificationModule, build_optimization, constant_schedule
 from hymtl.progress import on_terminal
@@ -667,7 +666,5 @@ def show_predictions(
 
 def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``figure`` as a PNG atomically; returns the path."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(render(figure, dpi)))
     return Path(path)

@@ -31,6 +31,7 @@ ARGS = [
     "data.batch_size=4", "mode=two_phase", "mode.freeze_epochs=1", "mode.epochs=3",
     "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
     "callbacks.test_figures=null", "mode.precompute_features=false",
+    "callbacks.last_checkpoint.min_interval_s=0",  # last.ckpt after every epoch: the kill tests stop between them
 ]
 COMPARED = ("train/loss", "train/acc", "val/acc", "val/loss", "val/acc_best", "test/acc", "test/loss", "epochs")
 

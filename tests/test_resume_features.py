@@ -109,6 +109,7 @@ def _kill_resume_and_compare(references, mode: str, kill_at: int, epochs: int, w
     run = f"run_{mode}_{kill_at}"
     killed = _train(root, mode, f"data.root={data}", f"hydra.run.dir={run}",
                     "+callbacks.kill._target_=test_resume_features.KillAtEpochStart", f"+callbacks.kill.epoch={kill_at}",
+                    "callbacks.last_checkpoint.min_interval_s=0",  # the end of every epoch on disk: resume at kill_at
                     workers=workers)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = root / run / "checkpoints" / LAST

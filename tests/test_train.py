@@ -10,6 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
 from conftest import REPO_ROOT
 
@@ -144,10 +146,36 @@ def test_a_run_that_fails_before_training_is_listed_as_failed(tmp_path):
     assert run.status == "failed"
 
 
+class LastCheckpointProbe(Callback):
+    """Records, as each epoch starts, which epoch ``last.ckpt`` holds (``None``: not written yet)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self.seen.append(torch.load(last, map_location="cpu", weights_only=True)["epoch"] if last.is_file() else None)
+
+    def on_fit_end(self, trainer, pl_module):
+        (Path(trainer.default_root_dir) / "last_seen.json").write_text(json.dumps(self.seen))
+
+
+@pytest.mark.parametrize("interval, seen", [(0, [None, 0, 1, 2]), (1000, [None, None, None, None])])
+def test_last_checkpoint_is_written_at_most_once_per_interval_and_after_the_last_epoch(tiny_folder, tmp_path,
+                                                                                       interval, seen):
+    env = {"PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = run_train(*TINY_MODEL, "mode=frozen", "mode.epochs=4", "data=folder", f"data.root={tiny_folder}",
+                       "test=false", "hydra.run.dir=run", f"feature_cache.dir={tmp_path / 'cache'}",
+                       f"callbacks.last_checkpoint.min_interval_s={interval}",
+                       "+callbacks.probe._target_=test_train.LastCheckpointProbe", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "last_seen.json").read_text()) == seen
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3  # the fit's end: always saved
+
+
 def test_last_checkpoint_is_the_last_epoch_even_when_val_acc_stops_improving(tiny_folder, tmp_path):
     """Lightning's save_last writes only when val/acc improves; last.ckpt must be the final epoch."""
-    import torch
-
     result = run_train("model=efficientnet_lite0", "data.num_workers=0", "data.batch_size=4", "mode=frozen",
                        "mode.epochs=3", "data=folder", f"data.root={tiny_folder}", "test=false",
                        "hydra.run.dir=run", f"feature_cache.dir={tmp_path / 'cache'}", cwd=tmp_path)
