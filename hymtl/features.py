@@ -376,8 +376,8 @@ class FeatureExtractor:
     def _log_size(store: ShardedStore, row: torch.Tensor, count: int) -> None:
         """The size the cache grows by, said before the first of it is written."""
         size = row.numel() * row.element_size() * count
-        log.info("the feature cache grows by about %s for %d images (%d views of %s, %s each) in %s",
-                 _megabytes(size), count, row.shape[0], "x".join(map(str, row.shape[1:])),
+        log.info("the feature cache grows by about %s for %d images (%d view%s of %s, %s each) in %s",
+                 _megabytes(size), count, row.shape[0], "s" if row.shape[0] != 1 else "", "x".join(map(str, row.shape[1:])),
                  str(row.dtype).removeprefix("torch."), store.folder)
 
 
