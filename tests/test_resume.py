@@ -432,3 +432,19 @@ def test_resume_on_the_same_folder_with_other_images_is_refused(tmp_path):
                         "scored on (train: 8 files, now 9); start a new run for new data"), lines
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
     assert len(list((tmp_path / "run" / "checkpoints").glob("epoch=1*"))) == 0  # nothing trained
+
+
+def test_a_stop_in_the_fit_before_any_last_checkpoint_was_due_says_so():
+    """With last.ckpt written at most every min_interval_s, epochs can have ended without one:
+    the line must not claim that no epoch had finished."""
+    from hymtl.resume import RunInterrupted
+
+    early = RunInterrupted(signal.SIGTERM, "/run/checkpoints/interrupted.ckpt", None, 3).message
+    assert early == ("interrupted by SIGTERM in epoch 3; state saved in /run/checkpoints/interrupted.ckpt; no "
+                     "epoch-end checkpoint was due yet (callbacks.last_checkpoint.min_interval_s), so there is nothing "
+                     "to resume from: a new run starts from scratch")
+    first = RunInterrupted(signal.SIGTERM, "/run/checkpoints/interrupted.ckpt", None, 0).message
+    assert first.endswith("; no epoch had finished, so nothing of the run is saved: a new run starts from scratch")
+    saved = RunInterrupted(signal.SIGINT, "/i.ckpt", "/run/checkpoints/last.ckpt", 5).message
+    assert "resume with ckpt_path=last (or ckpt_path=/run/checkpoints/last.ckpt): it continues from the end of " \
+           "the last saved epoch" in saved
