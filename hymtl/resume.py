@@ -92,7 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path)
 
 
-# --------------------------------------------------------------------------- RNG state
+# --------------------------------------------------------------------------- the last checkpoint
 class LastCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (conf/callbacks: ``last_checkpoint``, ``filename: last``)
     that skips the save of an epoch ending less than ``min_interval_s`` after its previous save
@@ -100,7 +100,8 @@ class LastCheckpoint(ModelCheckpoint):
     or a requested stop): a run killed without warning loses at most ``min_interval_s`` plus an
     epoch, and a run of short epochs (head-only training on cached features) does not spend
     most of its time writing the whole model. ``0``: every epoch. The decision is rank 0's,
-    broadcast, so every DDP rank takes part in the same saves."""
+    broadcast, so every DDP rank takes part in the same saves. Step-based saves
+    (``every_n_train_steps``, ``train_time_interval``) keep Lightning's own schedule."""
 
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -108,14 +109,24 @@ class LastCheckpoint(ModelCheckpoint):
             raise HymtlError(f"callbacks.last_checkpoint.min_interval_s must be >= 0, got {min_interval_s}")
         self.min_interval_s = float(min_interval_s)
         self._saved_at = time.monotonic()
+        self._in_batch_hook = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._saved_at = time.monotonic()
 
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._in_batch_hook = True  # Lightning asks whether to skip after every batch: no broadcast there
+        try:
+            super().on_train_batch_end(*args, **kwargs)
+        finally:
+            self._in_batch_hook = False
+
     def _should_skip_saving_checkpoint(self, trainer: Trainer) -> bool:
         if super()._should_skip_saving_checkpoint(trainer):
             return True
+        if self._in_batch_hook:
+            return False
         if self.min_interval_s <= 0 or _last_epoch_of_fit(trainer):
             return False
         recent = time.monotonic() - self._saved_at < self.min_interval_s
@@ -136,6 +147,7 @@ def _last_epoch_of_fit(trainer: Trainer) -> bool:
     return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
 
 
+# --------------------------------------------------------------------------- RNG state
 class RNGStateCheckpoint(Callback):
     """Saves the global RNG states with every checkpoint and restores them on resume.
 
