@@ -28,6 +28,9 @@ NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
     "data.val_fraction": ("number", 0, False),
     "data.batch_size": ("integer", 1, False),
     "data.num_workers": ("integer", 0, False),  # or "auto"
+    "feature_cache.shard_mb": ("number", 0, True),
+    "feature_cache.flush_seconds": ("number", 0, False),
+    "callbacks.last_checkpoint.min_interval_s": ("number", 0, False),
 }
 
 

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from hymtl.config import checked_number
 from hymtl.data.folders import Sample
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
@@ -529,15 +530,12 @@ class FeatureServer:
             raise HymtlError(f"feature views must be >= 0, got {views}")
         if int(batch_size) < 1:
             raise HymtlError(f"feature_cache.batch_size must be a positive integer, got {batch_size}")
-        if not float(shard_mb) > 0:
-            raise HymtlError(f"feature_cache.shard_mb must be positive, got {shard_mb}")
-        if not float(flush_seconds) >= 0:
-            raise HymtlError(f"feature_cache.flush_seconds must be >= 0, got {flush_seconds}")
         self.precompute = bool(precompute)
         self.views = int(views)
         self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
         self.batch_size = int(batch_size)
-        self.shard_mb, self.flush_seconds = float(shard_mb), float(flush_seconds)
+        self.shard_mb = checked_number("feature_cache.shard_mb", shard_mb, "number", 0, exclusive=True)
+        self.flush_seconds = checked_number("feature_cache.flush_seconds", flush_seconds, "number", 0)
         self.extractor: FeatureExtractor | None = None  # the last one used (built per module and prefix)
         self._extractors: dict[int, FeatureExtractor] = {}
         self._module = None

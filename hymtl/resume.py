@@ -28,7 +28,7 @@
   :func:`check_resume` — what may be resumed: a whole checkpoint of the same run settings
   (:data:`RESUME_MUST_MATCH`), refused with one line before the run folder is touched.
 
-Imports only downward (errors, fileio, loading, runs); used by the entry points and conf/.
+Imports only downward (config, errors, fileio, loading, runs); used by the entry points and conf/.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
 from hymtl.loading import LoadError, read_checkpoint
@@ -105,9 +106,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not float(min_interval_s) >= 0:
-            raise HymtlError(f"callbacks.last_checkpoint.min_interval_s must be >= 0, got {min_interval_s}")
-        self.min_interval_s = float(min_interval_s)
+        self.min_interval_s = checked_number("callbacks.last_checkpoint.min_interval_s", min_interval_s, "number", 0)
         self._saved_at = time.monotonic()
         self._in_batch_hook = False
 
