@@ -270,10 +270,10 @@ def _val_batch(tiny_checkpoint, model, n: int = 6):
     return next(iter_batches(files[:n], model.preprocessing, batch_size=n, num_workers=0))[1]
 
 
-def test_fp32_path_is_bit_identical_to_the_modules_own_forward(tiny_checkpoint):
+def test_fp32_path_is_the_modules_own_forward_exactly_as_trained_and_to_rounding_simplified(tiny_checkpoint):
     import torch
 
-    from hymtl.inference import TorchPredictor
+    from hymtl.inference import Simplified, TorchPredictor
     from hymtl.loading import load_checkpoint
 
     reference = load_checkpoint(tiny_checkpoint)
@@ -281,10 +281,85 @@ def test_fp32_path_is_bit_identical_to_the_modules_own_forward(tiny_checkpoint):
     images = _val_batch(tiny_checkpoint, reference)
     with torch.inference_mode():
         expected = reference(images).numpy()
-    predictor = TorchPredictor(load_checkpoint(tiny_checkpoint))  # the default: fp32
-    assert predictor.precision == "32"
-    assert np.array_equal(predictor.logits(images), expected)
-    assert np.array_equal(predictor.logits(images.clone()), expected)  # contiguous input too
+    exact = TorchPredictor(load_checkpoint(tiny_checkpoint), simplify=False)
+    assert exact.precision == "32" and exact.simplified == Simplified()
+    assert np.array_equal(exact.logits(images), expected)
+    assert np.array_equal(exact.logits(images.clone()), expected)  # contiguous input too
+    predictor = TorchPredictor(load_checkpoint(tiny_checkpoint))  # the default: fp32, simplified
+    assert predictor.precision == "32" and predictor.simplified == Simplified(49, 5)  # lite0: 49 norms, 5 stride-2
+    assert np.abs(predictor.logits(images) - expected).max() <= 1e-4 * (1 + np.abs(expected).max())
+
+
+@pytest.mark.parametrize("backbone, static", [("efficientnet_lite0", 5), ("resnet18", 0)])
+def test_simplified_for_inference_every_norm_folded_every_same_padding_static_same_logits(backbone, static):
+    import torch
+    from timm.layers import Conv2dSame
+
+    from hymtl.inference import Simplified, TorchPredictor
+    from hymtl.model import TransferModule
+
+    torch.manual_seed(0)
+    model = TransferModule(backbone=backbone, pretrained=False, num_classes=3, class_names=["a", "b", "c"],
+                           unfreeze_at_epoch=None)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # statistics far from the identity, as after training
+        norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5), norm.bias.data.uniform_(-0.2, 0.2)
+    images = torch.randn(4, 3, 224, 224)
+    exact = TorchPredictor(model, simplify=False)
+    expected = exact.logits(images)
+    predictor = TorchPredictor(exact.model)
+    assert predictor.simplified == Simplified(len(norms), static) and norms
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, Conv2dSame)) for m in predictor.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())  # rewritten on a copy
+    got = predictor.logits(images)
+    assert np.abs(got - expected).max() <= 1e-4 * (1 + np.abs(expected).max())
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    with pytest.raises(ValueError, match=r"images of shape \(3, 224, 224\)"):  # the paddings hold for 224 only
+        predictor.logits(torch.randn(1, 3, 160, 160))
+
+
+def test_a_convolution_whose_output_is_also_used_elsewhere_is_left_as_it_is():
+    import torch
+    from torch import nn
+
+    from hymtl.inference import Simplified, simplify_for_inference
+
+    class Shortcut(nn.Module):  # norm(conv(x)) + conv(x): folding would change the second term
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(2.0), self.norm.running_var.fill_(4.0)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    model = Shortcut().eval()
+    assert simplify_for_inference(model, torch.zeros(1, 3, 8, 8)) == (model, Simplified())
+    assert isinstance(model.norm, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="eval mode"):
+        simplify_for_inference(model.train(), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(224, 3, 2), (225, 3, 2), (224, 5, 2), (17, 5, 2), (30, 3, 1),
+                                                  (31, 4, 3)])
+def test_a_same_padded_convolution_becomes_static_with_the_same_output(size, kernel, stride):
+    import torch
+    from timm.layers import Conv2dSame
+    from torch import nn
+
+    from hymtl.inference import simplify_for_inference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(4, 6, kernel, stride, groups=2), nn.ReLU()).eval()
+    images = torch.randn(2, 4, size, size)
+    with torch.inference_mode():
+        expected = model(images)
+        simplified, what = simplify_for_inference(model, images)
+        got = simplified(images)
+    assert what.static_same_paddings == 1 and type(simplified[0]) is nn.Conv2d
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
 
 
 def test_bf16_and_fp32_agree_on_labels_and_probabilities(tiny_checkpoint):
