@@ -13,7 +13,11 @@ each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) v
   (how many of its stages; all: the pooled features), a SHA-256 of every tensor of the
   prefix's state dict (weights *and* BatchNorm statistics), the stored dtype, the
   source's ``recipe`` (the exact eval and train transforms and the augmentation seed), the
-  autocast dtype and the memory format. Any change selects a new folder.
+  autocast dtype, the memory format and whether the network runs simplified. Any change
+  selects a new folder.
+* The network runs as a copy simplified for the views' size (:mod:`hymtl.simplify`: batch
+  norms folded into their convolutions, timm's "same" paddings static; the same outputs up to
+  rounding, checked before use): ~1.5x faster on a CPU for lite0.
 * The folder is a :class:`hymtl.store.ShardedStore`: a few large safetensors shards, each
   with the index of its rows in its header, written atomically and read through memory maps
   (a folder of a million images is a few hundred files, readable by every DDP rank at once).
@@ -74,6 +78,7 @@ from hymtl.data.loaders import SkippingDataLoader, collate_skipping
 from hymtl.errors import HymtlError, printable
 from hymtl.fileio import sha256_file
 from hymtl.progress import Progress
+from hymtl.simplify import Simplified, simplify_for_inference
 from hymtl.store import ShardedStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -148,6 +153,9 @@ class BackbonePrefix(nn.Module):
         self.stages = int(stages)
         self.parts = nn.ModuleList(m for stage in backbone.stages[: self.stages] for m in stage.modules(backbone.model))
         object.__setattr__(self, "_backbone", backbone)  # not a submodule: its top stages stay out
+        # its network as a plain attribute too: hymtl.simplify replaces a stage's modules in every
+        # place that holds them, the network the stages run in included
+        object.__setattr__(self, "_network", backbone.model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._backbone.run_stages(images, 0, self.stages)
@@ -171,6 +179,10 @@ class FeatureExtractor:
         channels_last: run in channels-last memory format (faster convolutions on CPU and GPU).
         shard_mb, flush_seconds: a cache shard is written per ``shard_mb`` of new rows, and at
             least every ``flush_seconds`` (:class:`hymtl.store.ShardedStore`).
+        simplify: run a copy of ``backbone`` rewritten for the views' size
+            (:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings;
+            the same outputs up to rounding, ~1.5x faster on a CPU). ``self.simplified`` says
+            what the last extraction changed.
     """
 
     def __init__(
@@ -187,8 +199,11 @@ class FeatureExtractor:
         store_dtype: torch.dtype = torch.float32,
         shard_mb: float = 64,
         flush_seconds: float = 30.0,
+        simplify: bool = True,
     ):
         self.backbone = backbone
+        self.simplify = bool(simplify)
+        self.simplified = Simplified()
         self.name = name
         self.prefix = str(prefix)
         self.store_dtype = store_dtype
@@ -225,6 +240,7 @@ class FeatureExtractor:
             f"recipe={recipe}",
             f"autocast={self.autocast_dtype}",
             f"channels_last={self.channels_last}",
+            f"simplify={self.simplify}",
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
@@ -273,14 +289,14 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ extraction
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone outputs of a batch, on the CPU in ``store_dtype``."""
+    def forward(self, images: torch.Tensor, network: nn.Module | None = None) -> torch.Tensor:
+        """Outputs of ``network`` (default: the backbone) for a batch, on the CPU in ``store_dtype``."""
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None) if dtype else contextlib.nullcontext():
-            out = self.backbone(images)
+            out = (network or self.backbone)(images)
         return out.to(self.store_dtype).cpu()
 
     @contextlib.contextmanager
@@ -354,11 +370,19 @@ class FeatureExtractor:
             generator=torch.Generator(),
         )
         hits, done = len(results), 0
+        network = None  # the backbone, simplified for the views' size at the first batch
         # the writer flushes on exit, also on an interrupting signal: the rows computed so far are kept
         with self._eval_mode(), (store.writer() if store is not None else contextlib.nullcontext()) as writer:
             for positions, batch in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
-                feats = self.forward(batch.flatten(0, 1))
+                if network is None:
+                    network, self.simplified = self.backbone, Simplified()
+                    if self.simplify:
+                        example = torch.zeros(2, *batch.shape[2:], device=self.device)
+                        if self.channels_last:
+                            example = example.contiguous(memory_format=torch.channels_last)
+                        network, self.simplified = simplify_for_inference(self.backbone, example)
+                feats = self.forward(batch.flatten(0, 1), network)
                 feats = feats.reshape(n, v, *feats.shape[1:])
                 if writer is not None and done == 0:
                     self._log_size(store, feats[0], len(missing))

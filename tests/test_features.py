@@ -363,6 +363,8 @@ def test_the_top_stages_on_cached_prefix_activations_give_what_the_model_compute
     source = MultiViewDataset(samples, backbone.preprocessing, num_views=1)
     acts = ex.extract(source)
     assert acts.tensor.dtype == torch.bfloat16 and acts.tensor.dim() == 5  # (n, views, C, H, W)
+    # the prefix ran simplified (hymtl.simplify): every norm of its stages folded
+    assert ex.simplified.batch_norms_folded == sum(isinstance(m, torch.nn.BatchNorm2d) for m in prefix.modules()) > 0
     stored = _stored_rows(tmp_path)
     assert stored.dtype == torch.bfloat16 and stored.shape[:2] == (len(samples), 2) and stored.dim() == 5
     transform = build_transforms(backbone.preprocessing, train=False)
