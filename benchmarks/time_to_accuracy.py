@@ -21,11 +21,12 @@ beside the classic recipe run in the same invocation (batch 4, SGD lr 1e-3 momen
 
 The ``floor`` row is a process that only decodes every train and test image once (two workers,
 reduced-scale JPEG decoding) and runs one forward pass of the backbone on each (bf16 autocast
-where the CPU has native bf16, channels-last): the least any mode that looks at every image
-once must spend. The load average (1 min) is printed before and after, into the table.
+where the CPU has native bf16, channels-last, simplified as the feature extractor runs it:
+:mod:`hymtl.simplify`): the least any mode that looks at every image once must spend. The load average (1 min) is printed before and after, into the table.
 
 Then the floor's parts, in-process: decode-only (DataLoader + eval transforms, no model), forward-only
-(random batches; fp32 / bf16 autocast x contiguous / channels-last), training steps (fp32 vs
+(random batches; fp32 / bf16 autocast x contiguous / channels-last, and channels-last
+simplified), training steps (fp32 vs
 bf16), and predict throughput (files -> probabilities, decoding included).
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (the table) after every row, so a long
@@ -102,9 +103,13 @@ def floor_process(data: str) -> None:
     from hymtl.backbones import create_backbone
     from hymtl.data import ImageFolderDataModule, ImageSampleDataset, build_transforms
     from hymtl.runtime import cpu_has_native_bf16
+    from hymtl.simplify import simplify_for_inference
 
     backbone = create_backbone("efficientnet_lite0")
-    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    size = backbone.preprocessing.input_size
+    # the cheapest forward hymtl knows: the network simplified as the feature extractor runs it
+    model, _ = simplify_for_inference(backbone.model.eval().to(memory_format=torch.channels_last),
+                                      torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
     dm = ImageFolderDataModule(data, preprocessing=backbone.preprocessing)
     dm.setup()
     ds = ImageSampleDataset(list(dm.train_samples) + list(dm.test_samples),
@@ -161,6 +166,15 @@ def floor(data: str, quick: bool) -> dict:
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                     model(xx)
             results[f"forward_{'channels_last' if cl else 'contiguous'}_{'bf16' if dtype else 'fp32'}"] = rate(fwd, n)
+    from hymtl.simplify import simplify_for_inference
+
+    simplified, _ = simplify_for_inference(model, x[:2].contiguous(memory_format=torch.channels_last))
+    xx = x.contiguous(memory_format=torch.channels_last)
+    for dtype in (None, torch.bfloat16):
+        def fwd_simplified():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                simplified(xx)
+        results[f"forward_channels_last_{'bf16' if dtype else 'fp32'}_simplified"] = rate(fwd_simplified, n)
 
     # training steps (backbone + head, SGD) at batch 16, channels-last
     model.train().to(memory_format=torch.channels_last)
