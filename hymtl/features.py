@@ -17,7 +17,7 @@ each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) v
   selects a new folder.
 * The network runs as a copy simplified for the views' size (:mod:`hymtl.simplify`: batch
   norms folded into their convolutions, timm's "same" paddings static; the same outputs up to
-  rounding, checked before use): ~1.5x faster on a CPU for lite0.
+  rounding, checked before use): 1.5-2x faster on a CPU for lite0.
 * The folder is a :class:`hymtl.store.ShardedStore`: a few large safetensors shards, each
   with the index of its rows in its header, written atomically and read through memory maps
   (a folder of a million images is a few hundred files, readable by every DDP rank at once).
@@ -181,7 +181,7 @@ class FeatureExtractor:
             least every ``flush_seconds`` (:class:`hymtl.store.ShardedStore`).
         simplify: run a copy of ``backbone`` rewritten for the views' size
             (:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings;
-            the same outputs up to rounding, ~1.5x faster on a CPU). ``self.simplified`` says
+            the same outputs up to rounding, 1.5-2x faster on a CPU for lite0). ``self.simplified`` says
             what the last extraction changed.
     """
 

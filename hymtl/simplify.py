@@ -28,7 +28,7 @@ class Simplified:
 
 def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4):
     """``(model, Simplified)``: an eval-mode ``model`` rewritten for inputs of ``example``'s shape,
-    computing the same logits with fewer memory passes (~1.6x faster on a CPU for lite0,
+    computing the same logits with fewer memory passes (1.5-2x faster on a CPU for lite0,
     ``benchmarks/predict_rate.py``):
 
     * each ``BatchNorm2d`` that receives exactly the tensor a ``Conv2d`` returned (each called
