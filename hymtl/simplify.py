@@ -28,7 +28,7 @@ class Simplified:
 
 def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4):
     """``(model, Simplified)``: an eval-mode ``model`` rewritten for inputs of ``example``'s shape,
-    computing the same logits with fewer memory passes (1.5-2x faster on a CPU for lite0,
+    computing the same outputs with fewer memory passes (1.5-2x faster on a CPU for lite0,
     ``benchmarks/predict_rate.py``):
 
     * each ``BatchNorm2d`` that receives exactly the tensor a ``Conv2d`` returned (each called
@@ -36,15 +36,16 @@ def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: 
       batch norm becomes ``Identity``, timm's ``BatchNormAct2d`` keeps its dropout and activation;
     * each timm ``Conv2dSame`` (TensorFlow's "same" padding, recomputed and applied with a padded
       copy of its input in every call) becomes a plain ``Conv2d`` with the padding of the input size
-      it was seen with (``timm.layers.pad_same_arg``); an asymmetric padding (one more row or column
-      at the end, as stride 2 gives) becomes a symmetric one and a kernel with one leading zero tap.
+      it was seen with (``timm.layers.padding.pad_same_arg``); an asymmetric padding (one more
+      row or column at the end, as stride 2 gives) becomes a symmetric one and a kernel with one
+      leading zero tap.
 
     What follows what and which sizes occur are observed in one forward pass over ``example``,
-    not assumed. The rewriting is done on a copy and kept only when its logits match the
+    not assumed. The rewriting is done on a copy and kept only when its outputs match the
     original's on a random batch of ``example``'s shape (max |diff| <= ``atol`` x (1 + max
-    |logit|): the rounding of folded weights); otherwise — a convolution whose output is also used
+    |output|): the rounding of folded weights); otherwise — a convolution whose output is also used
     elsewhere, say — ``model`` is returned unchanged with nothing simplified. The result computes
-    the original's logits only for inputs of ``example``'s height and width.
+    the original's outputs only for inputs of ``example``'s height and width.
     """
     import copy
 
