@@ -22,7 +22,8 @@ beside the classic recipe run in the same invocation (batch 4, SGD lr 1e-3 momen
 The ``floor`` row is a process that only decodes every train and test image once (two workers,
 reduced-scale JPEG decoding) and runs one forward pass of the backbone on each (bf16 autocast
 where the CPU has native bf16, channels-last, simplified as the feature extractor runs it:
-:mod:`hymtl.simplify`): the least any mode that looks at every image once must spend. The load average (1 min) is printed before and after, into the table.
+:mod:`hymtl.simplify`): the least any mode that looks at every image once must spend. The load
+average (1 min) is printed before and after, into the table.
 
 Then the floor's parts, in-process: decode-only (DataLoader + eval transforms, no model), forward-only
 (random batches; fp32 / bf16 autocast x contiguous / channels-last, and channels-last
@@ -130,6 +131,7 @@ def floor(data: str, quick: bool) -> dict:
 
     from hymtl.backbones import create_backbone
     from hymtl.data import ImageFolderDataModule, ImageSampleDataset, build_transforms
+    from hymtl.simplify import simplify_for_inference
 
     results: dict = {"threads": torch.get_num_threads()}
     backbone = create_backbone("efficientnet_lite0")
@@ -166,7 +168,6 @@ def floor(data: str, quick: bool) -> dict:
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                     model(xx)
             results[f"forward_{'channels_last' if cl else 'contiguous'}_{'bf16' if dtype else 'fp32'}"] = rate(fwd, n)
-    from hymtl.simplify import simplify_for_inference
 
     simplified, _ = simplify_for_inference(model, x[:2].contiguous(memory_format=torch.channels_last))
     xx = x.contiguous(memory_format=torch.channels_last)

@@ -304,7 +304,8 @@ def export(cfg: DictConfig) -> dict:
         # not "parity …": that prefix is the verdict line's
         phase_name = f"checking parity ({candidate.backend} vs checkpoint)"
         with Progress(phase_name, total=len(paths), unit="images", log=log) as progress:
-            report = check_parity(TorchPredictor(model, str(ckpt), simplify=False), candidate, paths, atol=float(cfg.parity.atol),
+            reference = TorchPredictor(model, str(ckpt), simplify=False)  # the module exactly as trained
+            report = check_parity(reference, candidate, paths, atol=float(cfg.parity.atol),
                                   batch_size=int(cfg.parity.batch_size), num_workers=cfg.parity.num_workers,
                                   progress=progress)
     print(report.line())

@@ -181,8 +181,8 @@ class FeatureExtractor:
             least every ``flush_seconds`` (:class:`hymtl.store.ShardedStore`).
         simplify: run a copy of ``backbone`` rewritten for the views' size
             (:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings;
-            the same outputs up to rounding, 1.5-2x faster on a CPU for lite0). ``self.simplified`` says
-            what the last extraction changed.
+            the same outputs up to rounding, 1.5-2x faster on a CPU for lite0).
+            ``self.simplified`` says what the last extraction changed.
     """
 
     def __init__(
@@ -299,6 +299,17 @@ class FeatureExtractor:
             out = (network or self.backbone)(images)
         return out.to(self.store_dtype).cpu()
 
+    def _network(self, view_shape: Sequence[int]) -> nn.Module:
+        """What runs over views of ``view_shape`` (C, H, W): the backbone, or its simplified copy."""
+        self.simplified = Simplified()
+        if not self.simplify:
+            return self.backbone
+        example = torch.zeros(2, *view_shape, device=self.device)
+        if self.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        network, self.simplified = simplify_for_inference(self.backbone, example)
+        return network
+
     @contextlib.contextmanager
     def _eval_mode(self):
         # each submodule gets its own mode back: a prefix's parts stay in eval, whatever its wrapper says
@@ -370,18 +381,13 @@ class FeatureExtractor:
             generator=torch.Generator(),
         )
         hits, done = len(results), 0
-        network = None  # the backbone, simplified for the views' size at the first batch
+        network = None  # built at the first batch, for its views' size
         # the writer flushes on exit, also on an interrupting signal: the rows computed so far are kept
         with self._eval_mode(), (store.writer() if store is not None else contextlib.nullcontext()) as writer:
             for positions, batch in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
                 if network is None:
-                    network, self.simplified = self.backbone, Simplified()
-                    if self.simplify:
-                        example = torch.zeros(2, *batch.shape[2:], device=self.device)
-                        if self.channels_last:
-                            example = example.contiguous(memory_format=torch.channels_last)
-                        network, self.simplified = simplify_for_inference(self.backbone, example)
+                    network = self._network(batch.shape[2:])
                 feats = self.forward(batch.flatten(0, 1), network)
                 feats = feats.reshape(n, v, *feats.shape[1:])
                 if writer is not None and done == 0:

@@ -8,7 +8,7 @@ extensions of :mod:`hymtl.data`) or glob patterns; every file passes training's 
 first (special files such as FIFOs, decompression bombs, empty files: skipped with the reason).
 A checkpoint runs in eval mode, channels-last, at ``precision=auto`` (bf16 autocast where the
 device has bf16 in hardware, else fp32), ``32`` (fp32) or ``bf16``; simplified for its input size
-(:func:`hymtl.inference.simplify_for_inference`: batch norms folded, static paddings).
+(:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings).
 Images are prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms``
 with the preprocessing saved with the model). An image that cannot be read is listed as skipped
 and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
