@@ -15,7 +15,7 @@ import os
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -28,6 +28,8 @@ from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_f
                            prediction_grid, render)
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
 from hymtl.progress import on_terminal
+from hymtl.data.splits import IMBALANCE_RATIO
+from hymtl.tasks import make_task
 from hymtl.runtime import device_name
 
 log = logging.getLogger("hymtl.callbacks")
@@ -79,8 +81,13 @@ class ExamplesPerSecond(Callback):
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
-#: the epoch metrics of :class:`EpochLines`, in line order
-EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+def epoch_metrics(metric: str = "acc") -> tuple[str, ...]:
+    """The numbers of :class:`EpochLines`, in line order, for the task's ``metric``."""
+    return ("train/loss", f"train/{metric}", "val/loss", f"val/{metric}")
+
+
+#: the epoch metrics of a multi-class run (:func:`epoch_metrics`)
+EPOCH_METRICS = epoch_metrics()
 
 #: ``extra=`` of a log record that goes to the log file only (``hymtl.cli.QuietConsole``)
 FILE_ONLY = {"console": False}
@@ -133,17 +140,20 @@ class EpochLines(Callback):
         if pending is None or not trainer.is_global_zero:
             return
         epoch, seconds = pending
-        line = epoch_line(epoch, trainer.max_epochs, trainer.callback_metrics, seconds)
+        task = getattr(trainer.lightning_module, "task", None)
+        keys = epoch_metrics(task.metric) if task is not None else EPOCH_METRICS
+        line = epoch_line(epoch, trainer.max_epochs, trainer.callback_metrics, seconds, keys)
         if self.echo:
             print(line, flush=True)
         else:
             log.info("%s", line, extra=FILE_ONLY if self._bar_shown(trainer) else {})
 
 
-def epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, Any], seconds: float) -> str:
+def epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, Any], seconds: float,
+               keys: Sequence[str] = EPOCH_METRICS) -> str:
     """``epoch 0 (1 of 5): train/loss 0.6931, train/acc 0.5000, val/loss …, val/acc … in 3.2 s``."""
     of = f" ({epoch + 1} of {max_epochs})" if max_epochs is not None and max_epochs > 0 else ""
-    values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in EPOCH_METRICS if k in metrics)
+    values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in keys if k in metrics)
     return f"epoch {epoch}{of}: {values or 'no metrics'} in {seconds:.1f} s"
 
 
@@ -542,7 +552,9 @@ class RunSummary(Callback):
         throughput = metrics.pop("train/examples_per_sec", None)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         class_names = getattr(pl_module, "class_names", None)
+        task = getattr(pl_module, "task", None)
         metrics.update({
+            "task": task.describe() if task is not None else None,
             "examples_per_sec": throughput,
             "epochs": trainer.current_epoch,
             "class_names": list(class_names) if class_names is not None else None,
@@ -592,6 +604,7 @@ class RunSummary(Callback):
             "wall_time_s": time.perf_counter() - self.started,
             "mode": self.mode,
             "backbone": self.backbone,
+            "task": fit.get("task"),
             "class_names": fit.get("class_names"),
             "test_split": fit.get("test_split"),
             "split_report": fit.get("split_report"),
@@ -637,9 +650,20 @@ def end_lines(metrics: Mapping[str, Any], run_dir: str | os.PathLike) -> list[st
         dashboard: tensorboard --logdir outputs/2026-01-01/12-00-00
     """
     lines = []
-    if "test/acc" in metrics and "train/loss" in metrics:
+    task = make_task(metrics.get("task"))
+    headline = task.end_line(metrics) if "train/loss" in metrics else None
+    rate = f"{metrics.get('examples_per_sec') or 0.0:.1f} examples/sec on {metrics.get('device') or '?'}"
+    if headline is not None:
+        lines += [headline, rate]
+    elif "test/acc" in metrics and "train/loss" in metrics:
         lines += tutorial_lines(metrics["train/loss"], metrics.get("train/acc", float("nan")), metrics["test/acc"],
                                 metrics.get("examples_per_sec") or 0.0, metrics.get("device") or "?").splitlines()
+        if "test/acc_macro" in metrics:  # beside accuracy: a class the model never gets right shows here
+            lines.append(f"test acc macro {float(metrics['test/acc_macro']):.3f} (the mean of the per-class accuracies)")
+    imbalance = ((metrics.get("split_report") or {}).get("train_imbalance") or {}).get("ratio")
+    if imbalance is not None and imbalance > IMBALANCE_RATIO:
+        lines.append(f"warning: the training classes are unbalanced 1:{imbalance:.1f}; data.sampler=balanced or "
+                     "model.class_weights=auto may raise the macro numbers")
     best = metrics.get("best_checkpoint")
     lines += [f"run folder: {shown_path(run_dir)}",
               f"best checkpoint: {shown_path(best) if best else 'none saved'}",

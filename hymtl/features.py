@@ -65,14 +65,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from hymtl.config import checked_number
-from hymtl.data.folders import Sample
+from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
 from hymtl.errors import HymtlError, printable
@@ -101,7 +101,12 @@ class ViewSource(Protocol):
     def __getitem__(self, index: int) -> torch.Tensor: ...
 
     def identity(self, index: int) -> tuple[str, int, int]:
-        """``(absolute path, size in bytes, mtime_ns)`` of the image file."""
+        """``(absolute path, size in bytes, mtime_ns)`` of the image file (``(origin, size, 0)``
+        for bytes a source holds)."""
+        ...
+
+    def content_digest(self, index: int) -> str:
+        """SHA-256 of the image's bytes (the file's, or those the source holds)."""
         ...
 
 
@@ -255,7 +260,8 @@ class FeatureExtractor:
                                                      self.shard_bytes, self.flush_seconds)
         return self._stores[fingerprint]
 
-    def _read(self, store: ShardedStore, identity: tuple[str, int, int], views: int) -> torch.Tensor | None:
+    def _read(self, store: ShardedStore, identity: tuple[str, int, int], views: int,
+              digest: Callable[[], str]) -> torch.Tensor | None:
         """The first ``views`` stored views of an image, verified, or ``None`` (missing, too few
         views, or failing a check: logged and counted as corrupt, so it is recomputed)."""
         for row in store.rows(identity):  # newest first
@@ -265,7 +271,7 @@ class FeatureExtractor:
                 stored = store.read(row)
                 if not torch.isfinite(stored).all():
                     raise StoreError("non-finite values")
-                if row.meta.get("file_sha256") != sha256_file(identity[0]):
+                if row.meta.get("file_sha256") != digest():
                     raise StoreError("image file content changed")
             except (StoreError, OSError) as exc:  # never crash on a cache: recompute
                 log.warning("feature cache row of %s in %s is unusable (%s); recomputing",
@@ -275,13 +281,13 @@ class FeatureExtractor:
             return stored[:views]
         return None
 
-    def _keep(self, writer, identity: tuple[str, int, int], views: torch.Tensor) -> None:
+    def _keep(self, writer, identity: tuple[str, int, int], views: torch.Tensor, digest: Callable[[], str]) -> None:
         """Hand one image's computed views to the cache writer (unless they must not be stored)."""
         if not torch.isfinite(views).all():  # never store poison: it would be re-served every run
             log.warning("non-finite features for %s; not cached", printable(identity[0]))
             return
         try:
-            file_sha256 = sha256_file(identity[0])
+            file_sha256 = digest()
         except OSError as exc:
             log.warning("cannot hash %s for the feature cache: %s", printable(identity[0]), printable(exc))
             return
@@ -344,7 +350,8 @@ class FeatureExtractor:
                 store.refresh()  # shards written since the last extraction, by any process
                 self.stats["corrupt"] += store.unreadable_shards - unreadable
             for i in indices:
-                cached = self._read(store, source.identity(i), views) if store is not None else None
+                cached = (self._read(store, source.identity(i), views, lambda i=i: source.content_digest(i))
+                          if store is not None else None)
                 if cached is None:
                     missing.append(i)
                 else:
@@ -396,7 +403,7 @@ class FeatureExtractor:
                     index = missing[pos]
                     results[index] = item
                     if writer is not None:
-                        self._keep(writer, source.identity(index), item)
+                        self._keep(writer, source.identity(index), item, lambda i=index: source.content_digest(i))
                 # the positions of a batch are increasing: up to its last, every item is done (or dropped)
                 progress.update(int(positions[-1]) + 1 - done, cache_hits=hits, computed=len(results) - hits)
                 done = int(positions[-1]) + 1
@@ -458,11 +465,19 @@ class MultiViewDataset(Dataset):
         return len(self.samples)
 
     def identity(self, index: int) -> tuple[str, int, int]:
-        return file_identity(self.samples[index].path)
+        sample = self.samples[index]
+        if sample.data is not None:
+            return sample.path, len(sample.data), 0
+        return file_identity(sample.path)
+
+    def content_digest(self, index: int) -> str:
+        sample = self.samples[index]
+        return hashlib.sha256(sample.data).hexdigest() if sample.data is not None else sha256_file(sample.path)
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
-        path = self.samples[index].path
-        return self.dropper(path, lambda image: self._views(image, os.path.abspath(path)))
+        sample = self.samples[index]
+        key = sample.path if sample.data is not None else os.path.abspath(sample.path)
+        return self.dropper(sample, lambda image: self._views(image, key))
 
     def _views(self, image, path: str) -> torch.Tensor:
         views = [self.eval_transform(image)]
@@ -643,7 +658,9 @@ class FeatureServer:
             source = MultiViewDataset(samples, datamodule.preprocessing, self.views if train else 0, datamodule.seed,
                                       failure_log=datamodule.skipped_file)
             features = self._extract(trainer, source)
-            labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
+            target = TargetEncoder(len(module.class_names))
+            labels = [target(samples[i]) for i in features.indices]
+            labels = torch.stack(labels) if labels and torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)
             self._datasets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train,
                                                        index=torch.tensor(features.indices, dtype=torch.long))
         return self._datasets[key]

@@ -40,12 +40,12 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
 from hymtl.features import BackbonePrefix, FeatureBatch
+from hymtl.tasks import make_task, tune_thresholds
 
 class NonFiniteLossError(HymtlError):
     """The training loss became NaN or infinite: the run stops, no model of it is written."""
@@ -106,11 +106,16 @@ class ClassificationModule(LightningModule):
         optimizer: dict | None,
         scheduler: dict | None,
         label_smoothing: float = 0.0,
+        task: dict | None = None,
+        class_weights: Any = None,
+        class_counts: Sequence[int] | None = None,
+        train_images: int | None = None,
     ) -> None:
         """Check the arguments every classifier shares (positive learning rates, at least two
         classes, one name per class; names default to ``"0"``, ``"1"``, …), keep the optimizer and
-        scheduler configs and the class names as plain hyperparameters (checkpoints must load with
-        ``weights_only=True``), and set up the loss and metrics (:meth:`init_metrics`)."""
+        scheduler configs, the class names and the task as plain hyperparameters (checkpoints must
+        load with ``weights_only=True``), and set up what the task asks for: the loss (weighted by
+        ``class_weights``: ``"auto"`` from ``class_counts``, or a list) and the metrics."""
         if lr <= 0 or head_lr_mult <= 0:
             raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
         if int(num_classes) < 2:
@@ -118,12 +123,16 @@ class ClassificationModule(LightningModule):
         class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
             raise HymtlError(f"{len(class_names)} class names for {num_classes} classes")
+        self.task = make_task(_plain(task))
         self.hparams.update(
             optimizer=_plain(optimizer or DEFAULT_OPTIMIZER),
             scheduler=_plain(scheduler or DEFAULT_SCHEDULER),
             class_names=class_names,
+            task=self.task.describe(),
         )
-        self.init_metrics(num_classes, label_smoothing)
+        counts = list(class_counts) if class_counts is not None else None
+        weights = self.task.loss_weights(counts, _plain(class_weights), images=train_images)
+        self.init_metrics(num_classes, label_smoothing, weights)
 
     @property
     def class_names(self) -> list[str]:
@@ -151,38 +160,47 @@ class ClassificationModule(LightningModule):
         trainer = self._trainer
         return trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
 
-    def init_metrics(self, num_classes: int, label_smoothing: float = 0.0) -> None:
-        """Loss and one metric object per stage (train/val/test) for ``num_classes`` classes."""
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-        def accuracy_metrics(prefix: str) -> MetricCollection:
-            # "acc" = fraction of images right (micro); the macro average is reported beside it
-            return MetricCollection(
-                {
-                    "acc": MulticlassAccuracy(num_classes, average="micro"),
-                    "acc_macro": MulticlassAccuracy(num_classes, average="macro"),
-                },
-                prefix=prefix,
-            )
-
-        self.train_metrics = accuracy_metrics("train/")
-        self.val_metrics = accuracy_metrics("val/")
-        self.test_metrics = accuracy_metrics("test/")
+    def init_metrics(self, num_classes: int, label_smoothing: float = 0.0,
+                     weights: torch.Tensor | None = None) -> None:
+        """Loss and one metric object per stage (train/val/test) for ``num_classes`` classes, as
+        the task says (:mod:`hymtl.tasks`); a multi-label task's decision thresholds as a buffer
+        (saved with every checkpoint: what test, predict and export decide with)."""
+        if not hasattr(self, "task"):
+            self.task = make_task(None)
+        self.criterion = self.task.loss(weights, label_smoothing)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", self.task.metrics(num_classes, f"{stage}/"))
+            setattr(self, f"{stage}_ranking", self.task.ranking_metrics(num_classes, f"{stage}/"))
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
+        self.val_acc_best = MaxMetric()  # the best of val/<task.metric> (the attribute keeps its old name: checkpoints)
         self.val_acc_best.persistent(True)  # survives resume
+        if self.task.multilabel:
+            self.register_buffer("decision_threshold", torch.full((num_classes,), float(self.task.threshold)))
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _shared_step(self, batch, metrics: MetricCollection, loss_metric: MeanMetric) -> torch.Tensor:
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """The multi-label decision threshold of each label (``None`` for one label per image)."""
+        return getattr(self, "decision_threshold", None)
+
+    def _shared_step(self, batch, stage: str) -> torch.Tensor:
         inputs, labels = batch[0], batch[-1]
         # a FeatureBatch holds the backbone's features of the images, computed once (hymtl.features)
         logits = self(features=inputs) if isinstance(batch, FeatureBatch) else self(inputs)
         loss = self.criterion(logits, labels)
-        metrics.update(logits.detach(), labels)
-        loss_metric.update(loss.detach(), weight=labels.numel())
+        detached = logits.detach()
+        if stage == "val" and self.task.multilabel:
+            self._val_outputs.append((self.task.probabilities(detached), labels.detach()))  # decided at epoch end
+        else:
+            getattr(self, f"{stage}_metrics").update(*self.task.metric_inputs(detached, labels, self.thresholds))
+        ranking = getattr(self, f"{stage}_ranking")
+        if ranking is not None:
+            ranking.update(self.task.probabilities(detached), labels.int())
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=labels.shape[0])
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, self.train_metrics, self.train_loss)
+        loss = self._shared_step(batch, "train")
         self.check_finite(loss, batch_idx)
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
@@ -209,30 +227,57 @@ class ClassificationModule(LightningModule):
     # not of rank 0's shard) and resets them.
     def on_train_epoch_end(self) -> None:
         self.log("train/loss", self.train_loss)
-        self.log_dict(self.train_metrics)
+        self._log_metrics("train")
+
+    def _log_metrics(self, stage: str, prog_bar: bool = False) -> None:
+        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=prog_bar)
+        ranking = getattr(self, f"{stage}_ranking")
+        if ranking is not None:
+            self.log_dict(ranking)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, self.val_metrics, self.val_loss)
+        self._shared_step(batch, "val")
+
+    def _decide_validation(self) -> None:
+        """Multi-label: with the whole split's probabilities (gathered from every rank), tune the
+        thresholds when the task says so, then score the decisions at the kept thresholds."""
+        if not self._val_outputs:
+            return
+        probabilities = torch.cat([p for p, _ in self._val_outputs])
+        targets = torch.cat([t for _, t in self._val_outputs])
+        self._val_outputs = []
+        if self.task.tune and not self.trainer.sanity_checking:
+            everything_p, everything_t = probabilities, targets
+            if self.trainer.world_size > 1:  # ragged shards: pad-free gather of lists
+                gathered = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(gathered, (probabilities.cpu(), targets.cpu()))
+                everything_p = torch.cat([g[0] for g in gathered])
+                everything_t = torch.cat([g[1] for g in gathered])
+            self.decision_threshold.copy_(tune_thresholds(everything_p.cpu(), everything_t.cpu()))
+        self.val_metrics.update(*self.task.decisions(probabilities, targets, self.thresholds))
 
     def on_validation_epoch_end(self) -> None:
+        self._decide_validation()
+        monitored = self.task.metric
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(self.val_metrics["acc"].compute())  # synced; cached for the log below
+            source = self.val_ranking if monitored not in self.val_metrics.keys(keep_base=True) else self.val_metrics
+            self.val_acc_best.update(source[monitored].compute())  # synced; cached for the log below
             # a value, not the object (Lightning would reset the running max); identical on every
             # rank, so sync_dist only keeps Lightning from asking for it
-            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+            self.log(f"val/{monitored}_best", self.val_acc_best.compute(), sync_dist=True)
         self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log_dict(self.val_metrics, prog_bar=True)
+        self._log_metrics("val", prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, self.test_metrics, self.test_loss)
+        self._shared_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self.log("test/loss", self.test_loss)
-        self.log_dict(self.test_metrics)
+        self._log_metrics("test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).float().softmax(dim=-1)
+        return self.task.probabilities(self(images))
 
 
 def build_optimization(groups: list[dict], optimizer: dict, factors: list[Callable[[int], float]]) -> dict:
@@ -257,6 +302,12 @@ class TransferModule(ClassificationModule):
         optimizer: a Hydra config (``_target_`` + kwargs) of a ``torch.optim`` optimizer.
         scheduler: a Hydra config of an ``epoch, total -> factor`` schedule (applied per phase).
         label_smoothing, dropout: head regularisation.
+        task: the task's description (:mod:`hymtl.tasks`, ``conf/task/``): ``{"name": "multiclass"}``
+            (default) or ``{"name": "multilabel", "threshold": 0.5}``.
+        class_weights: ``None``, ``"auto"`` (inverse class frequency; multi-label: negatives /
+            positives per label) or one weight per class; ``class_counts``, ``train_images``: the
+            training images per class and in all, for ``"auto"`` (saved: a checkpoint rebuilds the
+            same loss).
         trainable_stages: ``None`` the whole backbone trains when it trains; ``N`` only its top
             ``N`` named stages (partial fine-tuning), the prefix below them stays frozen.
     """
@@ -278,6 +329,10 @@ class TransferModule(ClassificationModule):
         dropout: float = 0.0,
         channels_last: bool = True,
         trainable_stages: int | None = None,
+        task: dict | None = None,
+        class_weights: Any = None,
+        class_counts: Sequence[int] | None = None,
+        train_images: int | None = None,
     ):
         super().__init__()
         if backbone_lr_mult < 0:
@@ -287,8 +342,13 @@ class TransferModule(ClassificationModule):
                              "never change; set model.backbone_lr_mult > 0 (or mode=frozen to keep it frozen)")
         if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
             raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names"])
-        self.init_classification(num_classes, class_names, lr, head_lr_mult, optimizer, scheduler, label_smoothing)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names", "task", "class_weights",
+                                          "class_counts", "train_images"])
+        self.hparams.update(class_weights=_plain(class_weights), train_images=train_images,
+                            class_counts=list(class_counts) if class_counts is not None else None)
+        self.init_classification(num_classes, class_names, lr, head_lr_mult, optimizer, scheduler, label_smoothing,
+                                 task=task, class_weights=class_weights, class_counts=class_counts,
+                                 train_images=train_images)
 
         built = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
         self.backbone = built.model

@@ -55,7 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("checking the files of %s", datamodule.root)
         class_names = datamodule.class_names
         signals.phase = "the setup of the run"
-        model = instantiate(cfg.model, num_classes=len(class_names), class_names=class_names)
+        model = instantiate(cfg.model, num_classes=len(class_names), class_names=class_names,
+                            class_counts=datamodule.class_counts, train_images=len(datamodule.train_samples))
         if resume is not None:
             check_resumable_classes(resume.checkpoint, resumed_hparams, model.class_names)
         log.info("classes %s; backbone %s (%s)", model.class_names, model.hparams.backbone, model.weights_source)

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_image
 from hymtl.backbones import Preprocessing
 from hymtl.data import ImageFolderDataModule
-from hymtl.data import folders
+from hymtl.data import folders, splits
 
 SMALL = Preprocessing(input_size=32, resize_size=36)
 COLORS = {"ants": (200, 40, 40), "bees": (40, 40, 200), "wasps": (40, 200, 40)}
@@ -47,7 +47,8 @@ def test_matching_splits_report_nothing(tmp_path, caplog):
     make_split(root, "val", {"ants": 2, "bees": 2}, 1000)
     report, warnings = _report(root, caplog)
     assert report == {"unknown_val_classes": {**EMPTY, "images": 0}, "train_classes_missing_from_val": EMPTY,
-                      "duplicates_across_splits": NO_DUPLICATES}
+                      "duplicates_across_splits": NO_DUPLICATES,
+                      "train_imbalance": {"ratio": 1.0, "largest": ["bees", 3], "smallest": ["ants", 3]}}
     assert warnings == []
 
 
@@ -97,7 +98,7 @@ def test_duplicates_across_train_and_val_and_test_are_found_by_content(tmp_path,
         "examples": [["train/ants/ants_0.jpg", "val/bees/copy_under_another_name.jpg"],
                      ["train/bees/bees_1.jpg", "test/bees/again.jpg"]]}
     assert set(report) == {"unknown_val_classes", "train_classes_missing_from_val", "unknown_test_classes",
-                           "train_classes_missing_from_test", "duplicates_across_splits"}
+                           "train_classes_missing_from_test", "duplicates_across_splits", "train_imbalance"}
     assert warnings == ["2 files of the evaluation splits byte-identical to training files (1 in val, 1 in test): "
                         "those metrics include images the model trained on; e.g. val/bees/copy_under_another_name.jpg"
                         " = train/ants/ants_0.jpg"]
@@ -117,13 +118,13 @@ def test_duplicates_in_a_flat_folder_split_are_found(tmp_path, caplog):
 
 def test_only_files_whose_sizes_collide_are_read_and_large_ones_by_prefix_first(tmp_path, monkeypatch, caplog):
     read: list[tuple[str, int | None]] = []
-    real_digest = folders._digest
+    real_digest = splits._digest
 
     def counting(path, limit=None):
         read.append((os.path.basename(path), limit))
         return real_digest(path, limit)
 
-    monkeypatch.setattr(folders, "_digest", counting)
+    monkeypatch.setattr(splits, "_digest", counting)
     big = os.urandom(200_000)
     files = {"train/a.bin": b"x" * 10, "train/big.bin": big, "val/b.bin": b"y" * 11,
              "val/big_other_tail.bin": big[:-1] + bytes([big[-1] ^ 1]),
@@ -133,7 +134,7 @@ def test_only_files_whose_sizes_collide_are_read_and_large_ones_by_prefix_first(
         (tmp_path / rel).write_bytes(data)
     samples = {rel: folders.Sample(str(tmp_path / rel), 0) for rel in files}
     with caplog.at_level("INFO", logger="hymtl"):
-        pairs = folders.find_duplicates([samples["train/a.bin"], samples["train/big.bin"]],
+        pairs = splits.find_duplicates([samples["train/a.bin"], samples["train/big.bin"]],
                                         [samples["val/b.bin"], samples["val/big_other_tail.bin"],
                                          samples["val/big_other_head.bin"]])
     assert pairs == []

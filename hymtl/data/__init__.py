@@ -1,7 +1,11 @@
-"""Image folders for training: one module per job.
+"""Image data for training: one module per job.
 
-* :mod:`~hymtl.data.folders` — layouts (train/val[/test] or flat + split), scanning, class
-  order, the hidden-file rule, the class-name rule, what does not match between the splits;
+* :mod:`~hymtl.data.samples` — a sample (a file or bytes, and its target), the label rules;
+* :mod:`~hymtl.data.sources` — one module per shape of data (class folders, a label file,
+  Parquet): description -> samples, class names, the splits the data names;
+* :mod:`~hymtl.data.folders` — class-folder layouts (train/val[/test] or flat), scanning, class
+  order, the hidden-file rule, the class-name rule;
+* :mod:`~hymtl.data.splits` — the stratified split, k-fold, the split report;
 * :mod:`~hymtl.data.images` — decoding (EXIF, transparency), transforms, the file check, the
   bad-file policy and ``skipped.txt``, the image dataset that drops a bad file;
 * :mod:`~hymtl.data.loaders` — DataLoader plumbing (worker count, the skipping collate, workers);
@@ -15,19 +19,17 @@ from hymtl.data.folders import (
     IMAGE_EXTENSIONS,
     TORCHVISION_EXTENSIONS,
     VAL_DIR_NAMES,
-    Sample,
     SplitLayout,
     check_class_names,
-    compare_splits,
     find_classes,
-    find_duplicates,
     is_image_file,
     is_visible,
     resolve_layout,
     scan_split,
-    stratified_split,
     walk_images,
 )
+from hymtl.data.samples import Sample
+from hymtl.data.splits import compare_splits, find_duplicates, kfold_split, stratified_split
 from hymtl.data.images import (
     RUNTIME_SUFFIX,
     SKIPPED_FILE_NAME,
@@ -50,6 +52,6 @@ __all__ = [
     "RUNTIME_SUFFIX", "SKIPPED_FILE_NAME", "Sample", "SkippingDataLoader", "SplitLayout", "TORCHVISION_EXTENSIONS",
     "VAL_DIR_NAMES", "build_transforms", "check_class_names", "check_files", "check_image_file", "collate_skipping",
     "compare_splits", "default_num_workers", "download_and_extract", "find_classes", "find_duplicates",
-    "format_skipped", "is_image_file", "is_visible", "load_rgb", "read_skipped", "resolve_layout", "scan_split",
+    "format_skipped", "is_image_file", "kfold_split", "is_visible", "load_rgb", "read_skipped", "resolve_layout", "scan_split",
     "skipped_line", "stratified_split", "summarize_skipped", "verify_manifest", "walk_images", "worker_init",
 ]

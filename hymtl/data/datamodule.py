@@ -1,6 +1,6 @@
-"""Image folders as a LightningDataModule: the splits of :mod:`hymtl.data.folders`, the checked
-files of :mod:`hymtl.data.images`, the loaders of :mod:`hymtl.data.loaders`, the download of
-:mod:`hymtl.data.download`."""
+"""Any data source as a LightningDataModule: the samples of :mod:`hymtl.data.sources`, the
+splits of :mod:`hymtl.data.splits`, the checked files of :mod:`hymtl.data.images`, the loaders
+of :mod:`hymtl.data.loaders`."""
 
 from __future__ import annotations
 
@@ -10,25 +10,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from hydra.utils import get_class
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from hymtl.backbones import Preprocessing, preprocessing_of
-from hymtl.data.download import MANIFEST_DIR, download_and_extract, exclusive_lock
-from hymtl.data.folders import (
-    IMAGE_EXTENSIONS,
-    Sample,
-    SplitLayout,
-    check_class_names,
-    compare_splits,
-    content_fingerprint,
-    find_classes,
-    fingerprint_differences,
-    resolve_layout,
-    scan_split,
-    stratified_split,
-)
+from hymtl.config import checked_number
+from hymtl.data.folders import fingerprint_differences
 from hymtl.data.images import (
     RUNTIME_SUFFIX,
     BadFile,
@@ -39,10 +28,16 @@ from hymtl.data.images import (
     summarize_skipped,
 )
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping, default_num_workers, worker_init
+from hymtl.data.samples import Sample, content_fingerprint
+from hymtl.data.sources import DataSource, FolderSource, SourceData
+from hymtl.data.sources.base import check_settings
+from hymtl.data.splits import IMBALANCE_RATIO, class_counts, compare_splits, kfold_split, stratified_split
 from hymtl.errors import DataError, printable
 from hymtl.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+SAMPLERS = ("shuffle", "balanced")
 
 
 def _examples(entry: dict) -> str:
@@ -51,23 +46,44 @@ def _examples(entry: dict) -> str:
     return ", ".join(entry["examples"]) + more
 
 
+def make_source(source: str | DataSource | None, options: dict, multilabel: bool) -> DataSource:
+    """The :class:`DataSource` a config names (``source: hymtl.data.sources.TableSource`` and the
+    ``data.*`` keys that are not the datamodule's own), or the one given. Unknown keys are one
+    error line naming the nearest setting."""
+    if isinstance(source, DataSource):
+        if options:
+            raise DataError(f"data.{next(iter(options))} is not a setting of the datamodule, and a built source "
+                            "was given")
+        return source
+    cls = FolderSource if source is None else get_class(str(source))
+    if not (isinstance(cls, type) and issubclass(cls, DataSource)):
+        raise DataError(f"data.source must name a hymtl.data.sources.DataSource class, got {source!r}")
+    check_settings(cls, options, cls.name)
+    return cls(**options, multilabel=multilabel)
+
+
 # --------------------------------------------------------------------------- the DataModule
 class ImageFolderDataModule(LightningDataModule):
-    """Train/val/test splits of an image folder (the layouts of :mod:`hymtl.data.folders`).
+    """Train/val/test splits of any data source (:mod:`hymtl.data.sources`): class folders by
+    default (``root=``), a label file, Parquet files.
 
     Args:
-        root: the folder. When missing and ``download_url`` is set, it is downloaded.
+        source: the source's class (``hymtl.data.sources.TableSource``) or a built
+            :class:`~hymtl.data.sources.DataSource`; ``None``: class folders. Every keyword this
+            class does not take is the source's (``root``, ``file``, ``label_column``, …).
         batch_size: per-device batch size.
         num_workers: DataLoader workers; ``"auto"``: one per usable core (max 8).
-        val_fraction, seed: the split of a flat ``<class>/`` folder.
-        download_url, sha256, manifest: where to fetch ``root`` from and how to check it.
+        val_fraction, seed: the split when the source names no val split.
+        folds, fold: k-fold cross-validation: val is fold ``fold`` of ``folds`` stratified folds
+            of the train (and given val) images; a given test split stays out of every fold.
+        sampler: ``"shuffle"`` (default) or ``"balanced"``: each class drawn equally often per
+            epoch (sampling with replacement, weights 1/class size; Lightning shards it under DDP).
+        multilabel: targets are label sets (``task=multilabel`` sets it).
         backbone: the backbone's registry name: the images are prepared as it expects
             (:func:`hymtl.backbones.preprocessing_of`), unless ``preprocessing`` is given.
         preprocessing: a :class:`Preprocessing` (or its dict) to use instead.
-        extensions: image file extensions to read (any case, dot optional); default
-            ``IMAGE_EXTENSIONS``. ``TORCHVISION_EXTENSIONS`` follows ``ImageFolder`` exactly.
         strict: decode every file before training and stop with a :class:`DataError` at the
-            first sign of a bad file or an unusable class folder (default: skip and report them).
+            first sign of a bad file or an unusable class (default: skip and report them).
         skipped_file: where to write the skipped files (``reason<TAB>path``); conf/ sets
             ``<run dir>/skipped.txt``.
         features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
@@ -81,40 +97,41 @@ class ImageFolderDataModule(LightningDataModule):
 
     def __init__(
         self,
-        root: str = "data/hymenoptera_data",
+        source: str | DataSource | None = None,
         batch_size: int = 32,
         num_workers: int | str = "auto",
         val_fraction: float = 0.2,
         seed: int = 0,
-        download_url: str | None = None,
-        sha256: str | None = None,
-        manifest: str | None = None,
+        folds: int | None = None,
+        fold: int = 0,
+        sampler: str | None = "shuffle",
+        multilabel: bool = False,
         preprocessing: Preprocessing | dict | None = None,
         backbone: str | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
-        extensions: Sequence[str] | None = None,
         strict: bool = False,
         skipped_file: str | os.PathLike | None = None,
         features=None,
+        **source_options: Any,
     ):
         super().__init__()
-        if int(batch_size) < 1:
-            raise DataError(f"data.batch_size must be a positive integer, got {batch_size}")
-        self.root = Path(os.path.expanduser(str(root)))
-        self.batch_size = int(batch_size)
+        self.batch_size = checked_number("data.batch_size", batch_size)
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
-        self.download_url = download_url
-        self.sha256 = sha256
-        self.manifest = (MANIFEST_DIR / manifest if manifest and not os.path.isabs(manifest) else manifest)
+        self.folds = None if folds in (None, 0, 1) else folds
+        self.fold = fold
+        self.sampler = sampler or "shuffle"
+        if self.sampler not in SAMPLERS:
+            raise DataError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        self.multilabel = bool(multilabel)
+        self.source = make_source(source, dict(source_options), self.multilabel)
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing.from_dict(preprocessing)
         self.preprocessing = preprocessing if preprocessing is not None or not backbone else preprocessing_of(backbone)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
-        self.extensions = frozenset("." + e.lower().lstrip(".") for e in extensions) if extensions else IMAGE_EXTENSIONS
         self.strict = bool(strict)
         self.skipped_file = skipped_file
         self.features = features
@@ -122,108 +139,119 @@ class ImageFolderDataModule(LightningDataModule):
         self._content: dict[str, dict] | None = None  # content_fingerprint, once scanned
         self.split_report: dict = {}  # what does not match between the splits: see _report_splits
         self._class_names: list[str] | None = None
+        self._given_test = False
+        self._relative_to = self.location
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
 
     # -- discovery -----------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Download the folder when it is missing and a URL is known (rank 0 only, by Lightning)."""
-        if self.root.is_dir():
-            return
-        if not self.download_url:
-            raise DataError(f"data folder not found: {printable(self.root)}")
-        # torchrun starts every rank at once, each calling this before the Trainer exists: the
-        # first to take the lock downloads, the others wait and then find the folder in place
-        with exclusive_lock(self.root.parent / f".{self.root.name}.lock"):
-            if self.root.is_dir():
-                return
-            download_and_extract(self.download_url, self.root, sha256=self.sha256,
-                                 manifest=Path(self.manifest) if self.manifest else None)
+    @property
+    def location(self) -> str:
+        """The folder or file the data comes from (messages, ``eval.json``)."""
+        return self.source.location
 
     @property
-    def layout(self) -> SplitLayout:
-        return resolve_layout(self.root)
+    def root(self) -> Path:
+        """The image folder of class-folder data; for other sources, where the data comes from."""
+        return Path(self.source.location)
+
+    def prepare_data(self) -> None:
+        """Download what the source needs (rank 0 only, by Lightning; under torchrun every rank,
+        one at a time: the source's lock)."""
+        self.source.prepare()
 
     @property
     def class_names(self) -> list[str]:
-        """Sorted class-folder names of the training split that hold at least one usable image."""
+        """Sorted names of the training classes that hold at least one usable image."""
         if self._class_names is None:
             self._discover()
         return self._class_names
 
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (a multi-label image counts for each of its labels): what
+        ``model.class_weights=auto`` weighs the loss by."""
+        return class_counts(self.train_samples, len(self.class_names))
+
     def _discover(self) -> None:
-        """Scan every split, check every file (see :func:`check_image_file`), drop class folders
-        without a usable training image, split a flat folder; record and report what was left out."""
-        layout = self.layout
-        source = layout.train if layout.train is not None else self.root
-        names = find_classes(source)
-        names = [n for n in names if layout.train is not None or n.lower() not in ("test",)]
-        if len(names) < 2:
-            raise DataError(f"need at least two class folders in {printable(source)}, found {names}")
-        check_class_names(source, names)
-        ext = self.extensions
-        train = scan_split(source, names, ext)
-        val = scan_split(layout.val, names, ext) if layout.val is not None else None
-        test = scan_split(layout.test, names, ext) if layout.test is not None else None
-        every = train + (val or []) + (test or [])
-        reasons = check_files([s.path for s in every], decode=self.strict)
+        """Load the source, check every file (see :func:`check_image_file`), drop classes without
+        a usable training image, split what the source did not; record and report what was left out."""
+        data = self.source.load()
+        if len(data.class_names) < 2 and not data.multilabel:
+            raise DataError(f"need at least two classes in {printable(data.class_location)}, found {data.class_names}")
+        every = [s for samples in data.splits.values() for s in samples]
+        reasons = check_files(every, decode=self.strict)
         bad = [BadFile(s.path, reasons[s.path]) for s in every if s.path in reasons]
-        counts = [0] * len(names)
-        for s in train:
-            counts[s.label] += s.path not in reasons
-        empty = [name for name, n in zip(names, counts) if n == 0]
-        bad += [BadFile(str(Path(source) / name), "class folder without a usable image: class ignored")
+        counts = class_counts([s for s in data.splits["train"] if s.path not in reasons], len(data.class_names))
+        empty = [name for name, n in zip(data.class_names, counts) if n == 0]
+        bad += [BadFile(os.path.join(data.class_location, name), f"{data.noun} without a usable image: class ignored")
                 for name in empty]
         self.skipped = bad
         self._write_skipped(bad, len(every))
-        if bad:
-            first = bad[0]
-            if self.strict:
-                raise DataError(f"data.strict=true: {printable(summarize_skipped(bad))} in {printable(self.root)}; "
-                                f"first: {printable(first.path)} ({printable(first.reason)})" + self._see_skipped())
-            log.warning("%s of %d in %s%s", printable(summarize_skipped(bad)), len(every), printable(self.root),
-                        self._see_skipped())
-            for b in bad[:20]:
-                log.warning("  skipped %s: %s", printable(b.path), printable(b.reason))
-            if len(bad) > 20:
-                log.warning("  ... and %d more", len(bad) - 20)
-        usable = [name for name, n in zip(names, counts) if n > 0]
-        if len(usable) < 2:
+        self._say_skipped(bad, len(every))
+        usable = [name for name, n in zip(data.class_names, counts) if n > 0]
+        if len(usable) < 2 and not (data.multilabel and usable):
             found = f"only {usable}" if usable else "none"
-            raise DataError(f"need at least two classes with usable images in {printable(source)}, found {found} "
-                            f"({printable(summarize_skipped(bad))})" + self._see_skipped())
-        relabel = {names.index(name): i for i, name in enumerate(usable)}
+            raise DataError(f"need at least two classes with usable images in {printable(data.class_location)}, found "
+                            f"{found} ({printable(summarize_skipped(bad))})" + self._see_skipped())
+        relabel = {data.class_names.index(name): i for i, name in enumerate(usable)}
 
         def keep(samples: list[Sample]) -> list[Sample]:
-            return [Sample(s.path, relabel[s.label]) for s in samples if s.path not in reasons and s.label in relabel]
+            return [s.relabel(relabel) for s in samples
+                    if s.path not in reasons and (isinstance(s.label, tuple) or s.label in relabel)]
 
-        train, val, test = keep(train), keep(val) if val is not None else None, keep(test) if test is not None else None
-        if val is None:
-            train, val = stratified_split(train, self.val_fraction, self.seed)
+        given = {split: keep(samples) for split, samples in data.splits.items()}
         self._class_names = usable
+        self._relative_to = data.relative_to
+        self._assign_splits(given, data)
+        self._report_splits(data)
+
+    def _assign_splits(self, given: dict[str, list[Sample]], data: SourceData) -> None:
+        """train/val/test from what the source gave: its val, k-fold over train (+ its val), or a
+        stratified split of train; without a test split, val doubles as test (said once)."""
+        train, val, test = given["train"], given.get("val"), given.get("test")
+        if self.folds:
+            pool = train + (val or [])
+            train, val = kfold_split(pool, self.folds, self.fold, self.seed)
+            log.info("k-fold: fold %s of %d (%d train, %d val images)", self.fold, self.folds, len(train), len(val))
+        elif val is None:
+            train, val = stratified_split(train, self.val_fraction, self.seed)
+        self._given_test = test is not None
         self.train_samples, self.val_samples = train, val
         self.test_samples = test if test is not None else list(val)
         if test is None:
-            log.info("no test/ folder in %s: the val split doubles as the test split", printable(self.root))
-        self._report_splits(layout)
+            log.info("no test split in %s: the val split doubles as the test split", printable(data.location))
 
-    def _report_splits(self, layout: SplitLayout) -> None:
-        """Fill :attr:`split_report` (:func:`hymtl.data.folders.compare_splits`) and say each
-        mismatch in one warning line: evaluation class folders unknown to train (their images are
-        left out), classes of the run without an image in an evaluation split (macro averages
-        score such a class 0 whenever the model predicts it), files of val/test byte-identical to
-        training files (evaluation on seen images)."""
+    def _say_skipped(self, bad: Sequence[BadFile], checked: int) -> None:
+        if not bad:
+            return
+        first = bad[0]
+        if self.strict:
+            raise DataError(f"data.strict=true: {printable(summarize_skipped(bad))} in {printable(self.location)}; "
+                            f"first: {printable(first.path)} ({printable(first.reason)})" + self._see_skipped())
+        log.warning("%s of %d in %s%s", printable(summarize_skipped(bad)), checked, printable(self.location),
+                    self._see_skipped())
+        for b in bad[:20]:
+            log.warning("  skipped %s: %s", printable(b.path), printable(b.reason))
+        if len(bad) > 20:
+            log.warning("  ... and %d more", len(bad) - 20)
+
+    def _report_splits(self, data: SourceData) -> None:
+        """Fill :attr:`split_report` (:func:`hymtl.data.splits.compare_splits`) and say each
+        mismatch in one warning line: evaluation classes unknown to train (their images are left
+        out), classes of the run without an image in an evaluation split (macro averages score
+        such a class 0 whenever the model predicts it), files of val/test byte-identical to
+        training files (evaluation on seen images), training classes more unbalanced than 1:5."""
         evaluation = {"val": self.val_samples}
-        folders = {"val": layout.val}
-        if layout.test is not None:
-            evaluation["test"], folders["test"] = self.test_samples, layout.test
-        report = compare_splits(self.train_samples, evaluation, self._class_names, folders, self.root, self.extensions)
+        if self._given_test:
+            evaluation["test"] = self.test_samples
+        report = compare_splits(self.train_samples, evaluation, self._class_names, data.unknown, data.relative_to)
         self.split_report = report
         for split in evaluation:
             unknown = report[f"unknown_{split}_classes"]
             if unknown["count"]:
-                log.warning("%s: %d class folder%s unknown to train left out (%d images): %s", split, unknown["count"],
+                log.warning("%s: %d %s%s unknown to train left out (%d images): %s", split, unknown["count"], data.noun,
                             "s" if unknown["count"] != 1 else "", unknown["images"], _examples(unknown))
             missing = report[f"train_classes_missing_from_{split}"]
             if missing["count"]:
@@ -237,6 +265,13 @@ class ImageFolderDataModule(LightningDataModule):
             log.warning("%d file%s of the evaluation splits byte-identical to training files (%s): those metrics "
                         "include images the model trained on; e.g. %s = %s", duplicates["count"],
                         "s" if duplicates["count"] != 1 else "", where, first[1], first[0])
+        ratio = report["train_imbalance"]["ratio"]
+        if ratio is not None and ratio > IMBALANCE_RATIO and self.sampler != "balanced":
+            largest, smallest = report["train_imbalance"]["largest"], report["train_imbalance"]["smallest"]
+            log.warning("the training classes are unbalanced 1:%.1f (%s: %d images, %s: %d): accuracy can hide a "
+                        "class the model never gets right; data.sampler=balanced draws each class equally often, "
+                        "model.class_weights=auto weighs the loss by inverse class frequency", ratio, largest[0],
+                        largest[1], smallest[0], smallest[1])
 
     def _see_skipped(self) -> str:
         return f"; list in {printable(self.skipped_file)}" if self.skipped_file else ""
@@ -248,7 +283,7 @@ class ImageFolderDataModule(LightningDataModule):
         if trainer is not None and not trainer.is_global_zero:
             return
         header = (f"files left out of the run: reason<TAB>path ({len(bad)} of {checked} checked in "
-                  f"{printable(self.root)})\n"
+                  f"{printable(self.location)})\n"
                   f"decode failures during training are appended with the suffix '{RUNTIME_SUFFIX.strip()}'")
         atomic_write_text(self.skipped_file, format_skipped(bad, header))
 
@@ -263,46 +298,47 @@ class ImageFolderDataModule(LightningDataModule):
             self._discover()
         for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
             if not samples:
-                raise DataError(f"no images in the {split} split of {printable(self.root)}")
+                raise DataError(f"no images in the {split} split of {printable(self.location)}")
 
     # -- resume --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the content fingerprint of the splits (file counts and a
-        SHA-256 of names, sizes and labels: :func:`~hymtl.data.folders.content_fingerprint`)."""
+        """Saved in every checkpoint: the content fingerprint of the splits (image counts and a
+        SHA-256 of names, sizes and targets: :func:`~hymtl.data.samples.content_fingerprint`)."""
         return {"content": self.content_fingerprint()} if self._class_names is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume (Lightning restores this from the checkpoint after the scan): refuse, with
         one line, images other than those the checkpoint was trained and scored on — the same
-        ``data.root`` with files added, removed, renamed or resized is other data."""
+        data with files added, removed, renamed, resized or relabelled is other data."""
         saved = state_dict.get("content")
         if not saved:  # a checkpoint of an older hymtl
             return
         differences = fingerprint_differences(saved, self.content_fingerprint())
         if differences:
-            raise DataError(f"cannot resume: the images of {printable(self.root)} are not the ones this checkpoint "
+            raise DataError(f"cannot resume: the images of {printable(self.location)} are not the ones this checkpoint "
                             f"was trained and scored on ({'; '.join(differences)}); start a new run for new data")
 
     def content_fingerprint(self) -> dict[str, dict]:
-        """:func:`~hymtl.data.folders.content_fingerprint` of the train, val and (a real) test split,
+        """:func:`~hymtl.data.samples.content_fingerprint` of the train, val and (a real) test split,
         computed once per run (one ``stat`` per file)."""
         if self._content is None:
-            test = self.test_samples if self.layout.test is not None else None
+            test = self.test_samples if self._given_test else None
             self._content = content_fingerprint(
-                self.root, {"train": self.train_samples, "val": self.val_samples, "test": test})
+                self._relative_to, {"train": self.train_samples, "val": self.val_samples, "test": test})
         return self._content
 
     @property
     def test_split_name(self) -> str:
-        """``"test"`` when the folder has one, else ``"val"`` (val doubles as test)."""
-        return self.layout.test_source
+        """``"test"`` when the source has one, else ``"val"`` (val doubles as test)."""
+        return "test" if self._given_test else "val"
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
         # big JPEGs: reduced-scale decoding
         dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train), skip_bad=True,
-                                     failure_log=self.skipped_file, decode_size=self.preprocessing.resize_size)
-        sampler = None if train else self._eval_sampler(dataset)
+                                     failure_log=self.skipped_file, decode_size=self.preprocessing.resize_size,
+                                     num_classes=self.num_classes)
+        sampler = self._train_sampler(samples) if train else self._eval_sampler(dataset)
         # persistent workers would make exact resume impossible: their random streams (the
         # augmentations) would run on from epoch 0 in an uninterrupted run but start afresh at
         # the resumed epoch, and the iterator made at resume draws one more seed from the global
@@ -312,7 +348,7 @@ class ImageFolderDataModule(LightningDataModule):
             batch_size=self.batch_size,
             collate_fn=collate_skipping,
             worker_init_fn=worker_init,
-            shuffle=train,
+            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
@@ -323,8 +359,9 @@ class ImageFolderDataModule(LightningDataModule):
     def _feature_loader(self, samples: Sequence[Sample], train: bool, stage: str = "fit") -> DataLoader:
         dataset = self.features.dataset(self, samples, train, stage)
         # tensors already in memory: worker processes would only add start-up time
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=0,
-                          sampler=None if train else self._eval_sampler(dataset))
+        sampler = self._train_sampler([samples[int(i)] for i in dataset.index]) if train else self._eval_sampler(dataset)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and sampler is None, num_workers=0,
+                          sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         if self.serves_features("fit"):
@@ -356,9 +393,20 @@ class ImageFolderDataModule(LightningDataModule):
         size = self.preprocessing.input_size
         dataset = ImageSampleDataset([self.test_samples[int(i)] for i in positions],
                                      build_transforms(self.preprocessing, train=False), skip_bad=True,
-                                     decode_size=self.preprocessing.resize_size)
+                                     decode_size=self.preprocessing.resize_size, num_classes=self.num_classes)
         images = [item[0] if item is not None else torch.zeros(3, size, size) for item in dataset]
         return torch.stack(images) if images else torch.zeros(0, 3, size, size)
+
+    def _train_sampler(self, samples: Sequence[Sample]) -> Sampler | None:
+        """``data.sampler=balanced``: every class drawn equally often per epoch — with
+        replacement, each image weighted by 1 / its class's size (a multi-label image by its
+        rarest label's); an epoch keeps the split's length. ``None``: plain shuffling.
+        Lightning wraps it in a distributed sampler under DDP (each rank its share)."""
+        if self.sampler != "balanced" or not samples:
+            return None
+        counts = class_counts(samples, self.num_classes)
+        weights = [1.0 / min((counts[label] for label in s.labels), default=len(samples)) for s in samples]
+        return WeightedRandomSampler(weights, num_samples=len(samples), replacement=True)
 
     def _eval_sampler(self, dataset) -> Sampler | None:
         """Under DDP, val/test shards without repeats: Lightning's ``DistributedSampler`` pads

@@ -8,6 +8,7 @@ dropped by one rule, :class:`BadImageDropper` (the image and feature datasets bo
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import stat
@@ -21,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from hymtl.data.folders import Sample
+from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.errors import first_line, printable
 from hymtl.progress import Progress
 
@@ -31,14 +32,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied (first frame of animations).
+def image_input(sample: Sample | str | os.PathLike) -> str | os.PathLike | io.BytesIO:
+    """What Pillow opens for a sample: its file, or the bytes its source holds (Parquet)."""
+    if isinstance(sample, Sample):
+        return io.BytesIO(sample.data) if sample.data is not None else sample.path
+    return sample
+
+
+def load_rgb(path: str | os.PathLike | io.BytesIO | Sample, min_size: int | None = None) -> Image.Image:
+    """Open an image (a file, a file object, or a :class:`~hymtl.data.samples.Sample`) as RGB
+    with its EXIF orientation applied (first frame of animations).
 
     ``min_size``: a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
     scaling, PIL ``draft``: 1/2, 1/4 or 1/8) whose both sides stay >= ``min_size``; a
     2592x1944 photo headed for a 256-pixel resize decodes ~8x faster. Other formats ignore it.
     """
-    with Image.open(path) as img:
+    with Image.open(image_input(path)) as img:
         if min_size and img.format == "JPEG" and min(img.size) >= 2 * min_size:
             img.draft(img.mode, (min_size, min_size))
         img = ImageOps.exif_transpose(img)
@@ -70,9 +79,10 @@ class BadImageDropper:
         self.failure_log = failure_log
         self._reported: set[str] = set()
 
-    def __call__(self, path: str, make: Callable[[Image.Image], Any]) -> Any | None:
+    def __call__(self, sample: Sample | str, make: Callable[[Image.Image], Any]) -> Any | None:
+        path = sample.path if isinstance(sample, Sample) else sample
         try:
-            image = load_rgb(path, self.decode_size)
+            image = load_rgb(sample, self.decode_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
             self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
             return None
@@ -109,11 +119,14 @@ class ImageSampleDataset(Dataset):
             exception (:class:`BadImageDropper`: logged, appended to ``failure_log``).
         failure_log: ``skipped.txt`` of the run.
         decode_size: decode JPEGs at a reduced scale whose sides stay >= this (see :func:`load_rgb`).
+        num_classes: for multi-label samples, the length of their multi-hot targets.
     """
 
     def __init__(self, samples: Sequence[Sample], transform=None, skip_bad: bool = False,
-                 failure_log: str | os.PathLike | None = None, decode_size: int | None = None):
+                 failure_log: str | os.PathLike | None = None, decode_size: int | None = None,
+                 num_classes: int | None = None):
         self.samples = list(samples)
+        self.target = TargetEncoder(num_classes)
         self.transform = transform
         self.skip_bad = skip_bad
         self.decode_size = decode_size
@@ -127,10 +140,11 @@ class ImageSampleDataset(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
+        target = self.target(sample)
         if not self.skip_bad:
-            return self._prepare(load_rgb(sample.path, self.decode_size)), sample.label
-        item = self.dropper(sample.path, self._prepare)
-        return None if item is None else (item, sample.label)
+            return self._prepare(load_rgb(sample, self.decode_size)), target
+        item = self.dropper(sample, self._prepare)
+        return None if item is None else (item, target)
 
 
 # --------------------------------------------------------------------------- bad files
@@ -155,6 +169,16 @@ def _pixel_limit() -> int | None:
     return Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (None: disabled by the user)
 
 
+def check_sample(sample: Sample, decode: bool = False) -> str | None:
+    """Why ``sample`` cannot be used as an image, or ``None``: :func:`check_image_file` for a
+    file, the same header (and, with ``decode``, pixel) checks for the bytes a source holds."""
+    if sample.data is None:
+        return check_image_file(sample.path, decode=decode)
+    if not sample.data:
+        return "empty image (0 bytes)"
+    return _check_image(io.BytesIO(sample.data), decode)
+
+
 def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
     """Why ``path`` cannot be used as an image, or ``None`` when it can.
 
@@ -176,12 +200,18 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
         return "not a regular file"  # a FIFO would block Image.open forever
     if info.st_size == 0:
         return "empty file (0 bytes)"
+    return _check_image(path, decode)
+
+
+def _check_image(source: str | io.BytesIO, decode: bool) -> str | None:
+    """The header checks (format, size, decompression bomb) of :func:`check_image_file` on a
+    file or bytes; ``decode``: also the pixels, as training decodes them."""
     limit = _pixel_limit()
     try:
         with warnings.catch_warnings():
             # between 1x and 2x the limit Pillow only warns: the size test below refuses those
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if limit and width * height > limit:
                     return (f"decompression bomb refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
@@ -189,7 +219,9 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
                 if width < 1 or height < 1:
                     return f"invalid size {width}x{height}"
         if decode:
-            load_rgb(path).close()
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            load_rgb(source).close()
     except PermissionError:
         return "unreadable: permission denied"
     except Image.DecompressionBombError as exc:
@@ -201,17 +233,19 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
     return None
 
 
-def check_files(paths: Sequence[str], decode: bool = False) -> dict[str, str]:
-    """:func:`check_image_file` over ``paths``: ``{path: reason}`` of the bad ones. Shows progress
-    (files/s, bad files so far) on a terminal and logs one summary line when done."""
+def check_files(paths: Sequence[str | Sample], decode: bool = False) -> dict[str, str]:
+    """:func:`check_image_file` (:func:`check_sample` for samples) over ``paths``: ``{path:
+    reason}`` of the bad ones. Shows progress (files/s, bad files so far) on a terminal and logs
+    one summary line when done."""
     reasons: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Progress("file check", total=len(paths), unit="files", log=log) as progress:
-            for path in paths:
-                reason = check_image_file(path, decode=decode)
+            for item in paths:
+                sample = item if isinstance(item, Sample) else Sample(str(item), 0)
+                reason = check_sample(sample, decode=decode)
                 if reason is not None:
-                    reasons[path] = reason
+                    reasons[sample.path] = reason
                 progress.update(1, bad=len(reasons))
             if not paths:
                 progress.update(0, bad=0)
