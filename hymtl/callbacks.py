@@ -24,7 +24,8 @@ from torchmetrics import Metric
 
 from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
-from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, png_bytes,
+from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, label_counts_figure,
+                           most_wrong_grid, multilabel_grid, png_bytes, pr_curves_figure,
                            prediction_grid, render)
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
 from hymtl.progress import on_terminal
@@ -233,6 +234,63 @@ class ConfusionCounts(Metric):
         return self.matrix
 
 
+class MultilabelOutputs(Metric):
+    """The test split's label probabilities ``(N, C)`` and 0/1 targets, concatenated over
+    batches and devices: what per-label counts at any threshold, precision-recall curves and
+    average precision are computed from (``N * C`` floats: a few MB for 10,000 images x 100 labels)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.probs.append(probs.float())
+        self.targets.append(targets.float())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.cat(self.probs) if isinstance(self.probs, list) else self.probs
+        targets = torch.cat(self.targets) if isinstance(self.targets, list) else self.targets
+        return probs, targets
+
+
+def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
+                      class_names: Sequence[str]) -> dict[str, Any]:
+    """Per label precision, recall, F1, support and average precision at ``thresholds``; micro and
+    macro F1, mAP and the exact-match ratio (as torchmetrics defines them: a ratio whose
+    denominator is 0 is 0)."""
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    decided = (probs >= thresholds.to(probs.device)).float()
+    tp = (decided * targets).sum(0)
+    fp = (decided * (1 - targets)).sum(0)
+    fn = ((1 - decided) * targets).sum(0)
+
+    def ratio(a, b):
+        return torch.where(b > 0, a / b.clamp(min=1e-12), torch.zeros_like(a))
+
+    precision, recall, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+    n = len(class_names)
+    ap = (multilabel_average_precision(probs, targets.long(), num_labels=n, average=None)
+          if len(probs) else torch.zeros(n))
+    ap = torch.nan_to_num(torch.as_tensor(ap, dtype=torch.float32), nan=0.0)
+    micro = float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1e-12))
+    return {
+        "num_images": len(probs),
+        "f1_micro": micro,
+        "f1_macro": float(f1.mean()) if n else 0.0,
+        "map": float(ap[targets.sum(0) > 0].mean()) if bool((targets.sum(0) > 0).any()) else 0.0,
+        "exact_match": float((decided == targets).all(dim=1).float().mean()) if len(probs) else 0.0,
+        "per_label": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "average_precision": float(ap[i]), "support": int(targets[:, i].sum()),
+                             "threshold": float(thresholds[i])} for i, name in enumerate(class_names)},
+        "counts": {"true_positives": tp.long().tolist(), "false_positives": fp.long().tolist(),
+                   "false_negatives": fn.long().tolist()},
+    }
+
+
 def scores_of(matrix: torch.Tensor) -> dict[str, Any]:
     """Accuracy and per-class precision, recall, F1 with their macro averages, from a confusion
     matrix, as torchmetrics defines them: a score whose denominator is 0 is 0, and the macro
@@ -282,17 +340,24 @@ class TestFigures(_TestOutputsTap):
         self.save_dir = save_dir
         self.seed = int(seed)
         self.confusion: ConfusionCounts | None = None
+        self.outputs: MultilabelOutputs | None = None
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
         n = len(_class_names(pl_module))
-        self.confusion = ConfusionCounts(n).to(pl_module.device)
+        task = getattr(pl_module, "task", None)
+        # which figures fit is the task's: a confusion matrix for one label per image, per-label
+        # counts and precision-recall curves for label sets
+        self.multilabel = bool(getattr(task, "multilabel", False))
+        self.confusion = None if self.multilabel else ConfusionCounts(n).to(pl_module.device)
+        self.outputs = MultilabelOutputs().to(pl_module.device) if self.multilabel else None
         # the grid's sample, and a sample of the mistakes alone to complete it with (rows kept:
         # arrival number, image or test position, probabilities, label)
         self._sample = ClassSpreadSample(self.num_images, n, seed=self.seed)
         self._mistakes = ClassSpreadSample(self.num_images, n, seed=self.seed + 1)
         self._seen = 0
-        self._wrong: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._wrong: tuple[torch.Tensor, ...] | None = None
+        self._grid_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._features_only = False
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -301,7 +366,10 @@ class TestFigures(_TestOutputsTap):
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
-        self.confusion.update(logits, labels)
+        if self.multilabel:
+            self.outputs.update(pl_module.task.probabilities(logits), labels)
+        else:
+            self.confusion.update(logits, labels)
         if self._index is not None or images.dim() != 4:
             # a FeatureBatch (cached features or prefix activations, not pixels): keep the images'
             # positions, decoded at the end
@@ -309,7 +377,29 @@ class TestFigures(_TestOutputsTap):
                 return
             self._features_only = True
             images = self._index
-        self._keep(images, logits.softmax(dim=-1), labels)
+        if self.multilabel:
+            self._keep_multilabel(images, logits, labels)
+        else:
+            self._keep(images, logits.softmax(dim=-1), labels)
+
+    def _keep_multilabel(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """The grid: the first ``num_images`` test images; the most wrong: the ``num_wrong`` with
+        the highest loss (their label sets furthest from the truth)."""
+        probs = logits.float().sigmoid().cpu()
+        images, labels = images.detach().cpu(), labels.detach().cpu().float()
+        if self._grid_rows is None or len(self._grid_rows[0]) < self.num_images:
+            room = self.num_images - (0 if self._grid_rows is None else len(self._grid_rows[0]))
+            taken = (images[:room], probs[:room], labels[:room])
+            self._grid_rows = taken if self._grid_rows is None else tuple(
+                torch.cat(pair) for pair in zip(self._grid_rows, taken))
+        if self.num_wrong > 0:
+            loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), labels,
+                                                            reduction="none").sum(dim=1)
+            candidates = (images, probs, labels, loss)
+            if self._wrong is not None:
+                candidates = tuple(torch.cat(pair) for pair in zip(self._wrong, candidates))
+            order = candidates[3].argsort(descending=True)[: self.num_wrong]
+            self._wrong = tuple(t[order] for t in candidates)
 
     def _keep(self, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
         probs = probs.float().cpu()
@@ -359,25 +449,20 @@ class TestFigures(_TestOutputsTap):
             index, probs, labels = self._grid
             self._grid = (images_of(index.tolist()), probs, labels)
         if self._wrong is not None:
-            index, probs, labels = self._wrong
-            self._wrong = (images_of(index.tolist()), probs, labels)
+            index, *rest = self._wrong
+            self._wrong = (images_of(index.tolist()), *rest)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        matrix = self.confusion.compute().cpu()  # all-reduced over devices
+        # all-reduced over devices (every rank takes part)
+        computed = self.outputs.compute() if self.multilabel else self.confusion.compute().cpu()
         if not trainer.is_global_zero:
             return
-        self._grid = self._grid_sample()
+        self._grid = self._grid_rows if self.multilabel else self._grid_sample()
         if self._features_only:
             self._images_pass(trainer, pl_module)
         names, norm = _class_names(pl_module), _normalisation(pl_module)
-        figures = {"test/confusion_matrix": confusion_matrix_figure(matrix, names)}
-        if self._grid is not None:
-            images, probs, labels = self._grid
-            cols = min(4, len(images))
-            figures["test/predictions"] = prediction_grid(images, probs, names, labels=labels, **norm,
-                                                          num_rows=-(-len(images) // cols), num_cols=cols)
-        empty = (torch.zeros(0, 3, 1, 1), torch.zeros(0, len(names)), torch.zeros(0, dtype=torch.long))
-        figures["test/most_wrong"] = most_wrong_grid(*(self._wrong or empty), names, **norm)
+        figures = (self._multilabel_figures(pl_module, computed, names, norm) if self.multilabel
+                   else self._multiclass_figures(computed, names, norm))
         pixels = {tag: render(fig) for tag, fig in figures.items()}  # each drawn once, for every output
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -387,8 +472,36 @@ class TestFigures(_TestOutputsTap):
         if self.save_dir:
             for tag, image in pixels.items():
                 atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", png_bytes(image))
-        self._grid, self._wrong = None, None
+        self._grid, self._wrong, self._grid_rows = None, None, None
         self._sample = self._mistakes = None
+
+    def _multiclass_figures(self, matrix: torch.Tensor, names: list[str], norm: dict) -> dict:
+        figures = {"test/confusion_matrix": confusion_matrix_figure(matrix, names)}
+        if self._grid is not None:
+            images, probs, labels = self._grid
+            cols = min(4, len(images))
+            figures["test/predictions"] = prediction_grid(images, probs, names, labels=labels, **norm,
+                                                          num_rows=-(-len(images) // cols), num_cols=cols)
+        empty = (torch.zeros(0, 3, 1, 1), torch.zeros(0, len(names)), torch.zeros(0, dtype=torch.long))
+        figures["test/most_wrong"] = most_wrong_grid(*(self._wrong or empty), names, **norm)
+        return figures
+
+    def _multilabel_figures(self, pl_module: LightningModule, outputs, names: list[str], norm: dict) -> dict:
+        probs, targets = (t.cpu() for t in outputs)
+        thresholds = pl_module.thresholds.cpu()
+        scores = multilabel_scores(probs, targets, thresholds, names)
+        counts = scores["counts"]
+        figures = {"test/label_counts": label_counts_figure(counts["true_positives"], counts["false_positives"],
+                                                            counts["false_negatives"], names),
+                   "test/pr_curves": pr_curves_figure(probs, targets, names)}
+        if self._grid is not None:
+            images, grid_probs, labels = self._grid
+            figures["test/predictions"] = multilabel_grid(images, grid_probs, labels, names, thresholds.tolist(), **norm)
+        if self._wrong is not None:
+            images, wrong_probs, labels, _ = self._wrong
+            figures["test/most_wrong"] = multilabel_grid(images, wrong_probs, labels, names, thresholds.tolist(),
+                                                         **norm, title="highest loss")
+        return figures
 
 
 class ClassificationReport(_TestOutputsTap):
@@ -409,18 +522,28 @@ class ClassificationReport(_TestOutputsTap):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_test_start(trainer, pl_module)
-        self.metrics = ConfusionCounts(len(_class_names(pl_module))).to(pl_module.device)
+        self.multilabel = bool(getattr(getattr(pl_module, "task", None), "multilabel", False))
+        self.metrics = (MultilabelOutputs() if self.multilabel else ConfusionCounts(len(_class_names(pl_module))))
+        self.metrics = self.metrics.to(pl_module.device)
         self.report = None
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
-        self.metrics.update(logits, labels)
+        self.metrics.update(pl_module.task.probabilities(logits) if self.multilabel else logits, labels)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.multilabel:  # per label: precision, recall, F1, AP, support, threshold
+            probs, targets = (t.cpu() for t in self.metrics.compute())
+            names = _class_names(pl_module)
+            self.report = {"task": "multilabel", "class_names": names,
+                           **multilabel_scores(probs, targets, pl_module.thresholds.cpu(), names)}
+            self.metrics.reset()
+            return
         matrix = self.metrics.compute().cpu()  # all-reduced over devices
         values = scores_of(matrix)
         support = matrix.sum(dim=1)
         names = _class_names(pl_module)
         self.report = {
+            "task": "multiclass",
             "class_names": names,
             "num_images": int(support.sum()),
             "accuracy": values["accuracy"],

@@ -160,7 +160,7 @@ class ParityReport:
     images: int
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
-    top1_agree: int
+    top1_agree: int  # images whose decision agrees: the top class, or a multi-label model's label set
     atol: float
     batch_sizes: list[int]
     skipped: int
@@ -169,12 +169,17 @@ class ParityReport:
     def ok(self) -> bool:
         return self.images > 0 and self.max_abs_logit_diff <= self.atol and self.top1_agree == self.images
 
+    max_abs_prob_diff: float = float("nan")
+    decision: str = "top-1"  # what top1_agree compares: "top-1" or "label sets"
+
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         return (
             f"parity {self.backend} vs checkpoint (fp32) on {self.images} images: max |logit diff| "
             f"{self.max_abs_logit_diff:.2e} (limit {self.atol:.0e}), mean {self.mean_abs_logit_diff:.2e}, "
-            f"top-1 agree {self.top1_agree}/{self.images}, batch sizes {sorted(set(self.batch_sizes))}: {verdict}"
+            f"max |probability diff| {self.max_abs_prob_diff:.2e}, "
+            f"{self.decision} agree {self.top1_agree}/{self.images}, batch sizes {sorted(set(self.batch_sizes))}: "
+            f"{verdict}"
         )
 
 
@@ -182,15 +187,18 @@ def check_parity(
     reference: Predictor, candidate: Predictor, paths: Sequence[str], atol: float = 1e-4,
     batch_size: int = 32, num_workers: int | str = "auto", progress: Progress | None = None,
 ) -> ParityReport:
-    """Run both models on the same preprocessed batches of ``paths`` and compare their logits
-    (``progress``: advanced by each batch's files)."""
+    """Run both models on the same preprocessed batches of ``paths`` and compare their logits,
+    their probabilities and their decisions (the top class; a multi-label model's label sets at
+    its thresholds) (``progress``: advanced by each batch's files)."""
     import numpy as np
 
     from hymtl.inference import iter_batches
 
     if reference.class_names != candidate.class_names or reference.preprocessing != candidate.preprocessing:
         raise ParityError("the exported model's class names or preprocessing differ from the checkpoint's")
-    diffs, agree, sizes, skipped = [], 0, [], 0
+    if reference.task.describe() != candidate.task.describe() or reference.thresholds != candidate.thresholds:
+        raise ParityError("the exported model's task or thresholds differ from the checkpoint's")
+    diffs, agree, sizes, skipped, prob_diff = [], 0, [], 0, 0.0
     for _, images, bad in iter_batches(paths, reference.preprocessing, batch_size, num_workers):
         skipped += len(bad)
         if progress is not None:
@@ -201,7 +209,10 @@ def check_parity(
         if got.shape != ref.shape:
             raise ParityError(f"the exported model returned logits of shape {got.shape} for a batch of {len(images)}")
         diffs.append(np.abs(ref.astype(np.float64) - got.astype(np.float64)).reshape(-1))
-        agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        ref_p, got_p = reference.probabilities(ref), candidate.probabilities(got)
+        prob_diff = max(prob_diff, float(np.abs(ref_p - got_p).max()))
+        agree += sum({label for label, _ in reference.decode(a)} == {label for label, _ in candidate.decode(b)}
+                     if reference.task.multilabel else int(a.argmax()) == int(b.argmax()) for a, b in zip(ref_p, got_p))
         sizes.append(len(images))
     flat = np.concatenate(diffs) if diffs else np.zeros(0)
     return ParityReport(
@@ -209,6 +220,8 @@ def check_parity(
         max_abs_logit_diff=float(flat.max()) if flat.size else float("nan"),
         mean_abs_logit_diff=float(flat.mean()) if flat.size else float("nan"),
         top1_agree=agree, atol=float(atol), batch_sizes=sizes, skipped=skipped,
+        max_abs_prob_diff=prob_diff if sizes else float("nan"),
+        decision="label sets" if reference.task.multilabel else "top-1",
     )
 
 
@@ -272,7 +285,8 @@ def export(cfg: DictConfig) -> dict:
     with phase(f"reading checkpoint {printable(ckpt)}"):
         model = load_checkpoint(ckpt)
     meta = export_metadata(
-        model.class_names, model.preprocessing, cfg.format,
+        model.class_names, model.preprocessing, cfg.format, task=model.task.describe(),
+        thresholds=model.thresholds.tolist() if model.thresholds is not None else None,
         backbone=model.hparams.backbone, source_checkpoint=ckpt.name,
         source_sha256=sha256_bytes(ckpt.read_bytes()), torch_version=torch.__version__,
     )

@@ -348,3 +348,101 @@ def epoch_curves(
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+# --------------------------------------------------------------------------- multi-label figures
+def multilabel_grid(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    targets: torch.Tensor | None,
+    class_names: Sequence[str],
+    thresholds: Sequence[float],
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    num_cols: int = 4,
+    scale: float = 2.2,
+    title: str | None = None,
+) -> Figure:
+    """Images with the labels predicted over their thresholds (and probability); where the true
+    label sets (``targets``, 0/1 ``(N, C)``) are known, each predicted label is marked right
+    (``+``, green) or wrong (``-``, red) and the labels missed are listed (``missed: …``, red).
+    The title of an image is green when its set is exactly right."""
+    if len(images) == 0:
+        fig = Figure(figsize=(num_cols * scale, scale), layout="constrained")
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12)
+        return fig
+    num_cols = min(num_cols, len(images))
+    num_rows = -(-len(images) // num_cols)
+    pixels = denormalize(images, mean, std).permute(0, 2, 3, 1).numpy()
+    fig = Figure(figsize=(num_cols * scale, num_rows * (scale + 0.6)), layout="constrained")
+    axes = fig.subplots(num_rows, num_cols, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= len(images):
+            continue
+        ax.imshow(pixels[index])
+        p = probs[index].float()
+        chosen = [i for i in range(len(class_names)) if float(p[i]) >= float(thresholds[i])]
+        chosen.sort(key=lambda i: -float(p[i]))
+        truth = {i for i in range(len(class_names)) if targets is not None and float(targets[index][i]) > 0.5}
+        marks = [f"{'+' if i in truth else '-'}{_short(class_names[i])} {float(p[i]):.0%}" if targets is not None
+                 else f"{_short(class_names[i])} {float(p[i]):.0%}" for i in chosen]
+        text = ", ".join(marks) or "no label"
+        color = "black"
+        if targets is not None:
+            missed = sorted(truth - set(chosen))
+            if missed:
+                text += "\nmissed: " + ", ".join(_short(class_names[i]) for i in missed)
+            color = CORRECT_COLOR if not missed and set(chosen) == truth else WRONG_COLOR
+        ax.set_title(text, color=color, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def label_counts_figure(true_positives: Sequence[int], false_positives: Sequence[int], false_negatives: Sequence[int],
+                        class_names: Sequence[str], limit: int = MAX_HEATMAP_CLASSES) -> Figure:
+    """Per label: images it was rightly given (true positives), wrongly given (false positives)
+    and missed (false negatives), as horizontal bars — the multi-label view where a confusion
+    matrix does not apply. Beyond ``limit`` labels, those with the most errors."""
+    tp, fp, fn = (np.asarray(x, dtype=float) for x in (true_positives, false_positives, false_negatives))
+    order = np.argsort(-(fp + fn), kind="stable")[:limit] if len(class_names) > limit else np.arange(len(class_names))
+    order = order[::-1]  # barh draws bottom-up: the first label on top
+    fig = Figure(figsize=(7, 1.6 + 0.35 * len(order)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(order))
+    ax.barh(y - 0.27, tp[order], height=0.26, color=CORRECT_COLOR, label="right (true positives)")
+    ax.barh(y, fp[order], height=0.26, color=WRONG_COLOR, label="wrongly given (false positives)")
+    ax.barh(y + 0.27, fn[order], height=0.26, color="#9a6700", label="missed (false negatives)")
+    ax.set_yticks(y, [_short(class_names[i]) for i in order])
+    ax.set_xlabel("test images")
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
+    ax.set_title("per-label counts at the decision threshold")
+    return fig
+
+
+def pr_curves_figure(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                     limit: int = 12) -> Figure:
+    """Precision-recall curve of each label (the ``limit`` most frequent), with its average
+    precision (the area the mAP averages) in the legend."""
+    from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
+
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.subplots()
+    support = targets.float().sum(dim=0)
+    for i in support.argsort(descending=True)[:limit].tolist():
+        if float(support[i]) == 0:
+            continue
+        t = targets[:, i].long()
+        precision, recall, _ = binary_precision_recall_curve(probs[:, i].float(), t)
+        ap = float(binary_average_precision(probs[:, i].float(), t))
+        ax.plot(recall.numpy(), precision.numpy(), label=f"{_short(class_names[i])} (AP {ap:.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("precision-recall per label")
+    ax.legend(fontsize=8, loc="lower left")
+    return fig

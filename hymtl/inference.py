@@ -55,10 +55,25 @@ class Predictor(ABC):
 
     backend: str
 
-    def __init__(self, class_names, preprocessing: Preprocessing, source: str = ""):
+    def __init__(self, class_names, preprocessing: Preprocessing, source: str = "", task: dict | None = None,
+                 thresholds: Sequence[float] | None = None):
+        from hymtl.tasks import make_task
+
         self.class_names = list(class_names)
         self.preprocessing = preprocessing
         self.source = source
+        self.task = make_task(task)  # what the logits mean: softmax and top-k, or sigmoid and thresholds
+        self.thresholds = list(thresholds) if thresholds is not None else None
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The task's probabilities of a batch of logits (softmax, or a sigmoid per label)."""
+        import torch
+
+        return self.task.probabilities(torch.from_numpy(np.ascontiguousarray(logits))).double().numpy()
+
+    def decode(self, probabilities: np.ndarray, topk: int = 1) -> list[tuple[str, float]]:
+        """One image's labels with their probabilities, best first (:meth:`hymtl.tasks.Task.decode`)."""
+        return self.task.decode(probabilities, self.class_names, topk, self.thresholds)
 
     @abstractmethod
     def logits(self, images: torch.Tensor) -> np.ndarray:
@@ -118,7 +133,9 @@ class TorchPredictor(Predictor):
     def __init__(self, model: torch.nn.Module, source: str = "", precision: str = "32", simplify: bool = True):
         import torch
 
-        super().__init__(model.class_names, model.preprocessing, source)
+        thresholds = model.thresholds.tolist() if getattr(model, "thresholds", None) is not None else None
+        super().__init__(model.class_names, model.preprocessing, source, task=model.task.describe(),
+                         thresholds=thresholds)
         model = model.float().eval()
         self.device = next(model.parameters()).device
         size = self.preprocessing.input_size
@@ -147,7 +164,7 @@ class OnnxPredictor(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, session, meta: dict, source: str = ""):
-        super().__init__(meta["class_names"], _preprocessing_of(meta), source)
+        super().__init__(meta["class_names"], _preprocessing_of(meta), source, meta.get("task"), meta.get("thresholds"))
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
@@ -161,7 +178,7 @@ class TorchScriptPredictor(Predictor):
     backend = "torchscript"
 
     def __init__(self, module, meta: dict, source: str = ""):
-        super().__init__(meta["class_names"], _preprocessing_of(meta), source)
+        super().__init__(meta["class_names"], _preprocessing_of(meta), source, meta.get("task"), meta.get("thresholds"))
         self.module = module
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
@@ -293,7 +310,7 @@ def iter_batches(
 @dataclass
 class Prediction:
     path: str
-    top: list[tuple[str, float]]  # (label, probability), best first
+    top: list[tuple[str, float]]  # (label, probability), best first: the top k, or every label over its threshold
 
 
 @dataclass
@@ -345,11 +362,9 @@ def predict(
             continue
         logits = predictor.logits(images)
         all_logits.append(logits)
-        probs = softmax(logits)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        probs = predictor.probabilities(logits)
         for row, index in enumerate(indices):
-            top = [(predictor.class_names[c], float(probs[row, c])) for c in order[row]]
-            predictions.append(Prediction(paths[index], top))
+            predictions.append(Prediction(paths[index], predictor.decode(probs[row], k)))
     seconds = time.perf_counter() - started
     logits = np.concatenate(all_logits) if all_logits else np.zeros((0, len(predictor.class_names)), np.float32)
     return PredictionResult(predictions, skipped, predictor.backend, predictor.source,
@@ -393,7 +408,8 @@ def format_result(result: PredictionResult, fmt: str) -> str:
                 "backend": result.backend,
                 "class_names": result.class_names,
                 "predictions": [
-                    {"path": output_name(p.path), "label": p.top[0][0], "probability": _probability(p.top[0][1]),
+                    {"path": output_name(p.path), "label": p.top[0][0] if p.top else None,
+                     "probability": _probability(p.top[0][1]) if p.top else None,
                      "top": [{"label": l, "probability": _probability(pr)} for l, pr in p.top]}
                     for p in result.predictions
                 ],

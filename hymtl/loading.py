@@ -56,6 +56,10 @@ from hymtl.fileio import atomic_write_json
 
 SIDECAR_FORMAT = "hymtl-export"
 SIDECAR_VERSION = 1
+#: a multi-label model's description: readers of version 1 (which apply a softmax and take the
+#: top class) refuse it, instead of reading label sets as one label
+MULTILABEL_SIDECAR_VERSION = 2
+READABLE_VERSIONS = (SIDECAR_VERSION, MULTILABEL_SIDECAR_VERSION)
 ONNX_METADATA_KEY = "hymtl"
 TORCHSCRIPT_METADATA_FILE = "hymtl.json"  # in the TorchScript archive's extra files
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -204,25 +208,36 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 
 
 def export_metadata(
-    class_names: list[str], preprocessing: Preprocessing, model_format: str, **extra: Any
+    class_names: list[str], preprocessing: Preprocessing, model_format: str, task: dict[str, Any] | None = None,
+    thresholds: list[float] | None = None, **extra: Any
 ) -> dict[str, Any]:
     """The description of an exported model, enough to use it without hymtl.
 
     ``preprocessing``: decode to RGB, resize the shorter side to ``resize_size`` with
     ``interpolation``, center-crop ``input_size``, scale to [0, 1], subtract ``mean``, divide by
-    ``std``; NCHW float32. The model's output is ``logits`` (softmax not applied).
+    ``std``; NCHW float32. The model's output is ``logits``; ``output_activation`` says what
+    turns them into probabilities: ``softmax`` (one label per image, ``task.name`` multiclass) or
+    ``sigmoid`` per label (``multilabel``: every label whose probability reaches its entry of
+    ``thresholds`` applies; version 2, which readers of version 1 refuse).
     """
-    return {
+    task = dict(task or {"name": "multiclass"})
+    multilabel = task.get("name") == "multilabel"
+    meta = {
         "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
+        "version": MULTILABEL_SIDECAR_VERSION if multilabel else SIDECAR_VERSION,
         "model_format": model_format,
         "class_names": list(class_names),
         "num_classes": len(class_names),
         "preprocessing": {**preprocessing.as_dict(), "crop": "center"},
         "input_name": "images",
         "output_name": "logits",
+        "task": task,
+        "output_activation": "sigmoid" if multilabel else "softmax",
         **extra,
     }
+    if multilabel:
+        meta["thresholds"] = [float(t) for t in thresholds] if thresholds is not None else None
+    return meta
 
 
 def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
@@ -233,8 +248,9 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise fail(f"not a hymtl export description (no \"format\": \"{SIDECAR_FORMAT}\")")
-    if meta.get("version") != SIDECAR_VERSION:
-        raise fail(f"unsupported version {meta.get('version')!r} (this hymtl reads {SIDECAR_VERSION})")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise fail(f"unsupported version {meta.get('version')!r} (this hymtl reads "
+                   f"{', '.join(map(str, READABLE_VERSIONS))})")
     names, n = meta.get("class_names"), meta.get("num_classes")
     if not isinstance(names, list) or not all(isinstance(c, str) and c for c in names) or len(set(names)) != len(names):
         raise fail("class_names must be a list of distinct, non-empty strings")
@@ -266,7 +282,27 @@ def validate_metadata(meta: Any, source: str) -> dict[str, Any]:
     sha = meta.get("sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
         raise fail("sha256 must be a 64-character hex digest")
+    _check_task(meta, len(names), fail)
     return meta
+
+
+def _check_task(meta: dict[str, Any], n: int, fail) -> None:
+    """The task of a description (none: multi-class, what version 1 meant) and, for multi-label,
+    one threshold in (0, 1) per label."""
+    from hymtl.tasks import TASKS
+
+    task = meta.get("task", {"name": "multiclass"})
+    if not isinstance(task, dict) or task.get("name") not in TASKS:
+        raise fail(f"task must name one of {', '.join(TASKS)}, got {printable(task)}")
+    multilabel = task["name"] == "multilabel"
+    if multilabel != (meta.get("version") == MULTILABEL_SIDECAR_VERSION):
+        raise fail(f"a {task['name']} model's description has version "
+                   f"{MULTILABEL_SIDECAR_VERSION if multilabel else SIDECAR_VERSION}, got {meta.get('version')!r}")
+    if multilabel:
+        cuts = meta.get("thresholds")
+        if not isinstance(cuts, list) or len(cuts) != n or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in cuts):
+            raise fail(f"thresholds must be {n} numbers in (0, 1), one per label")
 
 
 def _encodable(text: str) -> bool:
@@ -278,7 +314,7 @@ def _encodable(text: str) -> bool:
 
 
 # what a model means: a sidecar that says otherwise than the model file is refused
-MEANING_KEYS = ("class_names", "num_classes", "preprocessing")
+MEANING_KEYS = ("class_names", "num_classes", "preprocessing", "task", "thresholds")
 
 
 def model_description(own: dict[str, Any] | None, sidecar: dict[str, Any] | None, path: Path, what: str) -> dict[str, Any]:

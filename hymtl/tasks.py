@@ -128,7 +128,7 @@ class MulticlassTask(Task):
                                  "acc_macro": MulticlassAccuracy(num_classes, average="macro")}, prefix=prefix)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(dim=-1)
+        return _at_least_float32(logits).softmax(dim=-1)
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # inverse frequency, normalised so that a balanced set gets 1.0 everywhere (sklearn's "balanced")
@@ -198,7 +198,7 @@ class MultilabelTask(Task):
         return (probabilities >= cut.to(probabilities.device)).int(), targets.int()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().sigmoid()
+        return _at_least_float32(logits).sigmoid()
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # BCE's pos_weight: negatives / positives per label (capped: a label seen once is not x1000)
@@ -217,6 +217,11 @@ class MultilabelTask(Task):
 
         return (f"loss {number('train/loss')}, train f1 {number('train/f1_micro')}, test f1 micro "
                 f"{number('test/f1_micro')}, macro {number('test/f1_macro')}, mAP {number('test/map')}")
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits as float32; float64 stays float64 (exact probabilities for reports)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def tune_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

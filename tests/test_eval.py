@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import make_image_folder
-from hymtl.eval import EvalError, evaluate, load_checkpoint
+from hymtl.evaluation import EvalError, evaluate, load_checkpoint
 from hymtl.runs import run_dir_of, trained_data_root
 from test_train import run_train
 
@@ -83,11 +83,33 @@ def test_eval_on_the_real_data_matches_hand_computed_metrics(real_checkpoint, tm
 
 
 def test_eval_refuses_a_folder_of_other_classes_in_one_line(tiny_checkpoint, tmp_path):
-    other = make_image_folder(tmp_path / "wasps", classes={"ants": (200, 40, 40), "wasps": (220, 200, 30)}, per_class=2)
+    other = make_image_folder(tmp_path / "wasps", classes={"wasps": (220, 200, 30), "flies": (20, 20, 20)}, per_class=2)
     result = run_train(f"ckpt_path={tiny_checkpoint}", f"data.root={other}", module="hymtl.eval", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last == (f"error: the classes of {other} ['ants', 'wasps'] do not match the checkpoint's ['ants', 'bees']")
+    assert last == f"error: none of the classes of {other} (flies, wasps) is one of the model's (ants, bees)"
+
+
+def test_eval_scores_the_known_classes_of_a_folder_and_says_which_it_left_out(tiny_checkpoint, tmp_path):
+    other = make_image_folder(tmp_path / "mixed", splits=("",), classes={"ants": (200, 40, 40), "wasps": (220, 200, 30)},
+                              per_class=3)
+    result = run_train(f"ckpt_path={tiny_checkpoint}", f"data.root={other}", "data.num_workers=0",
+                       module="hymtl.eval", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 class folder of " in result.stdout + result.stderr and "unknown to the model left out (3 images): wasps" \
+        in result.stdout + result.stderr
+    assert "(split all, 3 images)" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["flat", "test_only", "val_only", "train_val_test"])
+def test_eval_scores_every_image_of_a_held_out_folder_whatever_its_layout(tiny_checkpoint, tmp_path, layout):
+    splits = {"flat": ("",), "test_only": ("test",), "val_only": ("val",), "train_val_test": ("train", "val", "test")}
+    held_out = make_image_folder(tmp_path / "held_out", splits=splits[layout], per_class=5)
+    result = run_train(f"ckpt_path={tiny_checkpoint}", f"data.root={held_out}", "data.num_workers=0",
+                       module="hymtl.eval", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(_eval_outputs(tiny_checkpoint)[-1].read_text())
+    assert report["split"] == "all" and report["num_images"] == 10 * len(splits[layout])
 
 
 def test_eval_needs_a_data_folder_when_the_checkpoint_has_no_run(tiny_checkpoint, tmp_path):
@@ -118,6 +140,12 @@ def test_eval_without_data_root_finds_a_relative_root_from_another_folder(tiny_c
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next((run / "eval").glob("*/eval.json")).read_text())
     assert report["data_root"] == str((launch / "images").resolve()) and report["num_images"] > 0
+
+
+def _eval_outputs(checkpoint) -> list[Path]:
+    """Every eval.json written for ``checkpoint`` (its run's eval/ folder, or beside it)."""
+    run = run_dir_of(checkpoint) or Path(checkpoint).resolve().parent
+    return sorted((run / "eval").glob("*/eval.json"), key=lambda p: p.stat().st_mtime)
 
 
 class _Payload:

@@ -315,7 +315,7 @@ def test_the_reports_scores_from_one_confusion_matrix_are_torchmetrics_scores():
 
 def test_the_printed_eval_report_stays_bounded_at_1000_classes():
     """One line per class, no 1000x1000 table on the console: the most confused pairs instead."""
-    from hymtl.eval import format_report
+    from hymtl.evaluation import format_report
 
     names = [f"class_{i}" for i in range(1000)]
     result = {

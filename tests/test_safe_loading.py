@@ -357,7 +357,7 @@ def test_hostile_torchscript_is_refused_by_default_and_nothing_runs(tiny_checkpo
         load_predictor(disguised)
     with pytest.raises(LoadError, match=r"refusing to read .*evil\.ckpt as a checkpoint: it is a TorchScript program"):
         load_checkpoint(disguised)  # eval, export and resume read checkpoints through this
-    from hymtl.eval import EvalError, load_checkpoint as eval_load_checkpoint
+    from hymtl.evaluation import EvalError, load_checkpoint as eval_load_checkpoint
 
     with pytest.raises(EvalError, match=r"evil\.ckpt as a checkpoint: it is a TorchScript program"):
         eval_load_checkpoint(disguised)

@@ -79,6 +79,10 @@ class ImageFolderDataModule(LightningDataModule):
         sampler: ``"shuffle"`` (default) or ``"balanced"``: each class drawn equally often per
             epoch (sampling with replacement, weights 1/class size; Lightning shards it under DDP).
         multilabel: targets are label sets (``task=multilabel`` sets it).
+        whole: every image of the data is the test split, whatever its layout (``hymtl.eval``
+            scoring a held-out folder or label file); no train or val split.
+        class_names: the classes, in order, the labels must mean (a checkpoint's): the data's
+            labels are mapped by name; images of other classes are left out and reported.
         backbone: the backbone's registry name: the images are prepared as it expects
             (:func:`hymtl.backbones.preprocessing_of`), unless ``preprocessing`` is given.
         preprocessing: a :class:`Preprocessing` (or its dict) to use instead.
@@ -106,6 +110,8 @@ class ImageFolderDataModule(LightningDataModule):
         fold: int = 0,
         sampler: str | None = "shuffle",
         multilabel: bool = False,
+        whole: bool = False,
+        class_names: Sequence[str] | None = None,
         preprocessing: Preprocessing | dict | None = None,
         backbone: str | None = None,
         pin_memory: bool | None = None,
@@ -126,6 +132,8 @@ class ImageFolderDataModule(LightningDataModule):
         if self.sampler not in SAMPLERS:
             raise DataError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.multilabel = bool(multilabel)
+        self.whole = bool(whole)
+        self.fixed_classes = [str(c) for c in class_names] if class_names is not None else None
         self.source = make_source(source, dict(source_options), self.multilabel)
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing.from_dict(preprocessing)
@@ -177,25 +185,29 @@ class ImageFolderDataModule(LightningDataModule):
     def _discover(self) -> None:
         """Load the source, check every file (see :func:`check_image_file`), drop classes without
         a usable training image, split what the source did not; record and report what was left out."""
-        data = self.source.load()
-        if len(data.class_names) < 2 and not data.multilabel:
+        data = self.source.load(whole=self.whole)
+        if len(data.class_names) < 2 and not data.multilabel and self.fixed_classes is None:
             raise DataError(f"need at least two classes in {printable(data.class_location)}, found {data.class_names}")
         every = [s for samples in data.splits.values() for s in samples]
         reasons = check_files(every, decode=self.strict)
         bad = [BadFile(s.path, reasons[s.path]) for s in every if s.path in reasons]
-        counts = class_counts([s for s in data.splits["train"] if s.path not in reasons], len(data.class_names))
-        empty = [name for name, n in zip(data.class_names, counts) if n == 0]
-        bad += [BadFile(os.path.join(data.class_location, name), f"{data.noun} without a usable image: class ignored")
-                for name in empty]
+        if self.fixed_classes is not None:
+            usable, relabel = self._given_classes(data, reasons)
+        else:
+            counts = class_counts([s for s in data.splits["train"] if s.path not in reasons], len(data.class_names))
+            empty = [name for name, n in zip(data.class_names, counts) if n == 0]
+            bad += [BadFile(os.path.join(data.class_location, name), f"{data.noun} without a usable image: class ignored")
+                    for name in empty]
+            usable = [name for name, n in zip(data.class_names, counts) if n > 0]
         self.skipped = bad
         self._write_skipped(bad, len(every))
         self._say_skipped(bad, len(every))
-        usable = [name for name, n in zip(data.class_names, counts) if n > 0]
         if len(usable) < 2 and not (data.multilabel and usable):
             found = f"only {usable}" if usable else "none"
             raise DataError(f"need at least two classes with usable images in {printable(data.class_location)}, found "
                             f"{found} ({printable(summarize_skipped(bad))})" + self._see_skipped())
-        relabel = {data.class_names.index(name): i for i, name in enumerate(usable)}
+        if self.fixed_classes is None:
+            relabel = {data.class_names.index(name): i for i, name in enumerate(usable)}
 
         def keep(samples: list[Sample]) -> list[Sample]:
             return [s.relabel(relabel) for s in samples
@@ -205,11 +217,35 @@ class ImageFolderDataModule(LightningDataModule):
         self._class_names = usable
         self._relative_to = data.relative_to
         self._assign_splits(given, data)
-        self._report_splits(data)
+        if not self.whole:
+            self._report_splits(data)
+
+    def _given_classes(self, data: SourceData, reasons: dict[str, str]) -> tuple[list[str], dict[int, int]]:
+        """The fixed classes (a checkpoint's) and the map from the data's label indices to them;
+        the data's classes the model does not know are said once (their images left out)."""
+        usable = list(self.fixed_classes)
+        relabel = {i: usable.index(name) for i, name in enumerate(data.class_names) if name in usable}
+        foreign = [name for i, name in enumerate(data.class_names) if i not in relabel]
+        if not relabel:
+            raise DataError(f"none of the classes of {printable(data.location)} ({', '.join(map(printable, foreign))}) "
+                            f"is one of the model's ({', '.join(map(printable, usable))})")
+        if foreign:
+            images = sum(1 for samples in data.splits.values() for s in samples
+                         if s.path not in reasons and any(data.class_names[i] in foreign for i in s.labels))
+            log.warning("%d %s%s of %s unknown to the model left out (%d images): %s", len(foreign), data.noun,
+                        "s" if len(foreign) != 1 else "", printable(data.location), images,
+                        ", ".join(printable(n) for n in foreign[:5]) + (", …" if len(foreign) > 5 else ""))
+        return usable, relabel
 
     def _assign_splits(self, given: dict[str, list[Sample]], data: SourceData) -> None:
         """train/val/test from what the source gave: its val, k-fold over train (+ its val), or a
-        stratified split of train; without a test split, val doubles as test (said once)."""
+        stratified split of train; without a test split, val doubles as test (said once).
+        ``whole``: every image is the test split."""
+        if self.whole:
+            self._given_test = True
+            self.train_samples, self.val_samples = [], []
+            self.test_samples = [s for samples in given.values() for s in samples]
+            return
         train, val, test = given["train"], given.get("val"), given.get("test")
         if self.folds:
             pool = train + (val or [])
@@ -296,7 +332,9 @@ class ImageFolderDataModule(LightningDataModule):
             raise DataError("ImageFolderDataModule needs the backbone's name (backbone=) or its preprocessing")
         if self._class_names is None:  # scanned and checked once, also when setup runs per stage
             self._discover()
-        for split, samples in (("train", self.train_samples), ("val", self.val_samples)):
+        needed = (("test", self.test_samples),) if self.whole or stage in ("test", "predict") else (
+            ("train", self.train_samples), ("val", self.val_samples))
+        for split, samples in needed:
             if not samples:
                 raise DataError(f"no images in the {split} split of {printable(self.location)}")
 
@@ -329,7 +367,10 @@ class ImageFolderDataModule(LightningDataModule):
 
     @property
     def test_split_name(self) -> str:
-        """``"test"`` when the source has one, else ``"val"`` (val doubles as test)."""
+        """``"test"`` when the source has one, else ``"val"`` (val doubles as test); ``"all"``
+        when every image is scored (``whole``)."""
+        if self.whole:
+            return "all"
         return "test" if self._given_test else "val"
 
     # -- loaders -------------------------------------------------------------------------

@@ -63,8 +63,10 @@ class DataSource(ABC):
         """Download or otherwise make the data available (called before :meth:`load`)."""
 
     @abstractmethod
-    def load(self) -> SourceData:
-        """Read the description: samples, class names, the splits the source names."""
+    def load(self, whole: bool = False) -> SourceData:
+        """Read the description: samples, class names, the splits the source names.
+        ``whole``: every image of the data as one ``"train"`` pool, its classes named by all of
+        them, whatever split each belongs to (``hymtl.eval`` scoring a held-out folder whole)."""
 
     @property
     @abstractmethod

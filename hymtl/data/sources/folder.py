@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hymtl.data.download import MANIFEST_DIR, download_and_extract, exclusive_lock
-from hymtl.data.folders import IMAGE_EXTENSIONS, check_class_names, find_classes, resolve_layout, scan_split, walk_images
+from hymtl.data.folders import IMAGE_EXTENSIONS, VAL_DIR_NAMES, check_class_names, find_classes, resolve_layout, scan_split, walk_images
 from hymtl.data.sources.base import DataSource, SourceData
 from hymtl.errors import DataError, printable
 
@@ -63,7 +63,9 @@ class FolderSource(DataSource):
             download_and_extract(self.download_url, self.root, sha256=self.sha256,
                                  manifest=Path(self.manifest) if self.manifest else None)
 
-    def load(self) -> SourceData:
+    def load(self, whole: bool = False) -> SourceData:
+        if whole:
+            return self._load_whole()
         layout = resolve_layout(self.root)
         source = layout.train if layout.train is not None else self.root
         names = [n for n in find_classes(source) if layout.train is not None or n.lower() != "test"]
@@ -80,3 +82,20 @@ class FolderSource(DataSource):
                               for name in find_classes(folder) if name not in names}
         return SourceData(class_names=names, splits=splits, location=str(self.root), relative_to=str(self.root),
                           unknown=unknown, noun="class folder", classes_at=str(source))
+
+    def _load_whole(self) -> SourceData:
+        """Every image below ``root`` by its class folder: ``<class>/`` at the top, or below any
+        split folder (``train/``, ``val/``…, ``test/``: a folder holding only ``test/`` too)."""
+        if not self.root.is_dir():
+            raise DataError(f"data folder not found: {printable(self.root)}")
+        top = find_classes(self.root)
+        split_names = {"train", "test", *VAL_DIR_NAMES}
+        folders = [self.root / d for d in top if d.lower() in split_names] or [self.root]
+        names = sorted({n for folder in folders for n in find_classes(folder)
+                        if folder != self.root or n.lower() not in split_names})
+        if not names:
+            raise DataError(f"no class folders in {printable(self.root)} (expected <class>/ or <split>/<class>/ folders)")
+        check_class_names(self.root, names)
+        samples = [s for folder in folders for s in scan_split(folder, names, self.extensions)]
+        return SourceData(class_names=names, splits={"train": samples}, location=str(self.root),
+                          relative_to=str(self.root), noun="class folder")

@@ -78,10 +78,12 @@ class ParquetSource(DataSource):
             raise DataError(f"no .parquet files in {printable(self.location)}")
         return sorted(dict.fromkeys(found))
 
-    def load(self) -> SourceData:
+    def load(self, whole: bool = False) -> SourceData:
         rows: list[tuple[str, Any, tuple[str, ...], str]] = []  # (id, image cell, labels, split)
         for file in self.files():
             rows += self._rows(file)
+        if whole:
+            rows = [(ident, data, labels, "train") for ident, data, labels, _ in rows]
         if not rows:
             raise DataError(f"no rows in {printable(self.location)}")
         train_labels = sorted({label for _, _, labels, split in rows if split == "train" for label in labels})

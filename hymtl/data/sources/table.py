@@ -69,7 +69,7 @@ class TableSource(DataSource):
     def location(self) -> str:
         return str(self.file)
 
-    def load(self) -> SourceData:
+    def load(self, whole: bool = False) -> SourceData:
         header, rows = self._read()
         where = printable(self.file)
         path_col = self._column(header, self.path_column, PATH_COLUMNS, "data.path_column", "image paths")
@@ -83,7 +83,7 @@ class TableSource(DataSource):
         for number, row in rows:
             path = self._path(row, path_col, number)
             labels = self._labels(row, label_cols, number)
-            split = self._split(row, split_col, number) if split_col else "train"
+            split = self._split(row, split_col, number) if split_col and not whole else "train"
             seen = entries.get(path)
             if seen is not None and (seen[0], seen[1]) != (labels, split):
                 raise DataError(f"{where}, row {number}, column {path_col!r}: {printable(row[path_col])} is listed again "
@@ -91,7 +91,7 @@ class TableSource(DataSource):
             entries.setdefault(path, (labels, split, number))
         if not entries:
             raise DataError(f"{where} has a header but no rows")
-        return self._source_data(entries, split_col is not None)
+        return self._source_data(entries)
 
     # ------------------------------------------------------------------ reading
     def _read(self) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -193,7 +193,7 @@ class TableSource(DataSource):
                             f"{printable(row.get(column))!r} (train, val or test)")
         return SPLIT_NAMES[cell]
 
-    def _source_data(self, entries: dict[str, tuple[tuple[str, ...], str, int]], given_splits: bool) -> SourceData:
+    def _source_data(self, entries: dict[str, tuple[tuple[str, ...], str, int]]) -> SourceData:
         """Class names from the training rows (every row without a split column); labels of
         evaluation rows unknown to train are reported and left out."""
         train_labels = {label for labels, split, _ in entries.values() if split == "train" for label in labels}
