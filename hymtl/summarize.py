@@ -32,15 +32,23 @@ from hymtl.fileio import atomic_write_text
 
 log = logging.getLogger("hymtl.summarize")
 
-#: (column, metrics.json key, format) of the numeric columns, in table order
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("test_acc", "test/acc", "{:.4f}"),
-    ("val_acc_best", "val/acc_best", "{:.4f}"),
-    ("epochs", "epochs", "{:.0f}"),
-    ("wall_time_s", "wall_time_s", "{:.1f}"),
-    ("examples_per_sec", "examples_per_sec", "{:.1f}"),
-)
-SEED_KEYS = ("seed",)
+def columns_for(metric: str = "acc") -> tuple[tuple[str, str, str], ...]:
+    """(column, metrics.json key, format) of the numeric columns, in table order: the task's
+    metric (``acc``; ``f1_micro`` for multi-label: ``task.metric``) on test and its best on val."""
+    return (
+        (f"test_{metric}", f"test/{metric}", "{:.4f}"),
+        (f"val_{metric}_best", f"val/{metric}_best", "{:.4f}"),
+        ("epochs", "epochs", "{:.0f}"),
+        ("wall_time_s", "wall_time_s", "{:.1f}"),
+        ("examples_per_sec", "examples_per_sec", "{:.1f}"),
+    )
+
+
+#: the columns of a multi-class sweep
+COLUMNS = columns_for()
+#: overrides that repeat one configuration rather than change it: runs that differ only by these
+#: share a group (mean ± std): seeds, and the folds of a k-fold sweep (data.folds=K data.fold=0,…)
+SEED_KEYS = ("seed", "data.fold")
 
 
 class SummaryError(HymtlError):
@@ -55,6 +63,7 @@ class Run:
     overrides: list[str]
     values: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def status(self) -> str:
@@ -123,11 +132,24 @@ def collect_runs(root: str | Path) -> list[Run]:
             except (OSError, ValueError):
                 run.error = "unreadable metrics.json"
             else:
-                run.values = {column: _number(metrics.get(key)) for column, key, _ in COLUMNS}
+                run.metrics = metrics if isinstance(metrics, dict) else {}
         runs.append(run)
     if not runs:
         raise SummaryError(f"no runs below {root} (looked for */.hydra/overrides.yaml)")
+    columns = sweep_columns(runs)
+    for run in runs:
+        if run.metrics:
+            run.values = {column: _number(run.metrics.get(key)) for column, key, _ in columns}
     return runs
+
+
+def sweep_columns(runs: Sequence[Run]) -> tuple[tuple[str, str, str], ...]:
+    """The columns of a sweep: those of its runs' task metric (the first run that names one)."""
+    for run in runs:
+        task = run.metrics.get("task") if run.metrics else None
+        if isinstance(task, dict) and isinstance(task.get("metric"), str) and task["metric"].isidentifier():
+            return columns_for(task["metric"])
+    return COLUMNS
 
 
 def varying_overrides(runs: Sequence[Run]) -> tuple[list[str], dict[str, list[str]]]:
@@ -171,7 +193,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
     rows = []
     for run in runs:
         row = {"run": run.name, "overrides": " ".join(varying[run.name]), "status": run.status}
-        row.update({column: _fmt(run.values.get(column), pattern) for column, _, pattern in COLUMNS})
+        row.update({column: _fmt(run.values.get(column), pattern) for column, _, pattern in sweep_columns(runs)})
         row["error"] = run.error or ""
         rows.append(row)
     return rows
@@ -187,7 +209,8 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def render_markdown(runs: Sequence[Run], title: str = "Sweep summary") -> str:
     common, _ = varying_overrides(runs)
     rows = summary_rows(runs)
-    columns = ["run", "overrides", "status", *(c for c, _, _ in COLUMNS)]
+    numeric = sweep_columns(runs)
+    columns = ["run", "overrides", "status", *(c for c, _, _ in numeric)]
     failed = [r for r in rows if r["status"] == "failed"]
     parts = [f"# {title}", ""]
     if common:
@@ -198,12 +221,12 @@ def render_markdown(runs: Sequence[Run], title: str = "Sweep summary") -> str:
     if failed:
         parts += ["Failed runs:", ""] + [f"- run {r['run']}: {r['error']}" for r in failed] + [""]
     groups = group_runs(runs)
-    header = ["overrides (all seeds)", "runs ok", *(f"{c} mean ± std" for c, _, _ in COLUMNS)]
+    header = ["overrides (all seeds and folds)", "runs ok", *(f"{c} mean ± std" for c, _, _ in numeric)]
     body = []
     for group in groups:
         cells = [" ".join(group.overrides) or "(none)",
                  f"{sum(r.status == 'ok' for r in group.runs)}/{len(group.runs)}"]
-        for column, _, pattern in COLUMNS:
+        for column, _, pattern in numeric:
             stats = group.stats(column)
             if stats is None:
                 cells.append("")
@@ -211,7 +234,7 @@ def render_markdown(runs: Sequence[Run], title: str = "Sweep summary") -> str:
                 mean, std, _n = stats
                 cells.append(_fmt(mean, pattern) + ("" if std is None else " ± " + _fmt(std, pattern)))
         body.append(cells)
-    parts += ["Mean ± sample standard deviation over seeds:", "", _markdown_table(header, body), ""]
+    parts += ["Mean ± sample standard deviation over seeds and folds:", "", _markdown_table(header, body), ""]
     return "\n".join(parts)
 
 

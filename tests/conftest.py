@@ -140,3 +140,77 @@ def real_checkpoint(real_data: Path, tmp_path_factory) -> Path:
     ckpts = sorted((run / "checkpoints").glob("best-*.ckpt")) or sorted((run / "checkpoints").glob("*.ckpt"))
     assert ckpts, f"no checkpoint in {run}"
     return ckpts[0]
+
+
+# --------------------------------------------------------------------------- other shapes of data
+def write_label_table(path: Path, rows: list[tuple], header: tuple = ("filename", "label")) -> Path:
+    """A CSV (``.csv``), TSV (``.tsv``) or JSON-lines (``.jsonl``) label file of ``rows``."""
+    import csv
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(dict(zip(header, row))) + "\n" for row in rows), encoding="utf-8")
+        return path
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def folder_as_table(root: Path, table: Path) -> Path:
+    """The class folders ``root/<split>/<class>/*`` as a label file with a split column."""
+    rows = []
+    for split in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for image in sorted((root / split).glob("*/*")):
+            rows.append((os.path.relpath(image, table.parent), image.parent.name, split))
+    return write_label_table(table, rows, ("filename", "label", "split"))
+
+
+def folder_as_parquet(root: Path, out: Path, struct: bool = False) -> Path:
+    """The class folders ``root/<split>/<class>/*`` as Hugging Face style Parquet files
+    (``out/<split>-00000-of-00001.parquet``: image bytes, integer labels named in the schema's
+    metadata; ``struct``: images as ``{bytes, path}`` structs)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = sorted({p.name for split in splits for p in (root / split).iterdir() if p.is_dir()})
+    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": names}}
+    for split in splits:
+        images = sorted((root / split).glob("*/*"))
+        cells = [{"bytes": p.read_bytes(), "path": p.name} if struct else p.read_bytes() for p in images]
+        table = pa.table({"image": cells, "label": [names.index(p.parent.name) for p in images]})
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+        pq.write_table(table, out / f"{'validation' if split == 'val' else split}-00000-of-00001.parquet")
+    return out
+
+
+MULTILABEL_COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def make_multilabel_set(root: Path, count: int = 48, seed: int = 0, size: int = 64) -> Path:
+    """Procedural multi-label images: a grey canvas with a coloured square for each of its labels
+    (each of red/green/blue present with probability 1/2; some images have none), and
+    ``root/labels.csv`` with a ``labels`` column (``red|blue``)."""
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        labels = [name for name in MULTILABEL_COLORS if rng.random() < 0.5]
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        for name in labels:
+            x, y = rng.randrange(0, size // 2), rng.randrange(0, size // 2)
+            draw.rectangle([x, y, x + size // 3, y + size // 3], fill=MULTILABEL_COLORS[name])
+        path = root / "images" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        rows.append((f"images/{i:03d}.png", "|".join(labels)))
+    write_label_table(root / "labels.csv", rows, ("filename", "labels"))
+    return root / "labels.csv"

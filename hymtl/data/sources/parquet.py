@@ -27,7 +27,7 @@ from hymtl.data.sources.table import LABEL_COLUMNS, SPLIT_NAMES, TRUE_CELLS
 from hymtl.errors import DataError, printable
 
 IMAGE_COLUMNS = ("image", "img", "image_bytes", "bytes", "picture")
-_FILE_SPLIT = re.compile(r"^(train|training|validation|valid|val|dev|test|testing)(?=[-_.])", re.IGNORECASE)
+_FILE_SPLIT = re.compile(r"^(train|training|validation|valid|val|dev|test|testing)(?=[-.])", re.IGNORECASE)
 
 
 class ParquetSource(DataSource):
@@ -53,6 +53,8 @@ class ParquetSource(DataSource):
         self.label_column = label_column if isinstance(label_column, (str, type(None))) else list(label_column)
         self.split_column = split_column
         self.multilabel = bool(multilabel)
+        if isinstance(self.label_column, list) and not all(isinstance(c, str) and c.strip() for c in self.label_column):
+            raise DataError(f"data.label_column={self.label_column} holds an empty name: name one 0/1 column per label")
         if isinstance(self.label_column, list) and not self.multilabel:
             raise DataError(f"data.label_column={self.label_column} lists one 0/1 column per label: that is "
                             "multi-label data, use task=multilabel (or name one column of labels)")
@@ -229,9 +231,9 @@ def _class_label_names(metadata: dict, column: str) -> list[str] | None:
 
 
 def _split_of_file(file: Path) -> str:
-    """``train-00000-of-00001.parquet`` -> ``"train"`` (also a parent folder named so); else train."""
-    for name in (file.name, file.parent.name):
-        match = _FILE_SPLIT.match(name + ("" if name.endswith(".parquet") else "-"))
-        if match:
-            return SPLIT_NAMES[match.group(1).lower()]
-    return "train"
+    """``train-00000-of-00001.parquet`` -> ``"train"`` (also a parent folder named exactly
+    ``train``, ``test``, ``validation``…); else train."""
+    match = _FILE_SPLIT.match(file.name)
+    if match:
+        return SPLIT_NAMES[match.group(1).lower()]
+    return SPLIT_NAMES.get(file.parent.name.lower(), "train")

@@ -61,6 +61,8 @@ class TableSource(DataSource):
         self.image_root = Path(os.path.expanduser(str(image_root))) if image_root else self.file.parent
         self.split_column = split_column
         self.multilabel = bool(multilabel)
+        if isinstance(self.label_column, list) and not all(isinstance(c, str) and c.strip() for c in self.label_column):
+            raise DataError(f"data.label_column={self.label_column} holds an empty name: name one 0/1 column per label")
         if isinstance(self.label_column, list) and not self.multilabel:
             raise DataError(f"data.label_column={self.label_column} lists one 0/1 column per label: that is "
                             "multi-label data, use task=multilabel (or name one column of labels)")
