@@ -89,7 +89,7 @@ def run_config(name: str, overrides: list[str], data: str, out: Path, env: dict)
 def train_images(data: str) -> int:
     from hymtl.data import ImageFolderDataModule
 
-    dm = ImageFolderDataModule(data)
+    dm = ImageFolderDataModule(root=data)
     dm.preprocessing = __import__("hymtl.backbones", fromlist=["get_spec"]).get_spec("efficientnet_lite0").preprocessing
     dm.setup()
     return len(dm.train_samples)
@@ -111,7 +111,7 @@ def floor_process(data: str) -> None:
     # the cheapest forward hymtl knows: the network simplified as the feature extractor runs it
     model, _ = simplify_for_inference(backbone.model.eval().to(memory_format=torch.channels_last),
                                       torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
-    dm = ImageFolderDataModule(data, preprocessing=backbone.preprocessing)
+    dm = ImageFolderDataModule(root=data, preprocessing=backbone.preprocessing)
     dm.setup()
     ds = ImageSampleDataset(list(dm.train_samples) + list(dm.test_samples),
                             build_transforms(backbone.preprocessing, train=False))
@@ -136,7 +136,7 @@ def floor(data: str, quick: bool) -> dict:
     results: dict = {"threads": torch.get_num_threads()}
     backbone = create_backbone("efficientnet_lite0")
     pre = backbone.preprocessing
-    dm = ImageFolderDataModule(data, preprocessing=pre)
+    dm = ImageFolderDataModule(root=data, preprocessing=pre)
     dm.setup()
     samples = dm.val_samples
 

@@ -215,7 +215,7 @@ def test_bad_fold_settings_are_one_line(tmp_path, folds, fold, message):
 def test_a_kfold_sweep_shares_one_feature_cache_and_summarize_prints_mean_and_std(tmp_path):
     root = make_image_folder(tmp_path / "images", splits=("train",), per_class=6)
     cache = tmp_path / "cache"
-    result = run_train(*TINY_MODEL, "-m", "mode=frozen", "mode.epochs=1", "data=folder", f"data.root={root}",
+    result = run_train("-m", *TINY_MODEL, "mode=frozen", "mode.epochs=1", "data=folder", f"data.root={root}",
                        "data.folds=3", "data.fold=0,1,2", "mode.feature_views=0", "hydra.sweep.dir=sweep",
                        env={"HYMTL_CACHE_DIR": str(cache)}, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -68,6 +68,7 @@ class ImageFolderDataModule(LightningDataModule):
     default (``root=``), a label file, Parquet files.
 
     Args:
+        root: a folder of class folders (the shorthand of ``source=None``): a setting of the source.
         source: the source's class (``hymtl.data.sources.TableSource``) or a built
             :class:`~hymtl.data.sources.DataSource`; ``None``: class folders. Every keyword this
             class does not take is the source's (``root``, ``file``, ``label_column``, …).
@@ -101,7 +102,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def __init__(
         self,
-        source: str | DataSource | None = None,
+        root: str | os.PathLike | None = None,
         batch_size: int = 32,
         num_workers: int | str = "auto",
         val_fraction: float = 0.2,
@@ -119,9 +120,12 @@ class ImageFolderDataModule(LightningDataModule):
         strict: bool = False,
         skipped_file: str | os.PathLike | None = None,
         features=None,
+        source: str | DataSource | None = None,
         **source_options: Any,
     ):
         super().__init__()
+        if root is not None:  # the class-folder shorthand: ImageFolderDataModule("path/to/images")
+            source_options["root"] = root
         self.batch_size = checked_number("data.batch_size", batch_size)
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.val_fraction = float(val_fraction)
