@@ -216,6 +216,7 @@ def hymtl_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
                     message = None if getattr(exc, "_hymtl_task", False) else config_error_message(exc)
                     if message is None:
                         raise
+                    _release_unused_run_dirs()  # a sweep folder claimed before a job's config failed
                     print(f"error: {printable(message)[:2000]}", file=sys.stderr, flush=True)
                     sys.exit(USER_ERROR_EXIT)
 
@@ -344,6 +345,16 @@ def _mark_from_task(exc: BaseException) -> None:
         exc._hymtl_task = True  # type: ignore[attr-defined]
     except AttributeError:  # an exception type without a __dict__: then it is not Hydra's either
         pass
+
+
+def _release_unused_run_dirs() -> None:
+    from hymtl.runs import holds_no_work
+
+    for path in distributed.claimed_run_dirs():
+        try:
+            distributed.release_run_dir(path, holds_no_work)
+        except OSError:  # noqa: BLE001 - then it stays
+            log.debug("could not remove the unused folder %s", path, exc_info=True)
 
 
 def release_unused_run_dir() -> bool:

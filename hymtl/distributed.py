@@ -201,6 +201,11 @@ def _claim(path: str) -> str:
             candidate = f"{path}_{n}"
 
 
+def claimed_run_dirs() -> list[str]:
+    """The run (or sweep) folders that this process created and has not released."""
+    return list(_claimed)
+
+
 def release_run_dir(path: str | os.PathLike, unused: Callable[[str], bool]) -> bool:
     """Remove the run folder ``path`` if this process claimed it (:func:`claim_run_dir`) and
     ``unused(path)`` says that it holds no work, with the parents created for it that are empty
