@@ -199,7 +199,8 @@ def hymtl_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
     policy for what Hydra refuses before the task runs: an unknown group option
     (``mode=bogus``), key (``data.labels_csv=x``) or a malformed override prints one
     ``error:`` line naming it and the nearest valid ones and exits 2 (Hydra's own report is a
-    dozen lines and exit 1). Everything else is Hydra's: ``--help`` (``conf/hydra/help/``),
+    dozen lines and exit 1). A bug in the task keeps its traceback (exit 1; all of it, as with
+    ``HYDRA_FULL_ERROR=1``). Everything else is Hydra's: ``--help`` (``conf/hydra/help/``),
     ``--cfg``, ``-m``, ``--info``, shell completion, ``hydra.verbose``."""
     import hydra
 
@@ -244,8 +245,8 @@ def _restore_env(value: str | None) -> None:
 
 @contextmanager
 def _users_environment() -> Iterator[None]:
-    """The task runs with the user's ``HYDRA_FULL_ERROR`` (Hydra reports a bug in it as always,
-    and processes it starts inherit the user's environment)."""
+    """The task runs with the user's ``HYDRA_FULL_ERROR``: the processes it starts (DDP ranks,
+    data workers) inherit the user's environment, not :func:`hymtl_main`'s switch."""
     if not _users_raise_setting:
         yield
         return

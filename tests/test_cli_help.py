@@ -82,6 +82,17 @@ def test_train_help_lists_each_group_on_one_line_with_the_choice_starred(tmp_pat
     assert "mode.epochs=20 " in result.stdout  # the settings show the values of the chosen mode
 
 
+def test_hydra_flags_still_work(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    shown = run_cli("train", "--cfg", "job", "mode=frozen", "hydra.verbose=true", cwd=tmp_path, outputs=outputs)
+    assert shown.returncode == 0 and "unfreeze_at_epoch: null" in shown.stdout, shown.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COMP_LINE="hymtl-train mode=", COMP_POINT="17")
+    completion = subprocess.run([sys.executable, "-m", "hymtl.train", "-sc", "query=bash"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert completion.stdout.split() == ["mode=finetune", "mode=frozen", "mode=partial", "mode=two_phase"]
+    assert not folders_under(outputs)
+
+
 # --------------------------------------------------------------------------- wrong input: one line
 #: overrides Hydra refuses while composing: no torch import, no folder ever claimed
 COMPOSE_ERRORS = [
@@ -116,6 +127,7 @@ TASK_ERRORS = [
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "'abc'"]),
     (["+model.dropuot=0.1"], ["model.dropuot", "did you mean model.dropout"]),
     (["data.root=/nonexistent/images"], ["/nonexistent/images"]),
+    (["model.backbone=nonexistent_net"], ["nonexistent_net", "efficientnet_lite0"]),  # after the file scan
 ]
 
 
