@@ -75,8 +75,9 @@ def test_train_help_lists_each_group_on_one_line_with_the_choice_starred(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     groups = {line.split()[0]: line for line in result.stdout.split("Config groups", 1)[1].split("\n\n", 1)[0]
               .splitlines()[1:]}
-    assert list(groups)[:4] == ["mode", "model", "data", "trainer"]
-    assert {"logger", "callbacks", "paths", "experiment", "hparams_search"} <= set(groups)
+    assert list(groups)[:3] == ["mode", "model", "data"]
+    assert {"trainer", "logger", "callbacks", "paths", "experiment", "hparams_search"} <= set(groups)
+    assert all(": " in line for line in groups.values()), groups  # every group says what it sets
     assert groups["mode"].endswith("finetune, frozen*, partial, two_phase")
     assert "resnet18*" in groups["model"] and "efficientnet_lite0," in groups["model"]
     assert "mode.epochs=20 " in result.stdout  # the settings show the values of the chosen mode
@@ -122,7 +123,7 @@ def test_config_hydra_refuses_is_one_error_line(args: list[str], needles: list[s
 #: composed fine, refused before the task runs (hymtl.config.check_targets / check_numbers):
 #: the run folder was claimed, and is removed again
 TASK_ERRORS = [
-    (["+data.labels_csv=x"], ["data.labels_csv", "ImageFolderDataModule"]),
+    (["+data.labels_csv=x"], ["data.labels_csv", "is not a setting"]),  # the data source's own check
     (["trainer.precision=garbage"], ["trainer.precision=garbage", "32-true"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "'abc'"]),
     (["+model.dropuot=0.1"], ["model.dropuot", "did you mean model.dropout"]),
@@ -145,7 +146,7 @@ def test_eval_refused_leaves_no_eval_folder(workspace) -> None:
     checkpoint = workspace["cwd"].parent / "run" / "model.ckpt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"not a checkpoint")
-    for args, needle in ((["+data.bogus=1"], "data.bogus"), ([f"data.root={workspace['images']}"], "model.ckpt")):
+    for args, needle in ((["+trainer.max_epoch=1"], "did you mean trainer.max_epochs"), ([f"data.root={workspace['images']}"], "model.ckpt")):
         result = run_cli("eval", f"ckpt_path={checkpoint}", *args, cwd=workspace["cwd"], outputs=workspace["outputs"])
         assert_one_error(result, needle)
         assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["model.ckpt"]  # no eval/<stamp>/
