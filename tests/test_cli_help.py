@@ -186,6 +186,7 @@ def test_a_claimed_folder_is_released_only_without_work(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides", [
     [], ["mode=frozen"], ["mode=two_phase", "mode.freeze_epochs=3"], ["mode=partial", "model=efficientnet_lite0"],
     ["experiment=tutorial"], ["model=timm"], ["trainer=ddp_cpu"], ["data=folder", "data.root=x"],
+    ["task=multilabel", "data=table", "data.file=x.csv"], ["data=parquet", "data.files=x"],
 ])
 def test_the_shipped_configs_pass_the_target_check(compose, overrides: list[str]) -> None:
     from hymtl.config import check_targets
