@@ -1,14 +1,19 @@
 """What every command-line entry point shares: the config resolvers and one error policy.
 
-Each entry point (``train``, ``eval``, ``predict``, ``export``) is a Hydra main that hands its
-task to :func:`run_entry`::
+Each entry point (``train``, ``eval``, ``predict``, ``export``) is a Hydra main, made by
+:func:`hymtl_main`, that hands its task to :func:`run_entry`::
 
-    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+    @hymtl_main("eval")            # conf/eval.yaml; --help: conf/hydra/help/eval.yaml
     def main(cfg):
         return run_entry(evaluate, cfg)
 
 The policy, the same everywhere:
 
+* a config that cannot be composed or does not fit what it configures (an unknown key, group
+  option or value: ``logger=csv``, ``data.labels_csv=x``, ``+data.labels_csv=x``,
+  ``trainer.precision=garbage``) prints ``error: <one line naming it and the nearest valid
+  ones>`` and exits 2 before anything runs, leaving no run folder (:func:`hymtl_main`,
+  :func:`hymtl.config.check_targets`);
 * a user error (:class:`~hymtl.errors.HymtlError`, also when Hydra's ``instantiate`` wrapped it)
   prints ``error: <one line>`` on stderr and exits 2 (or the error's own ``exit_code``: export's
   failed parity check exits 3);
@@ -18,6 +23,10 @@ The policy, the same everywhere:
 * inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
   folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
 * anything else is a bug: its traceback is the report.
+
+A run that stops with a user error before it wrote anything but Hydra's record and its log
+leaves no folder (:func:`hymtl.distributed.release_run_dir`); one that did keeps it, with
+``error.json``.
 
 The console is quiet (:class:`QuietConsole`, the console handler's filter in
 ``conf/hydra/default.yaml``): what the user cannot act on goes only to the run folder's log
@@ -30,18 +39,24 @@ torch nor Lightning, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl import distributed, runtime
-from hymtl.errors import printable, user_error
+from hymtl.config import check_targets, nearest
+from hymtl.errors import first_line, printable, user_error
 from hymtl.fileio import atomic_write_json
+from hymtl.runtime import config_dir
+from hymtl.usage import RESOLVERS as HELP_RESOLVERS
 
 log = logging.getLogger("hymtl")
 
@@ -76,6 +91,8 @@ def register_resolvers() -> None:
         # conf/eval.yaml: <run of the checkpoint>/eval
         "hymtl_eval_dir": (_eval_dir, False),
     }
+    # conf/hydra/help/hymtl.yaml: --help (hymtl.usage)
+    resolvers.update({name: (function, False) for name, function in HELP_RESOLVERS.items()})
     for name, (function, cached) in resolvers.items():
         OmegaConf.register_new_resolver(name, function, use_cache=cached, replace=True)
 
@@ -170,12 +187,135 @@ def route_library_messages() -> None:
         package_logger.propagate = True
 
 
+# --------------------------------------------------------------------------- the Hydra main
+#: Hydra reports a failed composition itself (several lines, exit 1) unless this is set: then
+#: it raises, and :func:`hymtl_main` reports. Set around Hydra's main, not inside a task.
+_RAISE_ENV = "HYDRA_FULL_ERROR"
+_users_raise_setting: list[str | None] = []  # the user's own value, while hymtl_main runs
+
+
+def hymtl_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``@hydra.main`` for an entry point composing ``conf/<config_name>.yaml``, with one error
+    policy for what Hydra refuses before the task runs: an unknown group option
+    (``mode=bogus``), key (``data.labels_csv=x``) or a malformed override prints one
+    ``error:`` line naming it and the nearest valid ones and exits 2 (Hydra's own report is a
+    dozen lines and exit 1). A bug in the task keeps its traceback (exit 1; all of it, as with
+    ``HYDRA_FULL_ERROR=1``). Everything else is Hydra's: ``--help`` (``conf/hydra/help/``),
+    ``--cfg``, ``-m``, ``--info``, shell completion, ``hydra.verbose``."""
+    import hydra
+
+    def decorate(task_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        # the task itself goes to Hydra: its module and file name the job (train.log, .hydra/)
+        hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task_main)
+
+        @functools.wraps(task_main)
+        def main() -> Any:
+            with _hydra_raises():
+                try:
+                    return hydra_main()
+                except Exception as exc:  # noqa: BLE001 - sorted below: a config error or not
+                    message = None if getattr(exc, "_hymtl_task", False) else config_error_message(exc)
+                    if message is None:
+                        raise
+                    _release_unused_run_dirs()  # a sweep folder claimed before a job's config failed
+                    print(f"error: {printable(message)[:2000]}", file=sys.stderr, flush=True)
+                    sys.exit(USER_ERROR_EXIT)
+
+        return main
+
+    return decorate
+
+
+@contextmanager
+def _hydra_raises() -> Iterator[None]:
+    _users_raise_setting.append(os.environ.get(_RAISE_ENV))
+    os.environ[_RAISE_ENV] = "1"
+    try:
+        yield
+    finally:
+        _restore_env(_users_raise_setting.pop())
+
+
+def _restore_env(value: str | None) -> None:
+    if value is None:
+        os.environ.pop(_RAISE_ENV, None)
+    else:
+        os.environ[_RAISE_ENV] = value
+
+
+@contextmanager
+def _users_environment() -> Iterator[None]:
+    """The task runs with the user's ``HYDRA_FULL_ERROR``: the processes it starts (DDP ranks,
+    data workers) inherit the user's environment, not :func:`hymtl_main`'s switch."""
+    if not _users_raise_setting:
+        yield
+        return
+    _restore_env(_users_raise_setting[-1])
+    try:
+        yield
+    finally:
+        os.environ[_RAISE_ENV] = "1"
+
+
+def config_error_message(exc: BaseException) -> str | None:
+    """One line for a config that Hydra could not compose, naming the key or option and the
+    nearest valid ones; ``None`` for anything that is not a config error (a bug)."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 16:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    missing = next((e for e in chain if isinstance(e, MissingConfigException)), None)
+    if missing is not None and missing.options is not None and missing.missing_cfg_file:
+        group, _, option = str(missing.missing_cfg_file).rpartition("/")
+        options = [o for o in missing.options if not o.startswith("_")]
+        return f"{group}={option}: no such option in {group}; {nearest(option, options, 'options')}"
+    key_error = next((e for e in chain if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and e.full_key), None)
+    if key_error is not None and key_error.parent_node is not None:
+        return _unknown_key_message(str(key_error.full_key), key_error.parent_node)
+    if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return None
+    if isinstance(exc, OverrideParseException):  # Hydra's grammar: https://hydra.cc/docs/advanced/override_grammar/basic/
+        return f"cannot read the override {exc.override!r}: {first_line(exc)}"
+    lines = [first_line(e) for e in chain[:2]]
+    return lines[0] + (f" ({lines[1]})" if len(lines) > 1 and lines[1] not in lines[0] else "")
+
+
+def _unknown_key_message(key: str, parent: Any) -> str:
+    """``data.labels_csv is not a key; did you mean …`` (siblings first, then the same name
+    anywhere: ``precision`` -> ``trainer.precision``)."""
+    root = parent._get_root()
+    known = [k for k in _dotted_keys(root) if not k.startswith("hydra.") and k != "hydra"]
+    leaf = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] == leaf]
+    if same_name:
+        return f"unknown key {key}; did you mean {', '.join(same_name[:3])}?"
+    prefix = key.rpartition(".")[0]
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == prefix]
+    hint = nearest(leaf, siblings, "keys" if prefix else "top-level keys", f"{prefix}." if prefix else "")
+    return f"unknown key {key}; {hint}" + ("" if hint.startswith("did you") else f" (+{key}=… adds a new key)")
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a config as ``a.b.c`` (interpolations not followed)."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or node._is_interpolation():
+        return
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        yield name
+        yield from _dotted_keys(node._get_node(key), name + ".")
+
+
 def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
     """Run ``task(cfg)`` under the error policy of the module docstring; return its value
     (``nan`` for a failed job of a multirun)."""
     route_library_messages()
     try:
-        return task(cfg)
+        with _users_environment():
+            check_targets(cfg)  # keys and values that what they configure does not take: one line
+            return task(cfg)
     except Exception as exc:
         error = user_error(exc)
         if in_multirun():  # one job failed: report and record it, the sweep goes on
@@ -186,8 +326,10 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
             print(f"error: {failure}", file=sys.stderr, flush=True)
             sys.exit(RANK_FAILURE_EXIT)
         if error is None:
+            _mark_from_task(exc)  # a bug in the task: hymtl_main lets its traceback through
             raise
-        write_error_json(exc, error)  # the folder of a run that never trained is marked failed
+        if not release_unused_run_dir():
+            write_error_json(exc, error)  # the folder of a run that never trained is marked failed
         print(f"error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
@@ -197,6 +339,39 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
             print(exc.message, file=sys.stderr, flush=True)
             sys.exit(exc.exit_code)
         raise
+
+
+def _mark_from_task(exc: BaseException) -> None:
+    try:
+        exc._hymtl_task = True  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type without a __dict__: then it is not Hydra's either
+        pass
+
+
+def _release_unused_run_dirs() -> None:
+    from hymtl.runs import holds_no_work
+
+    for path in distributed.claimed_run_dirs():
+        try:
+            distributed.release_run_dir(path, holds_no_work)
+        except OSError:  # noqa: BLE001 - then it stays
+            log.debug("could not remove the unused folder %s", path, exc_info=True)
+
+
+def release_unused_run_dir() -> bool:
+    """Remove the run folder that Hydra claimed for this run if the run wrote nothing in it yet
+    (:func:`hymtl.runs.holds_no_work`): a run that fails before it starts leaves no folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from hymtl.runs import holds_no_work
+
+    try:
+        if not HydraConfig.initialized():
+            return False
+        return distributed.release_run_dir(HydraConfig.get().runtime.output_dir, holds_no_work)
+    except OSError:  # noqa: BLE001 - then the folder stays, marked failed by error.json
+        log.debug("could not remove the unused run folder", exc_info=True)
+        return False
 
 
 def record_failure(exc: BaseException, error: BaseException | None) -> None:

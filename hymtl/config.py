@@ -84,3 +84,127 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(entry) for entry in cfg.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+# --------------------------------------------------------------------------- keys and values of _target_ nodes
+def nearest(word: str, candidates: Any, what: str = "valid ones", prefix: str = "") -> str:
+    """``did you mean a, b?`` (difflib's close matches of ``word``), else every candidate when
+    they are few, else the three nearest: the tail of an error line about ``word``. ``prefix``
+    goes before each name shown (``data.`` for the keys of ``data``), not into the comparison."""
+    import difflib
+
+    candidates = sorted({str(c) for c in candidates})
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    if close:
+        return f"did you mean {', '.join(prefix + c for c in close)}?"
+    if not candidates:
+        return f"there are no {what}"
+    if len(candidates) > 8:
+        candidates, what = difflib.get_close_matches(word, candidates, n=3, cutoff=0), f"nearest {what}"
+    return f"{what}: {', '.join(prefix + c for c in candidates)}"
+
+
+def _plain_kinds(annotation: Any) -> tuple[Any, ...] | None:
+    """The members of ``annotation`` (``Optional``/``Union``/``Literal`` of ``None``, ``bool``,
+    ``int``, ``float``, ``str`` and literal values), or ``None`` when it holds anything else."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return tuple(("literal", v) for v in typing.get_args(annotation))
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        kinds: tuple[Any, ...] = ()
+        for member in typing.get_args(annotation):
+            inner = _plain_kinds(member)
+            if inner is None:
+                return None
+            kinds += inner
+        return kinds
+    return (annotation,) if annotation in (type(None), bool, int, float, str) else None
+
+
+def _fits(value: Any, kinds: tuple[Any, ...]) -> bool:
+    for kind in kinds:
+        if isinstance(kind, tuple):  # ("literal", v)
+            if value == kind[1] and type(value) is type(kind[1]):
+                return True
+        elif kind is type(None) and value is None or kind is bool and isinstance(value, bool):
+            return True
+        elif kind in (int, float) and not isinstance(value, bool):
+            try:  # a number, or text that reads as one (the number rules of check_numbers judge it)
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if kind is float or number == int(number):
+                return True
+        elif kind is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _target_nodes(node: DictConfig, path: str = "") -> Any:
+    """``(dotted path, node)`` of every node with a ``_target_`` (interpolated nodes are checked
+    where they are defined; ``hydra`` is Hydra's)."""
+    if "_target_" in node:
+        yield path, node
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_missing() \
+                and not (path == "" and key == "hydra") and child._is_none() is False:
+            yield from _target_nodes(child, f"{path}{key}.")
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Raise :class:`HymtlError` naming the key for a key of a ``_target_`` node that its target
+    does not take (``+data.labels_csv=x``: legal Hydra syntax, and then the data module's
+    ``TypeError`` after the file scan), or a value that its target's type annotation rules out
+    (``trainer.precision=garbage``: Lightning's ``Literal`` values; ``trainer.max_epochs=abc``),
+    with the nearest valid keys or values. Targets that cannot be imported or inspected are left
+    to ``instantiate``; a target that takes ``**kwargs`` takes any key."""
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+
+    for path, node in _target_nodes(cfg):
+        target_name = node._get_node("_target_")._value()
+        try:
+            target = get_object(str(target_name))
+            signature = inspect.signature(target)
+        except Exception:  # noqa: BLE001 - instantiate reports a target that cannot be had
+            continue
+        parameters = {name: p for name, p in signature.parameters.items()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        try:
+            hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: keys are still checked
+            hints = {}
+        for key in node.keys():
+            key = str(key)
+            if key.startswith("_") and key.endswith("_"):
+                continue  # _target_, _recursive_, _partial_…: Hydra's
+            if key not in parameters:
+                if not takes_any:
+                    raise HymtlError(f"{path}{key} is not a setting of {target_name}; "
+                                     f"{nearest(key, parameters, 'settings', prefix=path)}")
+                continue
+            kinds = _plain_kinds(hints[key]) if key in hints else None
+            if kinds is None:
+                continue
+            try:
+                value = node[key]
+            except Exception:  # noqa: BLE001 - an interpolation that fails is reported where it is used
+                continue
+            if value is not None and not _fits(value, kinds):  # null: the task may fill it in (eval's data.root)
+                raise HymtlError(_value_message(f"{path}{key}", value, kinds))
+
+
+def _value_message(key: str, value: Any, kinds: tuple[Any, ...]) -> str:
+    literals = [str(kind[1]) for kind in kinds if isinstance(kind, tuple)]
+    names = [{type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "text"}[kind]
+             for kind in kinds if not isinstance(kind, tuple)]
+    if literals:
+        return f"{key}={value} is not a valid value; {nearest(str(value), literals, 'valid values')}" + (
+            f" (or {', '.join(names)})" if names else "")
+    return f"{key} must be {' or '.join(names)}, got {value!r}"

@@ -39,6 +39,8 @@ DEFAULT_TIMEOUT_S = 1800.0
 _TORCHRUN_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # as Lightning's TorchElasticEnvironment
 _launch_time: float | None = None
 _store: Any = None  # rank 0's store server (fallback path) must outlive the handshake
+#: run folders this process created (:func:`_claim`) -> the empty parents it created for them
+_claimed: dict[str, tuple[str, ...]] = {}
 
 
 # --------------------------------------------------------------------------- launch context
@@ -183,15 +185,43 @@ def claim_run_dir(path: str, mode: Any = None, timeout_s: float = 300.0) -> str:
 
 
 def _claim(path: str) -> str:
+    parents, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        parents.append(parent)  # <log_dir>/<date>/ of the first run of the day: ours to remove with it
+        parent = os.path.dirname(parent)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     candidate, n = path, 1
     while True:
         try:
             os.mkdir(candidate)
+            _claimed[os.path.abspath(candidate)] = tuple(parents)
             return candidate
         except FileExistsError:  # taken (by another run, or anything else): next suffix
             n += 1
             candidate = f"{path}_{n}"
+
+
+def claimed_run_dirs() -> list[str]:
+    """The run (or sweep) folders that this process created and has not released."""
+    return list(_claimed)
+
+
+def release_run_dir(path: str | os.PathLike, unused: Callable[[str], bool]) -> bool:
+    """Remove the run folder ``path`` if this process claimed it (:func:`claim_run_dir`) and
+    ``unused(path)`` says that it holds no work, with the parents created for it that are empty
+    now; ``True`` if it was removed. A folder this process did not create is never touched."""
+    import shutil
+
+    path = os.path.abspath(path)
+    if path not in _claimed or not os.path.isdir(path) or not unused(path):
+        return False
+    shutil.rmtree(path)
+    for parent in _claimed.pop(path):
+        try:
+            os.rmdir(parent)  # only when empty: another run of the same day keeps it
+        except OSError:
+            break
+    return True
 
 
 def on_rank_zero(value: Any) -> Any:

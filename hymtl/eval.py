@@ -14,11 +14,9 @@ program is refused whatever its name: :func:`hymtl.loading.read_checkpoint`).
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from hymtl.cli import run_entry
-from hymtl.runtime import config_dir
+from hymtl.cli import hymtl_main, run_entry
 
 
 def _score(cfg: DictConfig) -> float | None:
@@ -28,7 +26,7 @@ def _score(cfg: DictConfig) -> float | None:
     return evaluate(cfg)["score_value"]
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@hymtl_main("eval")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the task's metric (so a sweep over checkpoints can compare them)."""
     return run_entry(_score, cfg)

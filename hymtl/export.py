@@ -42,13 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl.cli import run_entry
+from hymtl.cli import hymtl_main, run_entry
 from hymtl.errors import HymtlError, first_line, printable
 from hymtl.progress import Progress
-from hymtl.runtime import config_dir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -335,7 +333,7 @@ def export(cfg: DictConfig) -> dict:
     return json.loads(side.read_text())
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+@hymtl_main("export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: ``error: ...`` and exit 2 on bad input, exit 3 when parity breaks."""
     run_entry(export, cfg)

@@ -24,12 +24,10 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl.cli import run_entry
+from hymtl.cli import hymtl_main, run_entry
 from hymtl.errors import HymtlError, printable
-from hymtl.runtime import config_dir
 
 if TYPE_CHECKING:
     from hymtl.inference import PredictionResult
@@ -97,7 +95,7 @@ def _precision_note(predictor) -> str:
     return "" if precision is None else f" {'fp32' if precision == '32' else precision}"
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+@hymtl_main("predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; one ``error: ...`` line and exit code 2 on bad input."""
     run_entry(run, cfg)

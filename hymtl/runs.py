@@ -97,6 +97,15 @@ def eval_dir(ckpt_path: str | None, fallback: str) -> str:
     return str(Path(fallback) / EVAL_DIR)
 
 
+def holds_no_work(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds only what Hydra writes before a run starts (``.hydra/``, the
+    ``*.log`` files; a sweep folder's ``multirun.yaml``) and empty files (``skipped.txt`` of a
+    scan that skipped nothing): a run that failed there leaves nothing worth a folder."""
+    return all(entry.name == HYDRA_DIR or entry.is_file() and (
+        entry.name.endswith(".log") or entry.name == "multirun.yaml" or entry.stat().st_size == 0)
+        for entry in Path(run_dir).iterdir())
+
+
 # --------------------------------------------------------------------------- Hydra
 try:
     from hydra.experimental.callback import Callback as _HydraCallback

@@ -13,11 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl.cli import run_entry
-from hymtl.runtime import config_dir
+from hymtl.cli import hymtl_main, run_entry
 
 log = logging.getLogger("hymtl.train")
 
@@ -86,7 +84,7 @@ def _train_and_score(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hymtl_main("config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     return run_entry(_train_and_score, cfg)
