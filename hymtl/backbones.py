@@ -19,7 +19,7 @@ ResNets and EfficientNet-Lite can also be **run stage by stage** (:meth:`Backbon
 ``run_stages(x, 0, k)`` gives the activations after the first ``k`` stages and
 ``run_stages(a, k, len(stages))`` the pooled features from them, with the same result as the
 whole forward. That is what lets :mod:`hymtl.features` cache the output of a frozen prefix
-(:class:`hymtl.features.BackbonePrefix`) and train only the top stages on it. Other timm architectures have
+(:class:`BackbonePrefix`, :meth:`Backbone.prefix`) and train only the top stages on it. Other timm architectures have
 no split (their forward is not a chain of their coarse groups): their prefix is not cached.
 
 Unavailable weights raise :class:`~hymtl.errors.BackboneError` with one actionable line.
@@ -34,7 +34,7 @@ import difflib
 import importlib
 import os
 from dataclasses import asdict, dataclass, field
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -130,6 +130,45 @@ class Backbone:
         if self.stage_runner is None:
             raise BackboneError(f"backbone {self.name!r} cannot be run stage by stage")
         return self.stage_runner(self.model, x, start, stop)
+
+    def prefix(self, stages: int) -> nn.Module:
+        """Images -> the output of the first ``stages`` stages (:class:`BackbonePrefix`)."""
+        return _prefix_class()(self, stages)
+
+
+@cache
+def _prefix_class() -> type:
+    """:class:`BackbonePrefix`, made on first use (this module imports no torch at import time)."""
+    from torch import nn
+
+    class BackbonePrefix(nn.Module):
+        """Images -> the output of the first ``stages`` stages of a split backbone
+        (:meth:`Backbone.run_stages`). Only the prefix's modules are registered, so its state dict
+        (the feature cache's fingerprint), ``eval()`` and ``to()`` cover those stages alone: the
+        cache of a partially fine-tuned run does not change when its top stages train."""
+
+        def __init__(self, backbone: Backbone, stages: int):
+            super().__init__()
+            self.stages = int(stages)
+            self.parts = nn.ModuleList(m for stage in backbone.stages[: self.stages]
+                                       for m in stage.modules(backbone.model))
+            object.__setattr__(self, "_backbone", backbone)  # not a submodule: its top stages stay out
+            # its network as a plain attribute too: hymtl.simplify replaces a stage's modules in every
+            # place that holds them, the network the stages run in included
+            object.__setattr__(self, "_network", backbone.model)
+
+        def forward(self, images):
+            return self._backbone.run_stages(images, 0, self.stages)
+
+    BackbonePrefix.__module__ = __name__
+    BackbonePrefix.__qualname__ = "BackbonePrefix"
+    return BackbonePrefix
+
+
+def __getattr__(name: str):
+    if name == "BackbonePrefix":  # lazily: building the class imports torch
+        return _prefix_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

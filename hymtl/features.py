@@ -3,7 +3,7 @@
 A frozen backbone in eval mode is a fixed function of the image, so the head can train on
 its outputs instead of re-running it every epoch. The same holds for the frozen prefix of a
 partially fine-tuned backbone (the stages below the ones that train): the top stages can
-train on its activations (:class:`BackbonePrefix`). :class:`FeatureExtractor` computes, for
+train on its activations (:class:`hymtl.backbones.BackbonePrefix`). :class:`FeatureExtractor` computes, for
 each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) view and of
 ``K`` augmented views, and keeps them in a persistent cache:
 
@@ -71,6 +71,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from hymtl.backbones import BackbonePrefix  # noqa: F401 (re-exported: its home is the backbone's room)
 from hymtl.config import checked_number
 from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.data.images import BadImageDropper, build_transforms
@@ -145,25 +146,6 @@ def state_digest(module: nn.Module) -> str:
 def view_seed(seed: int, path: str, view: int) -> int:
     """The RNG seed of augmented view ``view`` of ``path``: independent of K and of the order."""
     return int.from_bytes(hashlib.sha256(f"{seed}|{path}|{view}".encode("utf-8", "surrogateescape")).digest()[:8], "little") & (2**63 - 1)
-
-
-class BackbonePrefix(nn.Module):
-    """Images -> the output of the first ``stages`` stages of a split backbone
-    (:meth:`hymtl.backbones.Backbone.run_stages`). Only the prefix's modules are registered, so
-    its state dict (the cache fingerprint), ``eval()`` and ``to()`` cover those stages alone:
-    the cache of a partially fine-tuned run does not change when its top stages train."""
-
-    def __init__(self, backbone, stages: int):
-        super().__init__()
-        self.stages = int(stages)
-        self.parts = nn.ModuleList(m for stage in backbone.stages[: self.stages] for m in stage.modules(backbone.model))
-        object.__setattr__(self, "_backbone", backbone)  # not a submodule: its top stages stay out
-        # its network as a plain attribute too: hymtl.simplify replaces a stage's modules in every
-        # place that holds them, the network the stages run in included
-        object.__setattr__(self, "_network", backbone.model)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._backbone.run_stages(images, 0, self.stages)
 
 
 class FeatureExtractor:

@@ -44,7 +44,7 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
-from hymtl.features import BackbonePrefix, FeatureBatch
+from hymtl.features import FeatureBatch
 from hymtl.tasks import make_task, tune_thresholds
 
 class NonFiniteLossError(HymtlError):
@@ -446,10 +446,10 @@ class TransferModule(ClassificationModule):
 
     def cached_prefix(self, stages: int) -> nn.Module:
         """The network whose output :meth:`cached_stages_at` serves: the backbone itself for all
-        stages, else its first ``stages`` stages (:class:`hymtl.features.BackbonePrefix`)."""
+        stages, else its first ``stages`` stages (:meth:`hymtl.backbones.Backbone.prefix`)."""
         if stages >= len(self.backbone_stages):
             return self.backbone
-        return BackbonePrefix(self._built_backbone, stages)
+        return self._built_backbone.prefix(stages)
 
     def setup(self, stage: str) -> None:
         # Before the strategy wraps the model: DDP lays its gradient buckets out like the parameters.

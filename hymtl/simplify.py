@@ -50,39 +50,57 @@ def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: 
     import copy
 
     import torch
-    from torch import nn
-    from torch.nn.utils import skip_init
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    try:
-        from timm.layers import Conv2dSame
-        from timm.layers.padding import pad_same_arg
-    except ImportError:  # no timm: no timm layers to rewrite
-        Conv2dSame, pad_same_arg = (), None
 
     if model.training:
         raise ValueError("a model is simplified for inference in eval mode only")
     candidate = copy.deepcopy(model)
-    outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # id(conv output) -> (conv, output kept alive)
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-    calls: dict[int, int] = {}
-    input_sizes: dict[int, set[tuple[int, int]]] = {}
+    seen = _observe(candidate, example)
+    places = _Places(candidate)
+    folded = _fold_batch_norms(seen, places)
+    static = _static_same_paddings(candidate, seen, places)
+    if not (folded or static):
+        return model, Simplified()
+    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
+    with torch.inference_mode():
+        expected, got = model(probe).float(), candidate(probe).float()
+    if expected.shape != got.shape or not bool(((expected - got).abs().max() <= atol * (1 + expected.abs().max())).item()):
+        return model, Simplified()
+    return candidate, Simplified(folded, static)
+
+
+@dataclass
+class _Observed:
+    """What one forward pass showed: each (conv, batch norm) pair where the norm receives exactly
+    the conv's output, how often each module ran, and the input sizes each conv saw."""
+
+    pairs: list
+    calls: dict
+    input_sizes: dict
+
+
+def _observe(model: torch.nn.Module, example: torch.Tensor) -> _Observed:
+    """Run ``model`` once over ``example`` with hooks that record what follows what."""
+    import torch
+    from torch import nn
+
+    outputs: dict = {}  # id(conv output) -> (conv, output kept alive)
+    seen = _Observed(pairs=[], calls={}, input_sizes={})
 
     def before_any(module, args):
-        calls[id(module)] = calls.get(id(module), 0) + 1
+        seen.calls[id(module)] = seen.calls.get(id(module), 0) + 1
 
     def before_conv(module, args):
-        input_sizes.setdefault(id(module), set()).add(tuple(args[0].shape[-2:]))
+        seen.input_sizes.setdefault(id(module), set()).add(tuple(args[0].shape[-2:]))
 
     def after_conv(module, args, output):
         outputs[id(output)] = (module, output)
 
     def before_norm(module, args):
         if args and id(args[0]) in outputs and outputs[id(args[0])][1] is args[0]:
-            pairs.append((outputs[id(args[0])][0], module))
+            seen.pairs.append((outputs[id(args[0])][0], module))
 
     handles = []
-    for module in candidate.modules():
+    for module in model.modules():
         handles.append(module.register_forward_pre_hook(before_any))
         if isinstance(module, nn.Conv2d):
             handles += [module.register_forward_pre_hook(before_conv), module.register_forward_hook(after_conv)]
@@ -90,37 +108,54 @@ def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: 
             handles.append(module.register_forward_pre_hook(before_norm))
     try:
         with torch.inference_mode():
-            candidate(example)
+            model(example)
     finally:
         for handle in handles:
             handle.remove()
-    outputs.clear()
-    # every place that holds a module: its parents, and wrappers that keep a reference to a model
-    # outside their submodules (hymtl.features.BackbonePrefix) must see the replacement too
-    parents_of: dict[int, list[tuple[nn.Module, str]]] = {}
-    seen, stack = set(), [candidate]
-    while stack:
-        parent = stack.pop()
-        if id(parent) in seen:
-            continue
-        seen.add(id(parent))
-        for name, child in [*parent.named_children(), *((k, v) for k, v in vars(parent).items()
-                                                         if isinstance(v, nn.Module) and not k.startswith("__"))]:
-            parents_of.setdefault(id(child), []).append((parent, name))
-            stack.append(child)
+    return seen
 
-    def replace(old: nn.Module, new: nn.Module) -> None:
-        places = parents_of.pop(id(old))
+
+class _Places:
+    """Every place that holds each module of a network: its parents, and wrappers that keep a
+    reference to a network outside their submodules (:class:`hymtl.backbones.BackbonePrefix`),
+    so that a replacement is seen everywhere."""
+
+    def __init__(self, root: torch.nn.Module):
+        from torch import nn
+
+        self.of: dict[int, list] = {}
+        done, stack = set(), [root]
+        while stack:
+            parent = stack.pop()
+            if id(parent) in done:
+                continue
+            done.add(id(parent))
+            for name, child in [*parent.named_children(), *((k, v) for k, v in vars(parent).items()
+                                                             if isinstance(v, nn.Module) and not k.startswith("__"))]:
+                self.of.setdefault(id(child), []).append((parent, name))
+                stack.append(child)
+
+    def __contains__(self, module) -> bool:
+        return id(module) in self.of
+
+    def replace(self, old: torch.nn.Module, new: torch.nn.Module) -> None:
+        places = self.of.pop(id(old))
         for parent, name in places:
             if name in parent._modules:
                 parent._modules[name] = new
             else:
                 object.__setattr__(parent, name, new)
-        parents_of[id(new)] = places
+        self.of[id(new)] = places
+
+
+def _fold_batch_norms(seen: _Observed, places: _Places) -> int:
+    """Fold each batch norm that follows a conv (each run once) into it; how many were folded."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = 0
-    for conv, norm in pairs:
-        if calls[id(conv)] != 1 or calls[id(norm)] != 1 or norm.running_mean is None or id(norm) not in parents_of:
+    for conv, norm in seen.pairs:
+        if seen.calls[id(conv)] != 1 or seen.calls[id(norm)] != 1 or norm.running_mean is None or norm not in places:
             continue
         if type(norm) is nn.BatchNorm2d:
             replacement = nn.Identity()
@@ -130,13 +165,27 @@ def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: 
             continue
         fused = fuse_conv_bn_eval(conv, norm)
         conv.weight, conv.bias = fused.weight, fused.bias
-        replace(norm, replacement)
+        places.replace(norm, replacement)
         folded += 1
+    return folded
 
+
+def _static_same_paddings(model: torch.nn.Module, seen: _Observed, places: _Places) -> int:
+    """Replace each timm ``Conv2dSame`` seen at one input size by a plain conv with that size's
+    padding (an asymmetric one: symmetric + a leading zero tap); how many were replaced."""
+    import torch
+    from torch import nn
+    from torch.nn.utils import skip_init
+
+    try:
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+    except ImportError:  # no timm: no timm layers to rewrite
+        return 0
     static = 0
-    for conv in [m for m in candidate.modules() if isinstance(m, Conv2dSame)] if Conv2dSame else []:
-        sizes = input_sizes.get(id(conv), set())
-        if len(sizes) != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or id(conv) not in parents_of:
+    for conv in [m for m in model.modules() if isinstance(m, Conv2dSame)]:
+        sizes = seen.input_sizes.get(id(conv), set())
+        if len(sizes) != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv not in places:
             continue
         left, right, top, bottom = pad_same_arg(list(next(iter(sizes))), list(conv.kernel_size), list(conv.stride))
         extra_h, extra_w = bottom - top, right - left
@@ -153,14 +202,6 @@ def simplify_for_inference(model: torch.nn.Module, example: torch.Tensor, atol: 
             plain.weight.copy_(weight)
             if conv.bias is not None:
                 plain.bias.copy_(conv.bias)
-        replace(conv, plain)
+        places.replace(conv, plain)
         static += 1
-
-    if not (folded or static):
-        return model, Simplified()
-    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
-    with torch.inference_mode():
-        expected, got = model(probe).float(), candidate(probe).float()
-    if expected.shape != got.shape or not bool(((expected - got).abs().max() <= atol * (1 + expected.abs().max())).item()):
-        return model, Simplified()
-    return candidate, Simplified(folded, static)
+    return static

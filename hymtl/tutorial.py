@@ -526,51 +526,13 @@ def train_fine_tuning(
         raise HymtlError(f"num_epochs must be at least 1, got {num_epochs}")
     if not learning_rate or learning_rate <= 0:
         raise HymtlError(f"learning_rate must be positive, got {learning_rate}")
-    num_classes = _num_classes(net)
-    head = find_head(net)[1] if param_group else None
-    if original:
-        optimizer = {"_target_": "torch.optim.SGD", "weight_decay": 1e-3}
-        scheduler = {"_target_": f"{constant_schedule.__module__}.constant_schedule"}
-    else:
-        optimizer = {"_target_": "torch.optim.SGD", "momentum": 0.9, "weight_decay": 1e-3}
-        scheduler = None  # the project's default: cosine over the run
-    module = ClassifierModule(
-        net,
-        num_classes=num_classes,
-        class_names=class_names,
-        lr=learning_rate,
-        head_parameters=list(head.parameters()) if head is not None else None,
-        head_lr_mult=10.0,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        frozen_batchnorm_eval=not original,
-        loss_reduction="sum" if original else "mean",
-    )
+    module = _classifier_module(net, learning_rate, param_group, original, class_names)
     live = _in_notebook()
     history = History()
     throughput = ExamplesPerSecond()
-    accelerator, devices = _accelerator(device)
-    overrides = [f"trainer.accelerator={accelerator}"]
-    if precision is None and original:
-        precision = "32-true"
-    if precision is not None:
-        overrides.append(f"trainer.precision={precision}")
-    # conf/trainer/default.yaml, as every run's (precision: bf16 where the hardware has it)
-    trainer_cfg = composed_config(*overrides).trainer
+    callbacks = [throughput, _EpochCurve(history, title, live), EpochLines(bar=on_terminal() or live, echo=True)]
     with _quiet():
-        trainer: pl.Trainer = instantiate(trainer_cfg, _partial_=True)(
-            max_epochs=int(num_epochs),
-            devices=devices,
-            # a notebook's call: no run folder, no checkpoints; two lines printed at the end.
-            # Progress: Lightning's bar on a terminal (a widget in a notebook), else a printed
-            # line per epoch (a long fine-tuning epoch is not silent in a log or a pipe)
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=True,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            callbacks=[throughput, _EpochCurve(history, title, live), EpochLines(bar=on_terminal() or live, echo=True)],
-        )
+        trainer = _tutorial_trainer(int(num_epochs), device, precision, original, callbacks)
         # Lightning keeps the modes it finds; a net left in eval mode (after a previous call or
         # show_predictions) must train in train mode (frozen BatchNorm: see ClassifierModule)
         module.train()
@@ -588,6 +550,56 @@ def train_fine_tuning(
         history.curve_path = save_figure(history.figure, curve_path)
     print(history.lines(), flush=True)
     return history
+
+
+def _classifier_module(net: nn.Module, learning_rate: float, param_group: bool, original: bool,
+                       class_names: Sequence[str] | None) -> ClassifierModule:
+    """``net`` under the project's steps: the head at 10x the rate (``param_group``), the
+    optimizer and schedule of the tutorial (``original``) or of the project."""
+    head = find_head(net)[1] if param_group else None
+    if original:
+        optimizer = {"_target_": "torch.optim.SGD", "weight_decay": 1e-3}
+        scheduler = {"_target_": f"{constant_schedule.__module__}.constant_schedule"}
+    else:
+        optimizer = {"_target_": "torch.optim.SGD", "momentum": 0.9, "weight_decay": 1e-3}
+        scheduler = None  # the project's default: cosine over the run
+    return ClassifierModule(
+        net,
+        num_classes=_num_classes(net),
+        class_names=class_names,
+        lr=learning_rate,
+        head_parameters=list(head.parameters()) if head is not None else None,
+        head_lr_mult=10.0,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        frozen_batchnorm_eval=not original,
+        loss_reduction="sum" if original else "mean",
+    )
+
+
+def _tutorial_trainer(num_epochs: int, device: Any, precision: str | None, original: bool,
+                      callbacks: list) -> pl.Trainer:
+    """The Trainer of ``conf/trainer/default.yaml``, as every run's (precision: bf16 where the
+    hardware has it; fp32 for the ``original`` recipe), for a notebook's call: no run folder, no
+    checkpoints. Progress: Lightning's bar on a terminal (a widget in a notebook), else a
+    printed line per epoch (a long fine-tuning epoch is not silent in a log or a pipe)."""
+    accelerator, devices = _accelerator(device)
+    overrides = [f"trainer.accelerator={accelerator}"]
+    if precision is None and original:
+        precision = "32-true"
+    if precision is not None:
+        overrides.append(f"trainer.precision={precision}")
+    trainer_cfg = composed_config(*overrides).trainer
+    return instantiate(trainer_cfg, _partial_=True)(
+        max_epochs=num_epochs,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
 
 
 # --------------------------------------------------------------------------- predictions

@@ -348,7 +348,7 @@ def test_the_top_stages_on_cached_prefix_activations_give_what_the_model_compute
     on them give the logits of the image forward (up to the bf16 rounding), and training the top
     stages does not change the cache's fingerprint."""
     from hymtl.data import build_transforms
-    from hymtl.features import BackbonePrefix
+    from hymtl.backbones import BackbonePrefix
     from hymtl.model import TransferModule
 
     model = TransferModule("efficientnet_lite0", pretrained=False, unfreeze_at_epoch=0, channels_last=False,
