@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyExperiment
 
 from hymtl.errors import first_line
 from hymtl.fileio import shown_path
@@ -30,10 +31,6 @@ from hymtl.loggers import Adapter, not_sent_line
 log = logging.getLogger("hymtl.loggers.mlflow")
 
 UNSENT_DIR = "mlflow_unsent"
-
-
-class ServerLost(RuntimeError):
-    """The tracking server did not answer; the run goes on without it."""
 
 
 def local_store(save_dir: str | os.PathLike) -> tuple[str, str]:
@@ -77,8 +74,10 @@ class MLflowLogger(MLFlowLogger):
         # MLflow's client retries a dead server with exponential backoff for minutes by default
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(request_retries)))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(request_timeout_s)))
-        # its own console handler would print the store's table migrations: warnings and up only
+        # its own console handler would print the store's table migrations: warnings and up only;
+        # and its "View run … at" lines after the run's end lines, which say it already
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.run_dir = Path(run_dir) if run_dir else None
         tags = dict(tags or {})
         if self.run_dir is not None:
@@ -102,14 +101,16 @@ class MLflowLogger(MLFlowLogger):
     # ------------------------------------------------------------------ the server, guarded
     @property
     def experiment(self):  # noqa: D401 - Lightning's property, probed first
-        if self._lost is not None:
-            raise ServerLost(f"the MLflow server {self._tracking_uri} {self._lost}")
-        if not self._probed:
+        """MLflow's client; a no-op stand-in once the server is given up (Lightning reads this
+        property in its setup with ``hasattr``: it must not raise). Calls of this class and of
+        :class:`MLflowAdapter` check :attr:`lost` first and record what was not sent."""
+        if self._lost is None and not self._probed:
             self._probed = True
             reason = answers(self._tracking_uri, self.probe_timeout_s)
             if reason is not None:
                 self._lose(f"did not answer at the start ({reason})")
-                raise ServerLost(f"the MLflow server {self._tracking_uri} {self._lost}")
+        if self._lost is not None:
+            return DummyExperiment()
             if self._experiment_id is None and self._run_id is None:
                 self._experiment_id = self._experiment_of(self._experiment_name)
         return MLFlowLogger.experiment.fget(self)
@@ -135,9 +136,8 @@ class MLflowLogger(MLFlowLogger):
         if self._lost is None:
             try:
                 call(*args, **kwargs)
-                return True
-            except ServerLost:
-                pass
+                if self._lost is None:  # (the call may be what found the server gone)
+                    return True
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests' errors: the server is gone
                 self._lose(f"stopped answering ({first_line(exc, 200)})")
         if item not in self._unsent:
@@ -213,8 +213,6 @@ class MLflowLogger(MLFlowLogger):
     def _quiet(self, get):
         try:
             return get()
-        except ServerLost:
-            return None
         except Exception as exc:  # noqa: BLE001
             self._lose(f"stopped answering ({first_line(exc, 200)})")
             return None
@@ -228,8 +226,7 @@ class MLflowAdapter(Adapter):
     kind = "mlflow"
 
     def _client_run(self, logger: MLflowLogger):
-        client = logger.experiment  # ServerLost when given up: the item is recorded by the caller
-        return client, logger.run_id
+        return logger.experiment, logger.run_id
 
     def hparams(self, logger: Any, columns: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         logger.log_hyperparams(dict(columns))
