@@ -295,7 +295,7 @@ def _wandb_records(path: Path):
 def test_wandb_without_a_login_runs_offline_in_the_run_folder(tmp_path):
     _needs("wandb")
     result, run = _run(tmp_path, "logger=wandb")
-    said = [l for l in result.stdout.splitlines() + result.stderr.splitlines() if "wandb: offline" in l]
+    said = [l for l in result.stdout.splitlines() + result.stderr.splitlines() if "wandb: offline (" in l]
     assert len(said) == 1 and "not logged in" in said[0], said
     place = json.loads((run / "metrics.json").read_text())["loggers"]["wandb"]
     folder = Path(place["dir"])

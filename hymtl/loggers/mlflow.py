@@ -125,8 +125,8 @@ class MLflowLogger(MLFlowLogger):
     def _lose(self, why: str) -> None:
         if self._lost is None:
             self._lost = why
-            log.warning("mlflow: the tracking server %s %s: the run goes on without it; what it would get stays "
-                        "in the run folder (%s)", self._tracking_uri, why, shown_path(self._spool_dir()))
+            log.warning("mlflow: the tracking server %s %s; the run goes on without it, and what it would get "
+                        "stays in the run folder (%s)", self._tracking_uri, why, shown_path(self._spool_dir()))
 
     def _spool_dir(self) -> Path:
         return (self.run_dir or Path(".")) / UNSENT_DIR
@@ -218,7 +218,8 @@ class MLflowLogger(MLFlowLogger):
             return None
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        self._send("checkpoints", MLFlowLogger.after_save_checkpoint, self, checkpoint_callback)
+        if self._log_model:  # log_model: false (the preset's): the checkpoints stay in the run folder
+            self._send("checkpoints", MLFlowLogger.after_save_checkpoint, self, checkpoint_callback)
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -276,7 +277,7 @@ class MLflowAdapter(Adapter):
             kept = ", ".join(p for p in (shown_path(where["kept_in"]) if where.get("kept_in") else "",
                                          shown_path(Path(run_dir) / "figures"),
                                          shown_path(Path(run_dir) / "metrics.json")) if p)
-            lines += [f"mlflow: not sent to {uri} (it {where.get('lost') or 'failed'}): "
+            lines += [f"mlflow: not sent to {uri}, which {where.get('lost') or 'failed'}: "
                       f"{', '.join(where['not_sent'])}; kept in {kept}"]
         return lines
 
