@@ -21,12 +21,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from torchmetrics import Metric
 
+from hymtl import loggers as run_loggers
 from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
 from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, most_wrong_grid, png_bytes,
                            prediction_grid, render)
 from hymtl.fileio import atomic_write_bytes, atomic_write_json
-from hymtl import loggers as run_loggers
 from hymtl.progress import on_terminal
 from hymtl.runtime import device_name
 

@@ -127,7 +127,8 @@ def test_mlflow_server_gets_params_metrics_figures_and_test_metrics_and_csv_ever
     client = MlflowClient(mlflow_server.url)
     mlrun = client.get_run(place["run_id"])
     assert mlrun.info.status == "FINISHED" and mlrun.info.experiment_id == place["experiment_id"]
-    assert client.get_experiment(place["experiment_id"]).name == "hymtl"
+    experiment = client.get_experiment(place["experiment_id"])
+    assert experiment.name == "hymtl" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # the HParams dashboard's columns (curated + command line), and the full config beside them
     params = mlrun.data.params
     assert params["mode"] == "frozen" and params["model.backbone"] == "efficientnet_lite0"

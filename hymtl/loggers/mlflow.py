@@ -26,7 +26,7 @@ from lightning.pytorch.loggers.logger import DummyExperiment
 
 from hymtl.errors import first_line
 from hymtl.fileio import shown_path
-from hymtl.loggers import Adapter, not_sent_line
+from hymtl.loggers import Adapter
 
 log = logging.getLogger("hymtl.loggers.mlflow")
 
@@ -109,18 +109,24 @@ class MLflowLogger(MLFlowLogger):
             reason = answers(self._tracking_uri, self.probe_timeout_s)
             if reason is not None:
                 self._lose(f"did not answer at the start ({reason})")
-        if self._lost is not None:
-            return DummyExperiment()
-            if self._experiment_id is None and self._run_id is None:
-                self._experiment_id = self._experiment_of(self._experiment_name)
-        return MLFlowLogger.experiment.fget(self)
+        if self._lost is None:
+            try:
+                if not self._initialized and self._experiment_id is None and self._run_id is None:
+                    self._experiment_id = self._experiment_of(self._experiment_name)
+                return MLFlowLogger.experiment.fget(self)
+            except Exception as exc:  # noqa: BLE001 - MlflowException, requests' errors: the server is gone
+                self._lose(f"stopped answering ({first_line(exc, 200)})")
+        return DummyExperiment()
 
     def _experiment_of(self, name: str) -> str:
         """The id of experiment ``name``, created if needed (quietly: Lightning warns that it creates it)."""
         found = self._mlflow_client.get_experiment_by_name(name)
         if found is not None and found.lifecycle_stage != "deleted":
             return found.experiment_id
-        return self._mlflow_client.create_experiment(name=name, artifact_location=self._artifact_location)
+        # MLflow 3's UI opens an experiment of unknown kind as a GenAI one (traces, prompts): this
+        # one holds training runs
+        return self._mlflow_client.create_experiment(name=name, artifact_location=self._artifact_location,
+                                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
     def _lose(self, why: str) -> None:
         if self._lost is None:
@@ -195,12 +201,13 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     def run_id(self) -> str | None:
-        return self._run_id if self._lost is not None else self._quiet(lambda: MLFlowLogger.run_id.fget(self))
+        _ = self.experiment  # creates the run while the server answers; never raises
+        return self._run_id
 
     @property
     def experiment_id(self) -> str | None:
-        return self._experiment_id if self._lost is not None else self._quiet(
-            lambda: MLFlowLogger.experiment_id.fget(self))
+        _ = self.experiment
+        return self._experiment_id
 
     @property
     def name(self) -> str | None:
@@ -209,13 +216,6 @@ class MLflowLogger(MLFlowLogger):
     @property
     def version(self) -> str | None:
         return self.run_id
-
-    def _quiet(self, get):
-        try:
-            return get()
-        except Exception as exc:  # noqa: BLE001
-            self._lose(f"stopped answering ({first_line(exc, 200)})")
-            return None
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         if self._log_model:  # log_model: false (the preset's): the checkpoints stay in the run folder
