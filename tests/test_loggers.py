@@ -250,6 +250,16 @@ def test_mlflow_server_dying_mid_run_is_one_warning_and_the_rest_is_kept(tmp_pat
         server.stop()
 
 
+def test_presets_combine_as_a_list_and_each_holds_one_named_entry(compose, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose("logger=[tensorboard,mlflow,csv,wandb]")
+    assert list(cfg.logger) == ["tensorboard", "mlflow", "csv", "wandb"]
+    assert cfg.logger.mlflow.tracking_uri is None and cfg.logger.mlflow.save_dir == "outputs/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert compose("logger=mlflow").logger.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    assert list(compose().logger) == ["tensorboard"] and compose("logger=null").get("logger") is None
+
+
 def test_a_missing_package_is_one_line_naming_the_pip_install(monkeypatch):
     from hymtl.errors import HymtlError
     from hymtl.loggers import check_packages
