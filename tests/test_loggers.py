@@ -257,7 +257,7 @@ def test_presets_combine_as_a_list_and_each_holds_one_named_entry(compose, monke
     assert cfg.logger.mlflow.tracking_uri is None and cfg.logger.mlflow.save_dir == "outputs/mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert compose("logger=mlflow").logger.mlflow.tracking_uri == "http://127.0.0.1:5000"
-    assert list(compose().logger) == ["tensorboard"] and compose("logger=null").get("logger") is None
+    assert list(compose().logger) == ["tensorboard"] and compose("~logger").get("logger") is None
 
 
 def test_a_missing_package_is_one_line_naming_the_pip_install(monkeypatch):

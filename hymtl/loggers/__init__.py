@@ -142,13 +142,21 @@ _NOT_SENT: "weakref.WeakKeyDictionary[Any, list[tuple[str, str]]]" = weakref.Wea
 def not_sent(logger: Any) -> list[tuple[str, str]]:
     """``(item, reason)`` of what was not sent to ``logger`` (its own record included)."""
     own = getattr(logger, "not_sent", None)
-    return list(_NOT_SENT.get(logger, [])) + (list(own()) if callable(own) else [])
+    return list(_NOT_SENT.get(logger, [])) + (list(own() or []) if callable(own) else [])
+
+
+def _real(loggers: Iterable[Any]) -> list[Any]:
+    """The loggers that write somewhere: not Lightning's ``DummyLogger`` (``fast_dev_run``'s
+    stand-in, which answers every call with ``None``)."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    return [logger for logger in loggers if not isinstance(logger, DummyLogger)]
 
 
 def _each(loggers: Iterable[Any], item: str, send) -> None:
     """``send(adapter, logger)`` for every logger; a failure is one warning, recorded, and the
     run goes on (the run folder holds everything anyway)."""
-    for logger in loggers:
+    for logger in _real(loggers):
         adapter = adapter_for(logger)
         try:
             send(adapter, logger)
@@ -194,7 +202,7 @@ def where(loggers: Iterable[Any]) -> dict[str, Any]:
     """Where each logger put the run, by kind (``metrics.json["loggers"]``); what it did not
     get under ``"not_sent"``."""
     places: dict[str, Any] = {}
-    for logger in loggers:
+    for logger in _real(loggers):
         adapter = adapter_for(logger)
         try:
             place = dict(adapter.where(logger))
