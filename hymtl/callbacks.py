@@ -12,16 +12,16 @@ import json
 import logging
 import math
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from torchmetrics import Metric
 
+from hymtl import loggers as run_loggers
 from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
 from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, label_counts_figure,
@@ -310,7 +310,8 @@ def scores_of(matrix: torch.Tensor) -> dict[str, Any]:
 
 
 class TestFigures(_TestOutputsTap):
-    """Figures of the test set, written to every TensorBoard logger (and as PNGs to ``save_dir``):
+    """Figures of the test set, as PNGs in ``save_dir`` and sent to every logger that keeps images
+    (``hymtl.loggers.publish_figures``: TensorBoard images, MLflow artifacts, W&B media):
 
     * ``test/confusion_matrix`` — counts per (true, predicted) class (:class:`ConfusionCounts`,
       synced over devices); bounded for any class count: beyond
@@ -464,14 +465,10 @@ class TestFigures(_TestOutputsTap):
         figures = (self._multilabel_figures(pl_module, computed, names, norm) if self.multilabel
                    else self._multiclass_figures(computed, names, norm))
         pixels = {tag: render(fig) for tag, fig in figures.items()}  # each drawn once, for every output
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for tag, image in pixels.items():
-                    logger.experiment.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
-                logger.experiment.flush()
-        if self.save_dir:
+        if self.save_dir:  # first: the run folder keeps them whatever a tracker does
             for tag, image in pixels.items():
                 atomic_write_bytes(Path(self.save_dir) / f"{tag.split('/')[-1]}.png", png_bytes(image))
+        run_loggers.publish_figures(trainer.loggers, pixels, trainer.global_step)
         self._grid, self._wrong, self._grid_rows = None, None, None
         self._sample = self._mistakes = None
 
@@ -592,7 +589,9 @@ def command_line_hparams() -> dict[str, Any]:
 
 
 class HParamsLogger(Callback):
-    """``hp_metric`` plus the run's hyperparameters for TensorBoard's HParams dashboard.
+    """``hp_metric`` plus the run's hyperparameters, for every logger
+    (``hymtl.loggers.publish_hparams``): TensorBoard's HParams dashboard, MLflow's parameters,
+    W&B's config and summary, CSV's ``hparams.yaml``: the same columns everywhere.
 
     Logged once per run: after ``trainer.test`` when ``metric`` is a ``test/`` metric, else at the
     end of fit (e.g. ``val/acc_best``). ``hparams`` maps dashboard column names to scalar values
@@ -624,10 +623,8 @@ class HParamsLogger(Callback):
             return
         value = float(value)
         params = {str(k): ("null" if v is None else v) for k, v in self.hparams.items()}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and not math.isnan(value):
-                logger.log_hyperparams(params, metrics={"hp_metric": value})
-                logger.experiment.flush()
+        if trainer.is_global_zero and not math.isnan(value):
+            run_loggers.publish_hparams(trainer.loggers, params, {"hp_metric": value}, trainer.global_step)
 
 
 # --------------------------------------------------------------------------- the run's summary
@@ -747,7 +744,11 @@ class RunSummary(Callback):
         self.metrics = metrics
         if not trainer.is_global_zero:
             return
+        # every logger gets the final numbers, then metrics.json says where each one put the run
+        run_loggers.publish_summary(trainer.loggers, metrics, str(self.run_dir), trainer.global_step)
+        metrics["loggers"] = run_loggers.where(trainer.loggers)
         atomic_write_json(self.path, metrics)
+        run_loggers.finish(trainer.loggers)
         if test:  # the console has Lightning's table of them
             log.info("test on the %s split: %s", metrics.get("test_split") or "test",
                      ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(test.items())), extra=FILE_ONLY)
@@ -764,13 +765,16 @@ class RunSummary(Callback):
 
 def end_lines(metrics: Mapping[str, Any], run_dir: str | os.PathLike) -> list[str]:
     """The end of a run's output: the tutorial's two lines (when it was tested), then where its
-    results are::
+    results are: the run folder, the best checkpoint, and a line or two per logger
+    (``metrics["loggers"]``, :func:`hymtl.loggers.end_lines`; a ``metrics.json`` older than it
+    names TensorBoard's)::
 
         loss 0.333, train acc 0.865, test acc 0.922
         35.0 examples/sec on cpu
         run folder: outputs/2026-01-01/12-00-00
         best checkpoint: outputs/2026-01-01/12-00-00/checkpoints/best-epoch03-acc0.9216.ckpt
         dashboard: tensorboard --logdir outputs/2026-01-01/12-00-00
+        mlflow: experiment hymtl (id 1), run 0f3c…: mlflow ui --backend-store-uri sqlite:///outputs/mlruns/mlflow.db
     """
     lines = []
     task = make_task(metrics.get("task"))
@@ -789,9 +793,9 @@ def end_lines(metrics: Mapping[str, Any], run_dir: str | os.PathLike) -> list[st
                      "model.class_weights=auto may raise the macro numbers")
     best = metrics.get("best_checkpoint")
     lines += [f"run folder: {shown_path(run_dir)}",
-              f"best checkpoint: {shown_path(best) if best else 'none saved'}",
-              f"dashboard: tensorboard --logdir {shlex.quote(shown_path(run_dir))}"]
-    return lines
+              f"best checkpoint: {shown_path(best) if best else 'none saved'}"]
+    places = metrics.get("loggers", {"tensorboard": {}})
+    return lines + run_loggers.end_lines(places, str(run_dir))
 
 
 def _spawned(trainer: Trainer) -> bool:
@@ -800,3 +804,38 @@ def _spawned(trainer: Trainer) -> bool:
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+# --------------------------------------------------------------------------- early stopping
+class EarlyStopping(LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` that knows the regime: in a two-phase run
+    (``unfreeze_at_epoch`` k > 0) it never stops while the backbone is frozen, and its patience
+    counts afresh from the unfreeze epoch, so the earliest stop is after epoch ``k + patience - 1``
+    (``k + patience`` epochs run). The counter lives in Lightning's state (``wait_count``, saved
+    with every checkpoint): a resumed run keeps it.
+
+    ``conf/callbacks/early_stopping.yaml`` gives it the checkpoint's ``monitor`` and ``mode``
+    and the module's ``unfreeze_at_epoch``: one source for each.
+    """
+
+    def __init__(self, *args: Any, unfreeze_at_epoch: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unfreeze_at_epoch = int(unfreeze_at_epoch or 0)
+
+    def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        self._epoch = trainer.current_epoch
+        stopping = trainer.should_stop
+        super()._run_early_stopping_check(trainer)
+        if trainer.should_stop and not stopping and trainer.is_global_zero and self.stopping_reason_message:
+            log.info("early stopping after epoch %d: %s", trainer.current_epoch, self.stopping_reason_message)
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        waited, stopping_reason = self.wait_count, self.stopping_reason
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        # epochs of the trained backbone seen so far: a non-improving epoch before it does not count
+        trained = getattr(self, "_epoch", 0) - self.unfreeze_at_epoch + 1
+        if self.wait_count > waited and self.wait_count > max(trained, 0):  # the patience branch ran
+            self.wait_count = max(trained, 0)
+            if self.wait_count < self.patience:
+                should_stop, reason, self.stopping_reason = False, None, stopping_reason
+        return should_stop, reason

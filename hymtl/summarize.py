@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +63,8 @@ class Run:
     values: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: where each logger put the run (``metrics.json["loggers"]``; empty for older runs)
+    loggers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -133,6 +134,8 @@ def collect_runs(root: str | Path) -> list[Run]:
                 run.error = "unreadable metrics.json"
             else:
                 run.metrics = metrics if isinstance(metrics, dict) else {}
+                places = metrics.get("loggers") if isinstance(metrics, dict) else None
+                run.loggers = places if isinstance(places, dict) else {}
         runs.append(run)
     if not runs:
         raise SummaryError(f"no runs below {root} (looked for */.hydra/overrides.yaml)")
@@ -270,17 +273,23 @@ class SweepSummary(Callback):
             log.warning("no sweep summary: %s", first_line(exc))
             return
         print(markdown, flush=True)
-        print("\n".join(sweep_end_lines(sweep_dir)), flush=True)
+        print("\n".join(sweep_end_lines(sweep_dir, collect_runs(sweep_dir))), flush=True)
 
 
-def sweep_end_lines(sweep_dir: str | Path) -> list[str]:
-    """The end of a multirun's output, after its table: where the summary is, and the command
-    that opens every run of the sweep side by side in TensorBoard."""
+def sweep_end_lines(sweep_dir: str | Path, runs: Sequence[Run] | None = None) -> list[str]:
+    """The end of a multirun's output, after its table: where the summary is, then per logger
+    kind the runs' records (``metrics.json["loggers"]``, :func:`hymtl.loggers.sweep_lines`): the
+    command that opens every run side by side in TensorBoard, the MLflow experiment, the W&B
+    offline folders to sync. Runs without a record (older ones, failed ones) count as TensorBoard's
+    when no run has one."""
     from hymtl.fileio import shown_path
+    from hymtl.loggers import sweep_lines
 
     sweep_dir = Path(sweep_dir)
+    places = [r.loggers for r in runs or [] if r.loggers]
+    lines = sweep_lines(places or [{"tensorboard": {}}], str(sweep_dir))
     return [f"sweep summary: {shown_path(sweep_dir / 'summary.md')} (table above; also {(sweep_dir / 'summary.csv').name})",
-            f"dashboard: tensorboard --logdir {shlex.quote(shown_path(sweep_dir))}"]
+            *lines]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

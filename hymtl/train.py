@@ -2,7 +2,9 @@
 
 Writes one Hydra run folder (``outputs/<date>/<time>/``, or ``outputs/multirun/…/<n>/``):
 ``.hydra/`` (the composed config), ``checkpoints/`` (best by val accuracy + last),
-``tensorboard/``, ``metrics.json``; prints the test metrics and the tutorial's two lines.
+the loggers' folders (``tensorboard/`` by default; ``logger=[tensorboard,mlflow,csv]``: see
+``hymtl.loggers``), ``metrics.json``; prints the test metrics, the tutorial's two lines and
+where each logger put the run.
 Everything here is instantiated from ``conf/``; the callbacks publish the results
 (``hymtl.callbacks.RunSummary`` writes ``metrics.json`` and prints the tutorial lines).
 """
@@ -27,6 +29,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from hymtl.callbacks import RunSummary
     from hymtl.config import check_numbers, instantiate_group
+    from hymtl.loggers import instantiate_loggers
     from hymtl.resume import RunSignals, check_resumable_classes, check_resume, resolve_resume
     from hymtl.runs import CHECKPOINTS_DIR
     from hymtl.runtime import configure_backends
@@ -40,6 +43,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # one run, one folder: the best checkpoint so far, the curves and metrics.json stay together
         log.info("resuming %s: writing to its run folder %s", resume.checkpoint, resume.run_dir)
         cfg.paths.output_dir = str(resume.run_dir)
+    # a preset whose package is missing stops here, before the scan; a tracking server is asked
+    # when the first thing is sent (hymtl.loggers.mlflow)
+    loggers = instantiate_loggers(cfg.get("logger"))
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
 
@@ -59,7 +65,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             check_resumable_classes(resume.checkpoint, resumed_hparams, model.class_names)
         log.info("classes %s; backbone %s (%s)", model.class_names, model.hparams.backbone, model.weights_source)
 
-        loggers = instantiate_group(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
                                           logger=loggers, **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
         for logger in loggers:
