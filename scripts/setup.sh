@@ -9,14 +9,15 @@
 #                1 GB instead of about 6 GB with CUDA) when that index has it; otherwise, or if that
 #                install fails, pip's own index (the CUDA build on Linux). Empty (TORCH_INDEX=):
 #                pip's own index, no automatic choice.
-#   EXTRAS       pip extras of hymtl (default: offline,export,mlflow,wandb,test: the trackers too,
-#                so the logger tests run against a real MLflow server and W&B's offline mode)
+#   EXTRAS       pip extras of hymtl (default: offline,export,mlflow,wandb,serve,test: the trackers too,
+#                so the logger tests run against a real MLflow server and W&B's offline mode; LitServe
+#                for hymtl.serve)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEFAULT_TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 CPU_INDEX=https://download.pytorch.org/whl/cpu
-EXTRAS=${EXTRAS:-offline,export,mlflow,wandb,test}
+EXTRAS=${EXTRAS:-offline,export,mlflow,wandb,serve,test}
 
 # A GPU this machine could use with a CUDA (or ROCm) build of torch.
 has_gpu() {
