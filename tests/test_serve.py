@@ -407,24 +407,41 @@ def _wait_for(devtools: DevTools, expression: str, timeout: float = 120):
     raise AssertionError(f"not true within {timeout} s: {expression}")
 
 
-def test_page_in_headless_chromium_shows_the_label(server, images, expected, tmp_path):
+@pytest.fixture(scope="module")
+def real_server(real_checkpoint, tmp_path_factory):
+    """A server of the ants/bees model (``conftest.real_checkpoint``: frozen ImageNet lite0, a few steps)."""
+    running = Server(real_checkpoint, tmp_path_factory.mktemp("real_serve_log") / "server.log", "topk=2")
+    yield running
+    running.close()
+
+
+@pytest.mark.realdata
+def test_page_in_headless_chromium_shows_the_right_label(real_server, real_checkpoint, real_data, images, tmp_path):
     chromium = _chromium()
+    from hymtl.inference import load_predictor, predict
+
+    # a real bee photo that the model (and so hymtl.predict) gets right
+    bees = sorted((real_data / "val" / "bees").glob("*.jpg"))[:12]
+    result = predict(load_predictor(real_checkpoint, precision="auto"), [str(p) for p in bees], topk=2,
+                     batch_size=1, num_workers=0)
+    right = [p for p in result.predictions if p.top[0][0] == "bees"]
+    assert right, [p.top for p in result.predictions]
+    photo, top = Path(right[0].path), [label for label, _ in right[0].top]
     process, websocket_url = _open_chromium(chromium, tmp_path / "profile")
     devtools = DevTools(websocket_url)
     try:
         devtools.call("Page.enable")
-        devtools.call("Page.navigate", url=server.url + "/")
+        devtools.call("Page.navigate", url=real_server.url + "/")
         _wait_for(devtools, "document.readyState === 'complete' && document.getElementById('file') !== null")
         _wait_for(devtools, "document.getElementById('model').textContent.includes('sha256')")
         document = devtools.call("DOM.getDocument")
         node = devtools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
-        devtools.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(images["bees"])])
+        devtools.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(photo)])
         labels = _wait_for(devtools, "Array.from(document.querySelectorAll('#result .row'))"
                                      ".map(r => r.dataset.label + ' ' + r.querySelector('.pct').textContent)")
         status = devtools.evaluate("document.getElementById('status').textContent")
-        top = list(expected["bees"])
-        assert [label.split()[0] for label in labels] == top, labels
-        assert status == f"bees.jpg: {top[0]}"
+        assert [label.split()[0] for label in labels] == top == ["bees", "ants"], labels
+        assert status == f"{photo.name}: bees"
         shot = tmp_path / "serve_page.png"
         shot.write_bytes(base64.b64decode(devtools.call("Page.captureScreenshot", format="png")["data"]))
         image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
