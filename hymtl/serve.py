@@ -15,8 +15,8 @@ transforms.
 * ``GET /``: a page to try the model; ``GET /info``: class names, preprocessing, the model
   file's SHA-256, backend, precision; ``GET /health``; ``GET /docs``: the OpenAPI docs.
 
-SIGTERM (or Ctrl-C) stops it: no new connections, the requests in flight are answered, then a
-line says so and the process exits 0. A bad setting or model file is one ``error: ...`` line and
+SIGTERM stops it: no new connections, the requests in flight are answered, then a line says so
+and the process exits 0 (Ctrl-C too). A bad setting or model file is one ``error: ...`` line and
 exit code 2 before anything listens.
 """
 

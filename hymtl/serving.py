@@ -242,9 +242,10 @@ class ClassifierAPI(ls.LitAPI):
 
         from hymtl.inference import load_predictor
 
-        # a SIGTERM to the whole process group (a terminal, systemd) must not end a batch in flight:
-        # the server stops this worker once its HTTP servers have answered (GracefulLitServer)
+        # a SIGTERM or Ctrl-C to the whole process group (systemd, a terminal) must not end a batch
+        # in flight: the server stops this worker once its HTTP servers have answered (GracefulLitServer)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:  # several workers share the cores
             torch.set_num_threads(self.threads)
         if file_sha256(self.ckpt_path) != self.sha256:
