@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from hymtl.cli import run_entry
-from hymtl.runtime import config_dir
+from hymtl.cli import hymtl_main, run_entry
 
 
 def run(cfg: DictConfig) -> bool:
@@ -54,7 +52,7 @@ def run(cfg: DictConfig) -> bool:
     return by_sigterm
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")
+@hymtl_main("serve")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; one ``error: ...`` line and exit code 2 on bad input."""
     run_entry(run, cfg)

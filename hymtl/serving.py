@@ -7,19 +7,19 @@ One request is one image. Where each step runs:
   refused with 413 before a byte of the body is read; a chunked body when it passes the limit),
   takes the image out of a multipart form (field ``image``), a raw ``image/*`` body or JSON
   ``{"image": "<base64>"}``, and prepares it in a worker thread (off the event loop):
-  :class:`UploadDecoder` applies training's file check (:func:`hymtl.data.images.check_image_bytes`:
-  empty, not an image, decompression bomb), decodes to RGB with EXIF orientation
-  (:func:`hymtl.data.images.load_rgb`, reduced-scale JPEG decoding as in prediction) and applies
+  :class:`UploadDecoder` holds it as a sample's bytes (as a Parquet source's), applies training's
+  file check (:func:`hymtl.data.images.check_sample`: empty, not an image, decompression bomb),
+  decodes to RGB with EXIF orientation (:func:`hymtl.data.images.load_rgb`, reduced-scale JPEG
+  decoding as in prediction) and applies
   the evaluation transforms of the model's preprocessing (:func:`hymtl.data.images.build_transforms`)
   — what ``hymtl.predict`` does to a file. A bad upload is answered there, 4xx with a one-line
   JSON reason (``{"detail": "..."}``), and never reaches a batch;
 * **the inference worker** (LitServe, its own process): :class:`ClassifierAPI` loads the model
   with :func:`hymtl.inference.load_predictor` (same formats, trust rule, simplification and
   precision as ``hymtl.predict``), stacks the prepared images of concurrent requests into one
-  batch (LitServe's ``max_batch_size`` / ``batch_timeout``) and runs ``predictor.logits``;
-  :func:`decode_prediction` turns one image's probabilities into the answer (the one place that
-  knows what a label is in a response: a multi-label task adds its labels over the threshold
-  there).
+  batch (LitServe's ``max_batch_size`` / ``batch_timeout``) and runs ``predictor.logits`` and
+  the task's ``probabilities``; :func:`decode_prediction` turns one image's probabilities into
+  the answer through the task's decoding (top-k, or a multi-label model's labels over threshold).
 
 Also: ``GET /`` a page to try the model (:data:`PAGE`), ``GET /info`` LitServe's info with
 :func:`model_info` (class names, preprocessing, the model file's SHA-256, backend, precision),
@@ -33,7 +33,6 @@ object to build the route (the ``Depends`` in :data:`Upload`).
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import os
@@ -62,27 +61,28 @@ class LabelScore(BaseModel):
 
 
 class PredictionResponse(BaseModel):
-    """``POST /predict``'s answer: the best label, the top-k (best first), and how many images
-    ran in the same batch as this one (dynamic batching, visible)."""
+    """``POST /predict``'s answer: the best label, the top-k (best first; a multi-label model: its
+    labels over their thresholds), and how many images ran in the same batch as this one
+    (dynamic batching, visible)."""
 
-    label: str
+    label: Optional[str]
     probability: Optional[float]
     top: list[LabelScore]
     batch_size: int
 
 
-def decode_prediction(probabilities, class_names: list[str], topk: int) -> dict[str, Any]:
+def decode_prediction(predictor, probabilities, topk: int) -> dict[str, Any]:
     """One image's probabilities -> ``{"label", "probability", "top": [{"label", "probability"}]}``,
-    best first, ``topk`` of them; the same numbers as ``hymtl.predict --format json`` (a
-    probability that is not a number is ``None``). The one decoding of probabilities into labels
-    for the server: a multi-label task would add ``"labels"`` (those over its threshold) here."""
-    import numpy as np
-
+    best first: the labels the model's task decodes (:meth:`hymtl.inference.Predictor.decode`:
+    the top ``topk`` classes of a multi-class model, the labels over their thresholds of a
+    multi-label one; ``label`` is ``None`` when there is none), as ``hymtl.predict --format json``
+    writes them (a probability that is not a number is ``None``)."""
     from hymtl.inference import _probability
 
-    order = np.argsort(-np.asarray(probabilities), kind="stable")[: min(topk, len(class_names))]
-    top = [{"label": class_names[c], "probability": _probability(float(probabilities[c]))} for c in order]
-    return {"label": top[0]["label"], "probability": top[0]["probability"], "top": top}
+    top = [{"label": label, "probability": _probability(p)}
+           for label, p in predictor.decode(probabilities, min(topk, len(predictor.class_names)))]
+    best = top[0] if top else {"label": None, "probability": None}
+    return {"label": best["label"], "probability": best["probability"], "top": top}
 
 
 # --------------------------------------------------------------------------- reading an upload
@@ -109,14 +109,16 @@ class UploadDecoder:
     def prepare(self, data: bytes) -> PreparedImage:
         import torch
 
-        from hymtl.data.images import check_image_bytes, load_rgb
+        from hymtl.data.images import check_sample, load_rgb
+        from hymtl.data.samples import Sample
         from hymtl.errors import first_line
 
-        reason = check_image_bytes(data)
+        upload = Sample("upload", 0, data)  # an image held in memory, as a Parquet source holds it
+        reason = check_sample(upload)
         if reason is not None:
             raise HTTPException(422 if data else 400, reason)
         try:
-            image = load_rgb(io.BytesIO(data), self.preprocessing.resize_size)
+            image = load_rgb(upload, self.preprocessing.resize_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: this upload is unusable
             raise HTTPException(422, f"cannot decode: {first_line(exc)}") from None
         try:
@@ -221,7 +223,8 @@ def model_info(predictor, sha256: str, topk: int) -> dict[str, Any]:
     return {
         "source": str(predictor.source), "sha256": sha256, "backend": predictor.backend,
         "precision": getattr(predictor, "precision", None), "class_names": list(predictor.class_names),
-        "preprocessing": predictor.preprocessing.as_dict(), "topk": topk,
+        "preprocessing": predictor.preprocessing.as_dict(), "topk": topk, "task": predictor.task.name,
+        "thresholds": predictor.thresholds,
         "simplified": str(getattr(predictor, "simplified", "")) or None,
     }
 
@@ -263,10 +266,8 @@ class ClassifierAPI(ls.LitAPI):
         return torch.stack(inputs)
 
     def predict(self, x):
-        from hymtl.inference import softmax
-
         single = x.dim() == 3  # max_batch_size=1: LitServe does not batch
-        probabilities = softmax(self.predictor.logits(x[None] if single else x))
+        probabilities = self.predictor.probabilities(self.predictor.logits(x[None] if single else x))
         outputs = [(row, len(probabilities)) for row in probabilities]
         return outputs[0] if single else outputs
 
@@ -275,7 +276,7 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output) -> PredictionResponse:
         probabilities, batch_size = output
-        return {**decode_prediction(probabilities, self.predictor.class_names, self.topk), "batch_size": batch_size}
+        return {**decode_prediction(self.predictor, probabilities, self.topk), "batch_size": batch_size}
 
 
 # --------------------------------------------------------------------------- settings
