@@ -50,6 +50,7 @@ def _hand_report(ckpt: Path, data_root: Path) -> dict:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_eval_on_the_real_data_matches_hand_computed_metrics(real_checkpoint, tmp_path):
     # data.root defaults to the folder the checkpoint was trained on (its run's .hydra/config.yaml);
     # fp32 so that the hand-computed predictions are bit-for-bit the same numerics

@@ -28,7 +28,7 @@ TARGETS = {"frozen": 0.93, "finetune": 0.94, "two_phase": 0.95}
 
 def train_real(mode: str, real_data: Path, tmp_path: Path, cache: Path, name: str, *extra: str) -> dict:
     result = run_train(f"mode={mode}", "model=efficientnet_lite0", f"data.root={real_data}", f"hydra.run.dir={name}",
-                       *extra, cwd=tmp_path, env={"HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}, timeout=900)
+                       *extra, cwd=tmp_path, env={"HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
