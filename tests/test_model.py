@@ -299,6 +299,7 @@ def test_bad_trainable_stages_are_user_errors(kwargs, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_bad_trainable_stages_from_the_command_line_is_one_line_and_exit_2(tiny_folder, tmp_path):
     from test_train import TINY_MODEL, run_train
 

@@ -73,6 +73,7 @@ def test_predict_skips_bad_images_and_formats_agree(tiny_checkpoint, tmp_path):
     assert sorted(Path(s["path"]).name for s in doc["skipped"]) == ["broken.jpg", "text.png"]
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_skipped_lines(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images"
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
@@ -155,6 +156,7 @@ def test_bad_input_raises_one_clear_error(tiny_checkpoint, tmp_path, monkeypatch
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "bad.jpg").write_text("not an image")
     result = run_predict("ckpt_path=missing.ckpt", "inputs=[bad.jpg]", cwd=tmp_path)
@@ -162,6 +164,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: checkpoint not found: missing.ckpt"]
 
 
+@pytest.mark.slow
 def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images" / "val"
     result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "topk=abc", cwd=tmp_path)
@@ -169,6 +172,7 @@ def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     assert result.stderr.strip().splitlines() == ["error: topk must be an integer, got 'abc'"]
 
 
+@pytest.mark.slow
 def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(tiny_checkpoint, tmp_path):
     """A FIFO blocks whoever opens it: the file check (training's) skips it before decoding."""
     good = tiny_checkpoint.parent / "images" / "val" / "ants" / "ants_0.jpg"
@@ -332,6 +336,7 @@ def test_auto_precision_follows_torchs_native_bf16_query(tiny_checkpoint, monkey
     assert inference.checked_precision(32) == "32"  # as Hydra parses precision=32
 
 
+@pytest.mark.slow
 def test_cli_precision_garbage_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images" / "val"
     result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "precision=garbage", cwd=tmp_path)

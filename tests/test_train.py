@@ -70,6 +70,7 @@ def test_checkpoints_best_and_last_and_same_seed_same_metrics(tiny_folder, tmp_p
         (["model.lr=-1"], "error: learning rates must be positive"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, overrides, message):
     result = run_train(*TINY_MODEL, "data=folder", f"data.root={tiny_folder}", *overrides, cwd=tmp_path)
     assert result.returncode == 2
@@ -77,6 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, overrides, mess
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resnet18_offline_fails_fast_naming_the_file_and_the_offline_backbone(tiny_folder, tmp_path):
     result = run_train("data=folder", f"data.root={tiny_folder}", "model=resnet18", cwd=tmp_path,
                        env={"TORCH_HOME": str(tmp_path / "torch"), "HYMTL_OFFLINE": "1"})
@@ -132,6 +134,7 @@ def test_a_direct_regime_override_reaches_every_reader(tiny_folder, tmp_path):
     assert not torch.equal(by_epoch[2][f"backbone.{weight}"], pretrained[weight])
 
 
+@pytest.mark.slow
 def test_two_phase_that_ends_before_its_switch_is_refused(tiny_folder, tmp_path):
     result = run_train(*TINY_MODEL, "mode=two_phase", "mode.freeze_epochs=3", "mode.epochs=3", "data=folder",
                        f"data.root={tiny_folder}", cwd=tmp_path)
@@ -141,6 +144,7 @@ def test_two_phase_that_ends_before_its_switch_is_refused(tiny_folder, tmp_path)
         "set mode.epochs > 3 (or a smaller mode.freeze_epochs)")
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_training_is_listed_as_failed(tmp_path):
     from hymtl import summarize
 
