@@ -56,6 +56,9 @@ def samples(tiny_folder, backbone):
 
 
 def extractor(backbone, cache_dir, **kwargs) -> FeatureExtractor:
+    # no shard by time unless a test asks (flush_seconds=0): on a slow machine one batch can
+    # outlast the default 30 s and split its rows, and the tests count shards
+    kwargs.setdefault("flush_seconds", float("inf"))
     return FeatureExtractor(backbone.model, "efficientnet_lite0", cache_dir=cache_dir, batch_size=8, **kwargs)
 
 
@@ -64,10 +67,11 @@ def shards(cache_dir: Path) -> list[Path]:
 
 
 def _stored_rows(cache_dir: Path) -> torch.Tensor:
-    """The rows tensor of the first shard under ``cache_dir``, as any safetensors reader sees it."""
+    """The rows tensors of the shards under ``cache_dir``, as any safetensors reader sees them, one
+    after the other (how many shards the rows took depends on the machine's speed: flush_seconds)."""
     from safetensors.torch import load_file
 
-    return load_file(str(shards(cache_dir)[0]))["rows"]
+    return torch.cat([load_file(str(shard))["rows"] for shard in shards(cache_dir)])
 
 
 def test_second_extraction_reads_the_cache(backbone, samples, tmp_path):

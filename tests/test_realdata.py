@@ -14,6 +14,7 @@ run val/acc moves between 0.92 and 0.954. The target sits below the best-epoch s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,13 @@ def test_frozen_rerun_reads_the_cache_and_gives_the_same_model(real_data, frozen
     base, first = frozen_run
     cache = base / "cache"
     shards = sorted(cache.rglob("*.safetensors"))
-    assert cached_rows(cache) >= 390  # one row per image of train + val (test = val): ~398
-    assert len(shards) < 20  # in a few shards (about one per split here), not a file per image
+    rows = cached_rows(cache)
+    assert rows >= 390  # one row per image of train + val (test = val): ~398
+    # in a few shards, not a file per image: one per split and per flush_seconds (30) of its
+    # extraction, so the bound follows the run's own extraction times (a slow machine flushes more)
+    seconds = [float(s) for s in re.findall(r"feature extraction: \d+ images in (\d+\.\d)s",
+                                           (base / "first" / "train.log").read_text())]
+    assert seconds and len(shards) <= sum(1 + s // 30 for s in seconds) < rows / 10, (len(shards), seconds)
     stamps = [(f, f.stat().st_mtime_ns) for f in shards]
     second = train_real("frozen", real_data, base, cache, "second")
     assert [(f, f.stat().st_mtime_ns) for f in sorted(cache.rglob("*.safetensors"))] == stamps  # nothing recomputed
