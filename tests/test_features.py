@@ -44,8 +44,14 @@ class BatchShapeProbe(Callback):
 
 @pytest.fixture(scope="module")
 def backbone():
+    """lite0 with random weights, its views 64 px instead of 224: these tests check the cache's
+    plumbing, not accuracy, and the network's compute shrinks twelvefold."""
+    from dataclasses import replace
+
     torch.manual_seed(0)
-    return create_backbone("efficientnet_lite0", pretrained=False)
+    built = create_backbone("efficientnet_lite0", pretrained=False)
+    built.preprocessing = replace(built.preprocessing, input_size=64, resize_size=72)
+    return built
 
 
 @pytest.fixture
@@ -506,6 +512,7 @@ def _fit_and_test(tiny_folder, tmp_path, unfreeze_at_epoch, epochs: int, callbac
     return probe, features
 
 
+@pytest.mark.slow
 def test_a_direct_unfreeze_override_stops_the_features_at_the_switch(tiny_folder, tmp_path):
     """unfreeze_at_epoch=2 on a module of a frozen mode: the data side asks the module, so the
     loaders switch to images at epoch 2 (the bug of a regime read from the mode's keys)."""
@@ -514,6 +521,7 @@ def test_a_direct_unfreeze_override_stops_the_features_at_the_switch(tiny_folder
     assert probe.kinds["test"] == "images"
 
 
+@pytest.mark.slow
 def test_frozen_test_figures_come_from_the_features_without_running_the_backbone(tiny_folder, tmp_path):
     from hymtl.callbacks import TestFigures
 
