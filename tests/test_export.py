@@ -122,6 +122,7 @@ def test_parity_check_catches_a_different_model(onnx_export, real_checkpoint, re
     assert report.line().endswith(": FAILED")
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_will_not_silently_change_the_opset(tiny_checkpoint):
     from hymtl.loading import export_metadata
     from hymtl.export import ExportError, onnx_bytes
