@@ -99,6 +99,7 @@ class RecordPhase(pl.Callback):
             }
 
 
+@pytest.mark.slow
 def test_two_phase_switch_unfreezes_at_epoch_with_same_optimizer(tiny_folder):
     module = make_module(2, backbone_lr_mult=0.1)
     recorder = RecordPhase()
@@ -125,6 +126,7 @@ def test_two_phase_backbone_untouched_in_phase_one(tiny_folder):
     assert changed(before, module.backbone) == set()
 
 
+@pytest.mark.slow
 def test_resume_after_the_switch_stays_unfrozen(tiny_folder, tmp_path):
     module = make_module(1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

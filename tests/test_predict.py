@@ -235,6 +235,7 @@ def test_json_output_stays_strict_json_when_the_model_gives_nan(tiny_checkpoint)
 WEIRD_NAMES = ["new\nline.jpg", "tab\there.jpg", "esc\x1b[31mred.jpg", os.fsdecode(b"latin\xe9.jpg")]
 
 
+@pytest.mark.slow
 def test_any_file_name_works_and_cannot_forge_lines(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from hymtl.predict import run
 
