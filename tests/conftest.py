@@ -133,7 +133,7 @@ def real_checkpoint(real_data: Path, tmp_path_factory) -> Path:
         [sys.executable, "-m", "hymtl.train", "mode=frozen", "model=efficientnet_lite0", "data=folder",
          f"data.root={real_data}", "mode.epochs=1", "data.batch_size=16", "+trainer.limit_train_batches=4",
          "+trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,
     )
     if result.returncode != 0:
         pytest.fail(f"training the fixture run failed:\n{result.stderr[-3000:]}")

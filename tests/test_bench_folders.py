@@ -158,6 +158,7 @@ def test_a_folder_not_built_here_is_refused_not_overwritten(bench, tmp_path):
     assert (mine / "keep.jpg").read_bytes() == b"user data"
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_user_errors_are_one_line_exit_2(tmp_path):
     ok = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", "many_classes",
                          "--small", "1"], capture_output=True, text=True, cwd=tmp_path)

@@ -35,11 +35,12 @@ def test_the_table_has_process_and_cpu_seconds_the_ratio_by_process_time_and_the
     assert "- classic: `b`" in table
 
 
+@pytest.mark.slow
 def test_the_floor_process_decodes_and_runs_every_train_and_test_image_once(tiny_folder):
     import subprocess
 
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--floor-process",
-                             "--data", str(tiny_folder)], capture_output=True, text=True, timeout=300,
+                             "--data", str(tiny_folder)], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "HYMTL_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "floor: 24 images decoded and run once" in result.stdout  # 12 train + 12 val (= test) images

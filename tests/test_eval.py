@@ -50,6 +50,7 @@ def _hand_report(ckpt: Path, data_root: Path) -> dict:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_eval_on_the_real_data_matches_hand_computed_metrics(real_checkpoint, tmp_path):
     # data.root defaults to the folder the checkpoint was trained on (its run's .hydra/config.yaml);
     # fp32 so that the hand-computed predictions are bit-for-bit the same numerics
@@ -82,6 +83,7 @@ def test_eval_on_the_real_data_matches_hand_computed_metrics(real_checkpoint, tm
         assert (outputs[-1].parent / f"{name}.png").is_file()
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_folder_of_other_classes_in_one_line(tiny_checkpoint, tmp_path):
     other = make_image_folder(tmp_path / "wasps", classes={"wasps": (220, 200, 30), "flies": (20, 20, 20)}, per_class=2)
     result = run_train(f"ckpt_path={tiny_checkpoint}", f"data.root={other}", module="hymtl.eval", cwd=tmp_path)
@@ -112,6 +114,7 @@ def test_eval_scores_every_image_of_a_held_out_folder_whatever_its_layout(tiny_c
     assert report["split"] == "all" and report["num_images"] == 10 * len(splits[layout])
 
 
+@pytest.mark.slow
 def test_eval_needs_a_data_folder_when_the_checkpoint_has_no_run(tiny_checkpoint, tmp_path):
     lone = shutil.copy(tiny_checkpoint, tmp_path / "lone.ckpt")  # no .hydra/ beside it
     result = run_train(f"ckpt_path={lone}", module="hymtl.eval", cwd=tmp_path)
@@ -121,6 +124,7 @@ def test_eval_needs_a_data_folder_when_the_checkpoint_has_no_run(tiny_checkpoint
         evaluate(OmegaConf.create({"ckpt_path": None, "seed": 0}))
 
 
+@pytest.mark.slow
 def test_eval_without_data_root_finds_a_relative_root_from_another_folder(tiny_checkpoint, tmp_path):
     # a run launched from <launch>/ with data.root=images (relative), evaluated from elsewhere/
     launch = tmp_path / "launch"

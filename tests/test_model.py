@@ -99,6 +99,7 @@ class RecordPhase(pl.Callback):
             }
 
 
+@pytest.mark.slow
 def test_two_phase_switch_unfreezes_at_epoch_with_same_optimizer(tiny_folder):
     module = make_module(2, backbone_lr_mult=0.1)
     recorder = RecordPhase()
@@ -125,6 +126,7 @@ def test_two_phase_backbone_untouched_in_phase_one(tiny_folder):
     assert changed(before, module.backbone) == set()
 
 
+@pytest.mark.slow
 def test_resume_after_the_switch_stays_unfrozen(tiny_folder, tmp_path):
     module = make_module(1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -263,6 +265,7 @@ def test_two_phase_partial_trains_the_head_then_only_the_top_stages(tiny_folder,
         assert same(ends[epoch][0], prefix_before)
 
 
+@pytest.mark.slow
 def test_resumed_two_phase_partial_run_trains_the_same_top_stages(tiny_folder, tmp_path):
     """Resumed after the switch, a two_phase + partial run lands in phase two from
     trainer.current_epoch alone: the top stage trains, the prefix stays frozen and unchanged."""
@@ -298,6 +301,7 @@ def test_bad_trainable_stages_are_user_errors(kwargs, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_bad_trainable_stages_from_the_command_line_is_one_line_and_exit_2(tiny_folder, tmp_path):
     from test_train import TINY_MODEL, run_train
 
@@ -310,6 +314,7 @@ def test_bad_trainable_stages_from_the_command_line_is_one_line_and_exit_2(tiny_
 
 
 # ------------------------------------------------------------------ non-finite loss
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_one_line_and_writes_no_model(tiny_folder, tmp_path):
     """lr=1e30: the loss is no longer finite after the first step. The run stops with exit 2 and
     one `error:` line naming the epoch and step, before any checkpoint or metrics.json is written."""

@@ -17,7 +17,7 @@ from conftest import make_image
 from hymtl.inference import collect_inputs, format_result, load_predictor, predict
 
 
-def run_predict(*overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_predict(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hymtl.predict", *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -73,6 +73,7 @@ def test_predict_skips_bad_images_and_formats_agree(tiny_checkpoint, tmp_path):
     assert sorted(Path(s["path"]).name for s in doc["skipped"]) == ["broken.jpg", "text.png"]
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_skipped_lines(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images"
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
@@ -155,6 +156,7 @@ def test_bad_input_raises_one_clear_error(tiny_checkpoint, tmp_path, monkeypatch
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "bad.jpg").write_text("not an image")
     result = run_predict("ckpt_path=missing.ckpt", "inputs=[bad.jpg]", cwd=tmp_path)
@@ -162,6 +164,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: checkpoint not found: missing.ckpt"]
 
 
+@pytest.mark.slow
 def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images" / "val"
     result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "topk=abc", cwd=tmp_path)
@@ -169,6 +172,7 @@ def test_cli_topk_abc_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     assert result.stderr.strip().splitlines() == ["error: topk must be an integer, got 'abc'"]
 
 
+@pytest.mark.slow
 def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(tiny_checkpoint, tmp_path):
     """A FIFO blocks whoever opens it: the file check (training's) skips it before decoding."""
     good = tiny_checkpoint.parent / "images" / "val" / "ants" / "ants_0.jpg"
@@ -179,7 +183,7 @@ def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(ti
     try:
         result = run_predict(f"ckpt_path={tiny_checkpoint}",
                              f"inputs=[folder,'globbed/*.jpg',named/good.jpg,named/pipe.jpg]",
-                             "num_workers=0", "format=csv", cwd=tmp_path, timeout=120)
+                             "num_workers=0", "format=csv", cwd=tmp_path, timeout=600)  # a hang never ends
     except subprocess.TimeoutExpired:
         pytest.fail("hymtl.predict hung on a FIFO")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -231,6 +235,7 @@ def test_json_output_stays_strict_json_when_the_model_gives_nan(tiny_checkpoint)
 WEIRD_NAMES = ["new\nline.jpg", "tab\there.jpg", "esc\x1b[31mred.jpg", os.fsdecode(b"latin\xe9.jpg")]
 
 
+@pytest.mark.slow
 def test_any_file_name_works_and_cannot_forge_lines(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from hymtl.predict import run
 
@@ -332,6 +337,7 @@ def test_auto_precision_follows_torchs_native_bf16_query(tiny_checkpoint, monkey
     assert inference.checked_precision(32) == "32"  # as Hydra parses precision=32
 
 
+@pytest.mark.slow
 def test_cli_precision_garbage_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     images = tiny_checkpoint.parent / "images" / "val"
     result = run_predict(f"ckpt_path={tiny_checkpoint}", f"inputs=[{images}]", "precision=garbage", cwd=tmp_path)

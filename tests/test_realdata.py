@@ -14,6 +14,7 @@ run val/acc moves between 0.92 and 0.954. The target sits below the best-epoch s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,25 +29,41 @@ TARGETS = {"frozen": 0.93, "finetune": 0.94, "two_phase": 0.95}
 
 def train_real(mode: str, real_data: Path, tmp_path: Path, cache: Path, name: str, *extra: str) -> dict:
     result = run_train(f"mode={mode}", "model=efficientnet_lite0", f"data.root={real_data}", f"hydra.run.dir={name}",
-                       *extra, cwd=tmp_path, env={"HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}, timeout=900)
+                       *extra, cwd=tmp_path, env={"HYMTL_CACHE_DIR": str(cache), "HYMTL_OFFLINE": "1"}, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def frozen_run(real_data, tmp_path_factory) -> tuple[Path, dict]:
+    """The frozen run with the shipped defaults on an empty feature cache (``<base>/cache``), made
+    once: its accuracy is one target, and the rerun test reads the cache it filled."""
+    base = tmp_path_factory.mktemp("frozen_real")
+    return base, train_real("frozen", real_data, base, base / "cache", "first")
+
+
 @pytest.mark.parametrize("mode", ["frozen", "finetune", "two_phase"])
-def test_mode_reaches_its_target(mode, real_data, tmp_path):
-    metrics = train_real(mode, real_data, tmp_path, tmp_path / "cache", "run")
+def test_mode_reaches_its_target(mode, real_data, tmp_path, request):
+    if mode == "frozen":
+        metrics = request.getfixturevalue("frozen_run")[1]
+    else:
+        metrics = train_real(mode, real_data, tmp_path, tmp_path / "cache", "run")
     assert metrics["mode"] == mode and metrics["backbone"] == "efficientnet_lite0"
     assert metrics["test/acc"] >= TARGETS[mode], metrics
 
 
-def test_frozen_rerun_reads_the_cache_and_gives_the_same_model(real_data, tmp_path):
-    cache = tmp_path / "cache"
-    first = train_real("frozen", real_data, tmp_path, cache, "first", "mode.epochs=5")
+def test_frozen_rerun_reads_the_cache_and_gives_the_same_model(real_data, frozen_run):
+    base, first = frozen_run
+    cache = base / "cache"
     shards = sorted(cache.rglob("*.safetensors"))
-    assert cached_rows(cache) >= 390  # one row per image of train + val (test = val): ~398
-    assert len(shards) < 20  # in a few shards (about one per split here), not a file per image
+    rows = cached_rows(cache)
+    assert rows >= 390  # one row per image of train + val (test = val): ~398
+    # in a few shards, not a file per image: one per split and per flush_seconds (30) of its
+    # extraction, so the bound follows the run's own extraction times (a slow machine flushes more)
+    seconds = [float(s) for s in re.findall(r"feature extraction: \d+ images in (\d+\.\d)s",
+                                           (base / "first" / "train.log").read_text())]
+    assert seconds and len(shards) <= sum(1 + s // 30 for s in seconds) < rows / 10, (len(shards), seconds)
     stamps = [(f, f.stat().st_mtime_ns) for f in shards]
-    second = train_real("frozen", real_data, tmp_path, cache, "second", "mode.epochs=5")
+    second = train_real("frozen", real_data, base, cache, "second")
     assert [(f, f.stat().st_mtime_ns) for f in sorted(cache.rglob("*.safetensors"))] == stamps  # nothing recomputed
     assert second["test/acc"] == first["test/acc"] and second["test/loss"] == pytest.approx(first["test/loss"])

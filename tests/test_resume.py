@@ -103,24 +103,35 @@ while True:  # rewrite both files forever; the parent kills us mid-write
 """
 
 
+def _stop_mid_write(proc: subprocess.Popen, folder: Path, want: str, left: set[Path], deadline: float) -> bool:
+    """Freeze ``proc`` (SIGSTOP) while a temp file ``want`` of its own is beside the target, after a
+    first complete round; ``False`` if none was seen by ``deadline``. Seen and frozen in one step:
+    on a slow or busy machine the write could otherwise end between the look and the kill."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (folder / "metrics.json").exists() and set(folder.glob(want)) - left:
+            proc.send_signal(signal.SIGSTOP)
+            os.waitpid(proc.pid, os.WUNTRACED)  # stopped: the folder no longer changes
+            if set(folder.glob(want)) - left:
+                return True
+            proc.send_signal(signal.SIGCONT)  # the write ended in between: look again
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_and_metrics_writes_never_leaves_a_corrupt_file(tmp_path):
     folder = tmp_path / "ckpts"
     folder.mkdir()
     kills_mid_write = 0
     for attempt in range(4):
+        left = set(folder.glob(".*.tmp"))  # left by the writers killed before: not this one's
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(folder)], cwd=REPO_ROOT)
         try:
-            # wait until a write is in flight (its temp file beside the target exists), after a first
-            # complete round; even attempts target last.ckpt, odd ones metrics.json
+            # even attempts kill a write of last.ckpt, odd ones one of metrics.json
             want = ".last.ckpt.*.tmp" if attempt % 2 == 0 else ".metrics.json.*.tmp"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                if (folder / "metrics.json").exists() and list(folder.glob(want)):
-                    break
-                time.sleep(0.001)
-            in_flight = bool(list(folder.glob(".*.tmp")))
+            in_flight = _stop_mid_write(proc, folder, want, left, time.monotonic() + 600)
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -129,7 +140,7 @@ def test_sigkill_during_checkpoint_and_metrics_writes_never_leaves_a_corrupt_fil
         assert torch.equal(ckpt["weights"], torch.full((4_000_000,), float(ckpt["version"])))
         if (folder / "metrics.json").exists():
             json.loads((folder / "metrics.json").read_text())
-    assert kills_mid_write >= 2  # most kills landed while a temp file was being written
+    assert kills_mid_write == 4  # every kill landed while a temp file of its writer was being written
     # the next successful write clears the temp files that the killed writers left
     AtomicCheckpointIO().save_checkpoint({"version": 0}, folder / "last.ckpt")
     assert not list(folder.glob(".last.ckpt.*.tmp"))
@@ -383,7 +394,7 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
                             env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache")})
     import threading
 
-    watchdog = threading.Timer(300, proc.kill)  # a run that never logs its scan fails, not hangs
+    watchdog = threading.Timer(1200, proc.kill)  # a run that never logs its scan fails, not hangs
     watchdog.start()
     for line in proc.stdout:  # the log says when the scan starts
         if "checking the files of" in line:
@@ -392,7 +403,7 @@ def test_sigterm_during_the_file_scan_stops_at_once(tmp_path):
     else:
         pytest.fail("the run did not log the start of its file scan: " + (tmp_path / "stderr").read_text()[-3000:])
     proc.stdout.read()
-    proc.wait(timeout=120)
+    proc.wait(timeout=600)
     watchdog.cancel()
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]

@@ -67,7 +67,7 @@ def _train(cwd: Path, mode: str, *overrides: str, workers: int = 0) -> subproces
     args = [a if a != "data.num_workers=0" else f"data.num_workers={workers}" for a in ARGS]
     mode_args = WORKER_CASES[mode] if workers else MODES[mode]
     return subprocess.run([sys.executable, "-m", "hymtl.train", *args, *mode_args, *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=1800, env=env)
 
 
 def _epoch_losses(run: Path) -> dict[str, dict[int, float]]:

@@ -202,6 +202,7 @@ def test_a_run_on_the_dirty_corpus_trains_and_reports_what_it_skipped(corpus, tm
          "error: data.strict=true: 1 file skipped: 1 cannot decode in {root}; first: {root}/train/bees/bees_0.jpg"),
     ],
 )
+@pytest.mark.slow
 def test_fatal_input_is_one_line_and_exit_2(tmp_path, setup, overrides, message):
     root = tmp_path / "data"
     make_image_folder(root, per_class=2)

@@ -60,6 +60,7 @@ def _two_at_once(tiny: Path, cwd: Path, *extra: str) -> None:
              for seed, mode in RUNS.items()])
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_two_folders(tiny, tmp_path):
     _two_at_once(tiny, tmp_path, "hydra.run.dir='${hymtl_run_dir:outputs/same-second,${hydra.mode}}'")
     runs = sorted((tmp_path / "outputs").iterdir())
@@ -70,6 +71,7 @@ def test_two_runs_in_the_same_second_get_two_folders(tiny, tmp_path):
         _check_run(run, seed)
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_with_the_default_layout(tiny, tmp_path):
     _two_at_once(tiny, tmp_path)
     runs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
@@ -80,6 +82,7 @@ def test_two_runs_at_once_with_the_default_layout(tiny, tmp_path):
         _check_run(run, seed)
 
 
+@pytest.mark.slow
 def test_two_multiruns_in_the_same_second_get_two_sweep_folders(tiny, tmp_path):
     sweep = "hydra.sweep.dir='${hymtl_run_dir:outputs/multirun/same-second,${hydra.mode}}'"
     procs = [_start("-m", *TINY, f"data.root={tiny}", f"mode={mode}", "seed=1,2", sweep, cwd=tmp_path)

@@ -43,6 +43,7 @@ def _save_variant(tiny_checkpoint: Path, dest: Path, change) -> Path:
 
 
 # --------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_checkpoint_that_runs_code_on_unpickling_is_refused_and_never_runs(tiny_checkpoint, tmp_path):
     marker = tmp_path / "pwned"
     evil = _save_variant(tiny_checkpoint, tmp_path / "evil.ckpt",
@@ -342,6 +343,7 @@ def _hostile_torchscript(tiny_checkpoint: Path, folder: Path) -> tuple[Path, Pat
     return evil, created, victim
 
 
+@pytest.mark.slow
 def test_hostile_torchscript_is_refused_by_default_and_nothing_runs(tiny_checkpoint, tmp_path):
     from hymtl.inference import collect_inputs, load_predictor, predict
 

@@ -162,6 +162,7 @@ def test_split_report_names_are_escaped_and_json_ready(tmp_path, caplog, layout)
     assert all("\n" not in w and w.isprintable() for w in warnings)
 
 
+@pytest.mark.slow
 def test_a_run_records_the_split_report_in_metrics_json(tmp_path):
     from test_train import TINY_MODEL, run_train
 

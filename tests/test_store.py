@@ -80,7 +80,7 @@ def test_writers_in_several_processes_share_one_folder(tmp_path):
                 writer.add([i], torch.full((16,), float(i)))
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)]) for rank in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
     store = ShardedStore(tmp_path, torch.float32)
     store.refresh()
     assert len(store) == 40 and len(list(tmp_path.glob("*.safetensors"))) == 40
