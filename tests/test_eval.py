@@ -92,6 +92,7 @@ def test_eval_refuses_a_folder_of_other_classes_in_one_line(tiny_checkpoint, tmp
     assert last == f"error: none of the classes of {other} (flies, wasps) is one of the model's (ants, bees)"
 
 
+@pytest.mark.slow
 def test_eval_scores_the_known_classes_of_a_folder_and_says_which_it_left_out(tiny_checkpoint, tmp_path):
     other = make_image_folder(tmp_path / "mixed", splits=("",), classes={"ants": (200, 40, 40), "wasps": (220, 200, 30)},
                               per_class=3)
@@ -103,6 +104,7 @@ def test_eval_scores_the_known_classes_of_a_folder_and_says_which_it_left_out(ti
     assert "(split all, 3 images)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["flat", "test_only", "val_only", "train_val_test"])
 def test_eval_scores_every_image_of_a_held_out_folder_whatever_its_layout(tiny_checkpoint, tmp_path, layout):
     splits = {"flat": ("",), "test_only": ("test",), "val_only": ("val",), "train_val_test": ("train", "val", "test")}

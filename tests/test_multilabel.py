@@ -85,6 +85,7 @@ def test_multilabel_targets_are_multi_hot(tmp_path):
         assert dataset[index][1].nonzero().flatten().tolist() == list(sample.label)
 
 
+@pytest.mark.slow
 def test_multilabel_with_class_folders_says_what_it_expected(tmp_path):
     root = make_image_folder(tmp_path / "images", per_class=2)
     result = run_train(*TINY_MODEL, "task=multilabel", "data=folder", f"data.root={root}", "+trainer.fast_dev_run=true",
@@ -98,6 +99,7 @@ def test_multilabel_with_class_folders_says_what_it_expected(tmp_path):
     (["task.threshold=1.5"], "error: task.threshold must be a number between 0 and 1 (exclusive) or tune, got 1.5"),
     (["data.label_column=[red,'',blue]"], "error: data.label_column=['red', '', 'blue'] holds an empty name"),
 ])
+@pytest.mark.slow
 def test_bad_multilabel_settings_are_one_line_and_exit_2(tmp_path, overrides, message):
     table = make_multilabel_set(tmp_path / "set", count=8)
     result = run_train(*TINY_MODEL, "task=multilabel", "data=table", f"data.file={table}", *overrides,

@@ -169,6 +169,7 @@ def test_a_parquet_image_cell_that_is_not_bytes_is_one_error(tmp_path):
         ParquetSource(files=str(tmp_path / "x.parquet")).load()
 
 
+@pytest.mark.slow
 def test_bad_label_file_from_the_command_line_is_one_line_and_exit_2(tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("filename,label\n../outside.jpg,ants\n", encoding="utf-8")
