@@ -2,8 +2,9 @@
 
 Runs ``trainer.test`` on the folder's test split (its ``test/``, else its validation split) and
 reports accuracy, per-class precision / recall / F1 / support, their macro averages and the
-confusion matrix (torchmetrics, see :class:`hymtl.callbacks.ClassificationReport`), printed as a
-table and saved as ``eval.json`` — with the test figures — in ``<run>/eval/<date>_<time>/``,
+confusion matrix (torchmetrics, see :class:`hymtl.callbacks.ClassificationReport`) — and, with
+``tta=flip|five_crop``, the accuracy with test-time augmentation beside it
+(:class:`hymtl.inference.TTAPredictor`) — printed as a table and saved as ``eval.json`` — with the test figures — in ``<run>/eval/<date>_<time>/``,
 where ``<run>`` is the training run the checkpoint belongs to. Without ``data.root`` the folder
 the checkpoint was trained on (its run's ``.hydra/config.yaml``) is used.
 
@@ -66,6 +67,10 @@ def format_report(result: dict[str, Any]) -> str:
     macro = result["macro"]
     lines.append(f"{'macro avg':<{width}}{macro['precision']:>10.3f}{macro['recall']:>8.3f}{macro['f1']:>8.3f}{macro['support']:>9d}")
     lines.append(f"{'accuracy':<{width}}{'':>18}{result['accuracy']:>8.3f}{result['num_images']:>9d}")
+    if result.get("tta"):
+        tta = result["tta"]
+        lines.append(f"{'tta=' + tta['mode']:<{width}}{'':>18}{tta['accuracy']:>8.3f}{tta['num_images']:>9d}"
+                     f"  (accuracy with test-time augmentation; macro {tta['accuracy_macro']:.3f})")
     if result.get("loss") is not None:
         lines.append(f"{'loss':<{width}}{'':>18}{result['loss']:>8.3f}")
     if len(names) <= MAX_HEATMAP_CLASSES:
@@ -94,6 +99,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hymtl.runs import trained_data_root
     from hymtl.runtime import configure_backends, device_name
 
+    from hymtl.inference import TorchPredictor, accuracy_on, checked_tta, with_tta
+
+    tta = checked_tta(cfg.get("tta"))
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
     model = load_checkpoint(cfg.ckpt_path)
@@ -131,6 +139,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "loss": float(tested["test/loss"]) if "test/loss" in tested else None,
         **report.report,
     }
+    if tta != "none":  # beside the plain result: the same model and test split, views averaged
+        samples = datamodule.test_samples
+        result["tta"] = {"mode": tta, **accuracy_on(with_tta(TorchPredictor(model, source=str(cfg.ckpt_path)), tta),
+                                                    [s.path for s in samples], [s.label for s in samples],
+                                                    batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)}
     if trainer.is_global_zero:
         output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
         result["output"] = str(output_dir / "eval.json")

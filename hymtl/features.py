@@ -442,13 +442,13 @@ class MultiViewDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], preprocessing, num_views: int = 0, seed: int = 0,
-                 failure_log: str | os.PathLike | None = None):
+                 failure_log: str | os.PathLike | None = None, augment=None):
         self.samples = list(samples)
         self.num_views = int(num_views)
         self.seed = int(seed)
         self.decode_size = preprocessing.resize_size
         self.eval_transform = build_transforms(preprocessing, train=False)
-        self.train_transform = build_transforms(preprocessing, train=True)
+        self.train_transform = build_transforms(preprocessing, train=True, augment=augment)  # data.augment
         self.dropper = BadImageDropper(self.decode_size, failure_log)
         # everything that shapes the pixels of a view: the cache fingerprint of these views
         self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
@@ -641,7 +641,7 @@ class FeatureServer:
         key = (train, stages, tuple(s.path for s in samples))
         if key not in self._datasets:
             source = MultiViewDataset(samples, datamodule.preprocessing, self.views if train else 0, datamodule.seed,
-                                      failure_log=datamodule.skipped_file)
+                                      failure_log=datamodule.skipped_file, augment=datamodule.augment)
             features = self._extract(trainer, source)
             labels = torch.tensor([samples[i].label for i in features.indices], dtype=torch.long)
             self._datasets[key] = FeatureTensorDataset(features.tensor, labels, random_view=train,

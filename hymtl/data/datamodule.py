@@ -31,6 +31,7 @@ from hymtl.data.folders import (
 )
 from hymtl.data.images import (
     RUNTIME_SUFFIX,
+    AugmentRecipe,
     BadFile,
     ImageSampleDataset,
     build_transforms,
@@ -72,6 +73,8 @@ class ImageFolderDataModule(LightningDataModule):
             ``<run dir>/skipped.txt``.
         features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
             frozen), the train/val/test loaders give cached backbone features instead of images.
+        augment: the training split's :class:`~hymtl.data.images.AugmentRecipe` (``conf/augment/``;
+            ``None``: the default recipe); with cached features, it makes the augmented views.
         persistent_workers: keep the workers from one epoch to the next. Off by default: a run
             resumed from ``last.ckpt`` is then exact with workers too — each epoch's workers are
             seeded from the main process's random state (which the checkpoint holds), not from
@@ -97,6 +100,7 @@ class ImageFolderDataModule(LightningDataModule):
         strict: bool = False,
         skipped_file: str | os.PathLike | None = None,
         features=None,
+        augment: AugmentRecipe | None = None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -118,6 +122,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.strict = bool(strict)
         self.skipped_file = skipped_file
         self.features = features
+        self.augment = augment
         self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
         self._content: dict[str, dict] | None = None  # content_fingerprint, once scanned
         self.split_report: dict = {}  # what does not match between the splits: see _report_splits
@@ -300,7 +305,8 @@ class ImageFolderDataModule(LightningDataModule):
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
         # big JPEGs: reduced-scale decoding
-        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train), skip_bad=True,
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train, augment=self.augment),
+                                     skip_bad=True,
                                      failure_log=self.skipped_file, decode_size=self.preprocessing.resize_size)
         sampler = None if train else self._eval_sampler(dataset)
         # persistent workers would make exact resume impossible: their random streams (the
