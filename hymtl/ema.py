@@ -10,11 +10,14 @@ restores), and copied into the module when the fit ends. A checkpoint's ``state_
 ``trainer.test``, ``hymtl.eval``, ``hymtl.predict`` and ``hymtl.export`` read — is therefore
 the EMA. timm's ``ModelEmaV3`` would need all of that written again around it.
 
-Two things differ from Lightning's ``EMAWeightAveraging`` (why this subclass exists):
+Three things differ from Lightning's ``EMAWeightAveraging`` (why this subclass exists):
 
 * **warm-up**: the decay of update ``n`` is ``min(decay, (1 + n) / (10 + n))`` (timm's
   ``ModelEmaV3`` warm-up). A fixed 0.999 over the ~300 optimizer steps of a 20-epoch ants/bees
   run would keep about 74 % of the *initial* weights in the average;
+* **state that is not averaged**: the average is a copy of the whole module, so its
+  torchmetrics states (``val/acc_best``'s running max) would be the copy's initial ``-inf`` in
+  the checkpoint; they are taken from the training module;
 * **loading outside a fit**: Lightning's ``on_load_checkpoint`` puts the training weights
   (``current_model_state``) back into the module whenever it finds them — also in
   ``trainer.test(ckpt_path=best)`` right after ``fit``, which would test the raw weights
@@ -77,6 +80,19 @@ class ExponentialMovingAverage(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and (
             (step_idx - self.start_step) % self.every_n_steps == 0)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        current = checkpoint.get("current_model_state")
+        if current is None:
+            return
+        # only parameters and buffers are averaged; the rest of the module's state (torchmetrics'
+        # persistent states: val/acc_best's running max) is the training module's, not the
+        # average copy's never-updated initial value (-inf: an unreadable checkpoint)
+        averaged = {name for name, _ in pl_module.named_parameters()} | {name for name, _ in pl_module.named_buffers()}
+        for name, value in current.items():
+            if name not in averaged:
+                checkpoint["state_dict"][name] = value
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         # the module holds the checkpoint's state_dict (the EMA) already: outside a fit, keep it
