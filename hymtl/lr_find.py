@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.cli import run_entry
-from hymtl.errors import printable
+from hymtl.errors import HymtlError, printable
 from hymtl.runtime import config_dir
 
 log = logging.getLogger("hymtl.lr_find")
@@ -64,8 +64,6 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         print(f"{phase.name}: suggested {rate}; plot {printable(test.plot)}", flush=True)
 
     if tests[0].suggestion is None:
-        from hymtl.errors import HymtlError
-
         raise HymtlError(f"no learning rate suggested: the loss curve has {len(tests[0].losses)} points "
                          f"(the loss diverged at once, or lr_find.num_training is too small); see {printable(tests[0].plot)}")
     paste = paste_line(tests, float(cfg.model.backbone_lr_mult))

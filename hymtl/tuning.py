@@ -19,7 +19,6 @@ training with the head from a fresh head, at the regime's multipliers).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any
 
 from hymtl.errors import HymtlError, printable
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,6 +104,7 @@ class RangeTest:
     suggestion: float | None
     factors: list[float]
     plot: str = ""
+    figure: Any = field(default=None, repr=False)  # Lightning's matplotlib figure of the curve, until saved
 
     def as_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "suggested_lr": self.suggestion, "group_factors": self.factors,
@@ -150,9 +149,8 @@ def range_test(phase: Phase, module, datamodule, trainer, settings: dict) -> Ran
         raise HymtlError("the learning-rate finder did not run (trainer.fast_dev_run is set: remove it)")
     lrs, losses = list(finder.results["lr"]), [float(x) for x in finder.results["loss"]]
     suggestion = finder.suggestion() if len(losses) > 12 else None
-    test = RangeTest(phase.name, lrs, losses, suggestion, factors.factors)
-    test.figure = finder.plot(suggest=suggestion is not None)  # type: ignore[attr-defined]
-    return test
+    return RangeTest(phase.name, lrs, losses, suggestion, factors.factors,
+                     figure=finder.plot(suggest=suggestion is not None))
 
 
 def save_plot(test: RangeTest, path: Path, names: list[str]) -> None:
@@ -161,7 +159,7 @@ def save_plot(test: RangeTest, path: Path, names: list[str]) -> None:
     from hymtl.fileio import atomic_write_bytes
     import matplotlib.pyplot as plt
 
-    fig = test.figure  # type: ignore[attr-defined]
+    fig = test.figure
     ax = fig.axes[0]
     groups = ", ".join(f"{n} x{f:g}" for n, f in zip(names, test.factors))
     ax.set_xlabel(f"mode.lr (groups: {groups})")
@@ -175,7 +173,7 @@ def save_plot(test: RangeTest, path: Path, names: list[str]) -> None:
     fig.tight_layout()
     atomic_write_bytes(path, png_bytes(render(fig)))
     plt.close(fig)
-    test.plot = str(path)
+    test.plot, test.figure = str(path), None
 
 
 def paste_line(tests: list[RangeTest], backbone_lr_mult: float) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_image, make_image_folder
+from conftest import make_image, make_image_folder
 
 
 def run_lr_find(*overrides: str, cwd: Path, cache: Path, timeout: int = 900) -> subprocess.CompletedProcess:
