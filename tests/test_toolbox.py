@@ -135,7 +135,7 @@ def test_bad_recipe_values_are_one_line(kwargs, message):
 def test_training_with_a_recipe_on_cached_features(tmp_path, tiny_folder):
     """mode=frozen with augment=trivial: the head trains on cached views made by the recipe."""
     result = run_module("hymtl.train", "mode=frozen", "augment=trivial", *TINY_TRAIN, f"data.root={tiny_folder}",
-                        "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                        "+trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                         env={"HYMTL_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "cache").rglob("*.safetensors"))
@@ -329,3 +329,24 @@ def test_unknown_tta_is_one_line(module, tiny_checkpoint, tiny_folder, tmp_path)
                                                                           f"hydra.run.dir={tmp_path / 'e'}"]
     result = run_module(module, f"ckpt_path={tiny_checkpoint}", "tta=abc", *extra, cwd=tmp_path)
     one_error_line(result, "tta must be one of none, flip, five_crop, got abc")
+
+
+# --------------------------------------------------------------------------- benchmarks/recipes.py
+def test_recipes_benchmark_table_counts_wins_per_mode_and_recipe():
+    from conftest import load_script
+
+    bench = load_script(REPO_ROOT / "benchmarks" / "recipes.py", "bench_recipes")
+    rows = [
+        {"folder": "a", "mode": "frozen", "recipe": "baseline", "test_acc": 0.90, "process_s": 10.0},
+        {"folder": "a", "mode": "frozen", "recipe": "augment=trivial", "test_acc": 0.92, "process_s": 11.0},
+        {"folder": "b", "mode": "frozen", "recipe": "baseline", "test_acc": 0.80},
+        {"folder": "b", "mode": "frozen", "recipe": "augment=trivial", "test_acc": 0.70},
+        {"folder": "a", "mode": "frozen", "recipe": "tta=flip", "test_acc": 0.95, "plain_acc": 0.93},
+        {"folder": "b", "mode": "frozen", "recipe": "callbacks=ema", "error": "boom", "returncode": 1},
+    ]
+    table = bench.markdown(rows, {"started": "now", "note": "test"})
+    assert "| a | frozen | augment=trivial | 0.920 | +0.020 | 11.0 |" in table
+    assert "| b | frozen | augment=trivial | 0.700 | -0.100 |" in table
+    assert "| a | frozen | tta=flip | 0.950 | +0.020 |" in table  # against eval's own plain accuracy
+    assert "| frozen | augment=trivial | 1/2 |" in table and "| frozen | tta=flip | 1/1 |" in table
+    assert "| b | frozen | callbacks=ema | — | — |" in table and "failed" in table
