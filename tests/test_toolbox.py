@@ -350,3 +350,23 @@ def test_recipes_benchmark_table_counts_wins_per_mode_and_recipe():
     assert "| a | frozen | tta=flip | 0.950 | +0.020 |" in table  # against eval's own plain accuracy
     assert "| frozen | augment=trivial | 1/2 |" in table and "| frozen | tta=flip | 1/1 |" in table
     assert "| b | frozen | callbacks=ema | — | — |" in table and "failed" in table
+
+
+def test_a_resume_must_keep_the_recipe_and_the_ema(compose, tmp_path):
+    """Resumed with another recipe, or without the EMA a checkpoint was trained with (its
+    state_dict is the average: training would go on from it), the run would not be the one
+    saved: refused by the resume check, like the other settings of RESUME_MUST_MATCH."""
+    from omegaconf import OmegaConf
+
+    from hymtl.resume import setting_differences
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    saved = compose("augment=trivial", "callbacks=ema", "data.root=/x", f"paths.output_dir={run}")
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({k: v for k, v in saved.items() if k != "hydra"}))
+    now = compose("data.root=/x", f"paths.output_dir={run}")
+    differences = setting_differences(run, now)
+    assert any(d.startswith("augment differs") for d in differences), differences
+    assert any(d.startswith("callbacks.ema differs") for d in differences), differences
+    assert setting_differences(run, compose("augment=trivial", "callbacks=ema", "data.root=/x",
+                                            f"paths.output_dir={run}")) == []
