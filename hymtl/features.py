@@ -439,6 +439,8 @@ class MultiViewDataset(Dataset):
     The :class:`ViewSource` of the feature cache. A file that fails to decode or to transform
     gives ``None`` (the extractor leaves it out), by the rule of the image loaders
     (:class:`hymtl.data.images.BadImageDropper`: logged, appended to ``failure_log``).
+    ``augment``: the :class:`~hymtl.data.images.AugmentRecipe` of the training views (``None``:
+    the default); its transforms are part of :attr:`recipe`, so of the cache fingerprint.
     """
 
     def __init__(self, samples: Sequence[Sample], preprocessing, num_views: int = 0, seed: int = 0,
@@ -630,7 +632,7 @@ class FeatureServer:
     def dataset(self, datamodule, samples: Sequence[Sample], train: bool,
                 stage: str = "fit") -> FeatureTensorDataset:
         """The cached outputs of ``samples`` (a split of ``datamodule``: its ``trainer``,
-        ``preprocessing``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the
+        ``preprocessing``, ``augment``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the
         ``stage`` loaders (:meth:`cached_stages`), computed once per split, prefix and run."""
         trainer = datamodule.trainer
         module = trainer.lightning_module
