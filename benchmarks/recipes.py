@@ -111,7 +111,8 @@ def markdown(rows: list[dict], info: dict) -> str:
             tally[0] += delta > 0
             tally[1] += 1
         lines.append(f"| {r['folder']} | {r['mode']} | {r['recipe']} | {fmt(acc)} | {fmt(delta, '+.3f')} | "
-                     f"{fmt(r.get('process_s'), '.1f')} | {fmt(r.get('cpu_s'), '.1f')} | {fmt(r.get('peak_rss_gb'), '.2f')} |"
+                     f"{fmt(r.get('process_s'), '.1f')} | {fmt(r.get('cpu_s'), '.1f')} | "
+                     f"{fmt(r.get('peak_rss_gb'), '.2f')} |"
                      + (" failed" if r.get("error") else ""))
     lines += ["", "| mode | recipe | wins (folders where it beat the baseline) |", "|---|---|---|"]
     lines += [f"| {mode} | {recipe} | {won}/{total} |" for (mode, recipe), (won, total) in sorted(wins.items())]
@@ -121,7 +122,8 @@ def markdown(rows: list[dict], info: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="+", default=[str(REPO.parent / "shared" / "data" / "hymenoptera_data")])
-    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / f"recipes_{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "benchmarks" / f"recipes_{stamp}"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="overrides, one recipe per argument")
     parser.add_argument("--tta", nargs="*", default=list(TTA), choices=TTA)

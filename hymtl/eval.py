@@ -4,7 +4,8 @@ Runs ``trainer.test`` on the folder's test split (its ``test/``, else its valida
 reports accuracy, per-class precision / recall / F1 / support, their macro averages and the
 confusion matrix (torchmetrics, see :class:`hymtl.callbacks.ClassificationReport`) — and, with
 ``tta=flip|five_crop``, the accuracy with test-time augmentation beside it
-(:class:`hymtl.inference.TTAPredictor`) — printed as a table and saved as ``eval.json`` — with the test figures — in ``<run>/eval/<date>_<time>/``,
+(:class:`hymtl.inference.TTAPredictor`) — printed as a table and saved as ``eval.json`` — with
+the test figures — in ``<run>/eval/<date>_<time>/``,
 where ``<run>`` is the training run the checkpoint belongs to. Without ``data.root`` the folder
 the checkpoint was trained on (its run's ``.hydra/config.yaml``) is used.
 
@@ -139,11 +140,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "loss": float(tested["test/loss"]) if "test/loss" in tested else None,
         **report.report,
     }
-    if tta != "none":  # beside the plain result: the same model and test split, views averaged
+    if tta != "none" and trainer.is_global_zero:  # beside the plain result: same model and split, views averaged
+        predictor = with_tta(TorchPredictor(model, source=str(cfg.ckpt_path), precision="auto"), tta)
         samples = datamodule.test_samples
-        result["tta"] = {"mode": tta, **accuracy_on(with_tta(TorchPredictor(model, source=str(cfg.ckpt_path)), tta),
-                                                    [s.path for s in samples], [s.label for s in samples],
-                                                    batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)}
+        result["tta"] = {"mode": tta, **accuracy_on(predictor, [s.path for s in samples], [s.label for s in samples],
+                                                    datamodule.batch_size, datamodule.num_workers)}
     if trainer.is_global_zero:
         output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
         result["output"] = str(output_dir / "eval.json")

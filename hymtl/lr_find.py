@@ -64,8 +64,8 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
         print(f"{phase.name}: suggested {rate}; plot {printable(test.plot)}", flush=True)
 
     if tests[0].suggestion is None:
-        raise HymtlError(f"no learning rate suggested: the loss curve has {len(tests[0].losses)} points "
-                         f"(the loss diverged at once, or lr_find.num_training is too small); see {printable(tests[0].plot)}")
+        raise HymtlError(f"no learning rate suggested: the loss curve has {len(tests[0].losses)} points (the loss "
+                         f"diverged at once, or lr_find.num_training is too small); see {printable(tests[0].plot)}")
     paste = paste_line(tests, float(cfg.model.backbone_lr_mult))
     result = {"mode": cfg.mode.name, "backbone": cfg.model.backbone, "paste": paste,
               "phases": [t.as_dict() for t in tests]}

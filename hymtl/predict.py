@@ -11,8 +11,8 @@ device has bf16 in hardware, else fp32), ``32`` (fp32) or ``bf16``; simplified f
 (:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings).
 Images are prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms``
 with the preprocessing saved with the model); ``tta=flip|five_crop`` averages the probabilities
-of the image's views (:class:`hymtl.inference.TTAPredictor`, any backend). An image that cannot be read is listed as skipped
-and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
+of the image's views (:class:`hymtl.inference.TTAPredictor`, any backend). An image that cannot
+be read is listed as skipped and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
 atomically; an existing folder is refused before predicting); a summary line with the
 throughput goes to stderr. Names printed to the terminal go through
 :func:`hymtl.errors.printable`; CSV/JSON keep the real names (see :mod:`hymtl.inference`).
@@ -97,7 +97,8 @@ def _precision_note(predictor) -> str:
     """`` bf16``/`` fp32`` for the PyTorch backend (the precision ``auto`` chose), else nothing."""
     precision = getattr(predictor, "precision", None)
     tta = getattr(predictor, "tta", None)
-    return ("" if precision is None else f" {'fp32' if precision == '32' else precision}") + (f", tta={tta}" if tta else "")
+    note = "" if precision is None else f" {'fp32' if precision == '32' else precision}"
+    return note + (f", tta={tta}" if tta else "")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")

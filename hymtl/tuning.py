@@ -197,6 +197,7 @@ def check_settings(settings: dict) -> None:
         raise HymtlError(f"lr_find.max_lr must be above lr_find.min_lr, got {high} <= {low}")
     steps = checked_number("lr_find.num_training", settings["num_training"], "integer", 1)
     if steps < 13:  # Lightning's suggestion skips the first 10 points and the last one
-        raise HymtlError(f"lr_find.num_training must be at least 13 (the suggestion skips the first 10 steps), got {steps}")
+        raise HymtlError("lr_find.num_training must be at least 13 (the suggestion skips the first 10 steps), "
+                         f"got {steps}")
     checked_number("lr_find.min_batches", settings["min_batches"], "integer", 1)
 
