@@ -4,6 +4,7 @@
   split (its ``test/``, else its validation split — said in the report); given another folder,
   label file or Parquet data, **every** image of it, whatever its layout (flat ``<class>/``,
   ``test/`` or ``val/`` only, ``train/val/test``): a held-out set is scored whole.
+* ``tta=flip|five_crop``: the accuracy with test-time augmentation beside the plain result.
 * Labels are read by name into the checkpoint's classes; images of classes the model does not
   know are left out and said once.
 * The report (:class:`hymtl.callbacks.ClassificationReport`): per class precision, recall, F1,
@@ -86,6 +87,10 @@ def _multiclass_table(result: dict[str, Any]) -> list[str]:
     lines.append(f"{'macro avg':<{width}}{macro['precision']:>10.3f}{macro['recall']:>8.3f}{macro['f1']:>8.3f}"
                  f"{macro['support']:>9d}")
     lines.append(f"{'accuracy':<{width}}{'':>18}{result['accuracy']:>8.3f}{result['num_images']:>9d}")
+    if result.get("tta"):
+        tta = result["tta"]
+        lines.append(f"{'tta=' + tta['mode']:<{width}}{'':>18}{tta['accuracy']:>8.3f}{tta['num_images']:>9d}"
+                     f"  (accuracy with test-time augmentation; macro {tta['accuracy_macro']:.3f})")
     if result.get("loss") is not None:
         lines.append(f"{'loss':<{width}}{'':>18}{result['loss']:>8.3f}")
     if len(names) <= MAX_HEATMAP_CLASSES:
@@ -128,11 +133,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from hymtl.callbacks import ClassificationReport
     from hymtl.fileio import atomic_write_json
+    from hymtl.inference import checked_tta
     from hymtl.runtime import configure_backends, device_name
 
+    tta = checked_tta(cfg.get("tta"))
     pl.seed_everything(cfg.seed, workers=True)
     configure_backends()
     model = load_checkpoint(cfg.ckpt_path)
+    if tta != "none" and model.task.multilabel:
+        raise EvalError("tta in hymtl.eval reports accuracy, for one label per image; a multi-label model takes "
+                        "tta in hymtl.predict")
     data_cfg, whole = data_to_score(cfg.data, str(cfg.ckpt_path))
     # prepared as the checkpoint's model expects (its saved preprocessing, not the registry's), labels by its names
     datamodule = instantiate(data_cfg, preprocessing=model.preprocessing.as_dict(), whole=whole,
@@ -157,6 +167,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **report.report,
     }
     result["score_value"] = _score(result, model.task.metric)
+    if tta != "none" and trainer.is_global_zero:  # beside the plain result: same model and images, views averaged
+        result["tta"] = _tta_accuracy(model, cfg.ckpt_path, tta, datamodule)
     if trainer.is_global_zero:
         output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
         result["output"] = str(output_dir / "eval.json")
@@ -164,6 +176,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print(format_report(result), flush=True)
         print(f"\nsaved {printable(result['output'])}", flush=True)
     return result
+
+
+def _tta_accuracy(model, ckpt_path: str, tta: str, datamodule) -> dict[str, Any]:
+    """Accuracy (and macro) of ``model`` with test-time augmentation ``tta`` on the scored images."""
+    from hymtl.inference import TorchPredictor, accuracy_on, with_tta
+
+    predictor = with_tta(TorchPredictor(model, source=str(ckpt_path), precision="auto"), tta)
+    samples = datamodule.test_samples
+    return {"mode": tta, **accuracy_on(predictor, list(samples), [s.label for s in samples],
+                                        datamodule.batch_size, datamodule.num_workers)}
 
 
 def _score(result: dict[str, Any], metric: str) -> float | None:

@@ -428,16 +428,18 @@ class MultiViewDataset(Dataset):
     The :class:`ViewSource` of the feature cache. A file that fails to decode or to transform
     gives ``None`` (the extractor leaves it out), by the rule of the image loaders
     (:class:`hymtl.data.images.BadImageDropper`: logged, appended to ``failure_log``).
+    ``augment``: the :class:`~hymtl.data.images.AugmentRecipe` of the training views (``None``:
+    the default); its transforms are part of :attr:`recipe`, so of the cache fingerprint.
     """
 
     def __init__(self, samples: Sequence[Sample], preprocessing, num_views: int = 0, seed: int = 0,
-                 failure_log: str | os.PathLike | None = None):
+                 failure_log: str | os.PathLike | None = None, augment=None):
         self.samples = list(samples)
         self.num_views = int(num_views)
         self.seed = int(seed)
         self.decode_size = preprocessing.resize_size
         self.eval_transform = build_transforms(preprocessing, train=False)
-        self.train_transform = build_transforms(preprocessing, train=True)
+        self.train_transform = build_transforms(preprocessing, train=True, augment=augment)  # data.augment
         self.dropper = BadImageDropper(self.decode_size, failure_log)
         # everything that shapes the pixels of a view: the cache fingerprint of these views
         self.recipe = (f"eval={self.eval_transform!r}\ntrain={self.train_transform!r}\n"
@@ -627,7 +629,7 @@ class FeatureServer:
     def dataset(self, datamodule, samples: Sequence[Sample], train: bool,
                 stage: str = "fit") -> FeatureTensorDataset:
         """The cached outputs of ``samples`` (a split of ``datamodule``: its ``trainer``,
-        ``preprocessing``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the
+        ``preprocessing``, ``augment``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the
         ``stage`` loaders (:meth:`cached_stages`), computed once per split, prefix and run."""
         trainer = datamodule.trainer
         module = trainer.lightning_module
@@ -638,7 +640,7 @@ class FeatureServer:
         key = (train, stages, tuple(s.path for s in samples))
         if key not in self._datasets:
             source = MultiViewDataset(samples, datamodule.preprocessing, self.views if train else 0, datamodule.seed,
-                                      failure_log=datamodule.skipped_file)
+                                      failure_log=datamodule.skipped_file, augment=datamodule.augment)
             features = self._extract(trainer, source)
             target = TargetEncoder(len(module.class_names))
             labels = [target(samples[i]) for i in features.indices]

@@ -79,6 +79,11 @@ class Predictor(ABC):
     def logits(self, images: torch.Tensor) -> np.ndarray:
         """float32 logits for a float32 NCHW batch."""
 
+    def input_transform(self):
+        """The transform of a decoded image into this predictor's input; ``None``: the
+        evaluation transform of its preprocessing (:func:`hymtl.data.images.build_transforms`)."""
+        return None
+
 
 PRECISIONS = ("auto", "32", "bf16")
 
@@ -190,6 +195,58 @@ class TorchScriptPredictor(Predictor):
             return self.module(images).float().numpy()
 
 
+class TTAPredictor(Predictor):
+    """Test-time augmentation around any predictor (PyTorch, ONNX Runtime, TorchScript): each
+    image is given as its views (:func:`hymtl.data.images.build_test_views`: ``flip`` the image
+    and its mirror image, ``five_crop`` the corner and center crops of the resized image), the
+    wrapped predictor scores all views in one batch, and the views' probabilities (the task's:
+    softmax, or a sigmoid per label) are averaged. :meth:`logits` returns the logits of those
+    averaged probabilities (:meth:`hymtl.tasks.Task.logits_of`), so the task's probabilities of
+    them (what :func:`predict` reports) are the averaged probabilities themselves."""
+
+    def __init__(self, predictor: Predictor, tta: str) -> None:
+        from hymtl.data.images import build_test_views
+
+        super().__init__(predictor.class_names, predictor.preprocessing, predictor.source,
+                         predictor.task.describe(), predictor.thresholds)
+        self.predictor, self.tta = predictor, tta
+        self.views = build_test_views(predictor.preprocessing, tta)  # checks tta
+        self.backend = predictor.backend
+        self.precision = getattr(predictor, "precision", None)
+
+    def input_transform(self):
+        return self.views
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        """``images``: ``(N, V, 3, S, S)`` (the views of :meth:`input_transform`) or ``(N, 3, S, S)``
+        (one view each); log of the views' averaged probabilities ``(N, classes)``."""
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        import torch
+
+        count, views = images.shape[:2]
+        probabilities = self.predictor.probabilities(self.predictor.logits(images.flatten(0, 1).contiguous()))
+        averaged = probabilities.reshape(count, views, -1).mean(axis=1)
+        return self.task.logits_of(torch.from_numpy(averaged)).float().numpy()
+
+
+def checked_tta(value) -> str:
+    """A test-time augmentation choice (:data:`hymtl.data.images.TTA_CHOICES`; ``None``: ``none``);
+    a :class:`HymtlError` naming the choices otherwise."""
+    from hymtl.data.images import TTA_CHOICES
+
+    tta = "none" if value is None else str(value)
+    if tta not in TTA_CHOICES:
+        raise HymtlError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {printable(tta)}")
+    return tta
+
+
+def with_tta(predictor: Predictor, tta: str | None) -> Predictor:
+    """``predictor`` with test-time augmentation ``tta`` (``none``/``None``: unchanged)."""
+    tta = checked_tta(tta)
+    return predictor if tta == "none" else TTAPredictor(predictor, tta)
+
+
 def _preprocessing_of(meta: dict) -> Preprocessing:
     from hymtl.loading import metadata_preprocessing
 
@@ -275,18 +332,20 @@ def _skip_reason(path: str) -> str:
 
 
 def iter_batches(
-    paths: Sequence[str], preprocessing: Preprocessing, batch_size: int = 32, num_workers: int | str = "auto"
+    paths: Sequence[str], preprocessing: Preprocessing, batch_size: int = 32, num_workers: int | str = "auto",
+    transform=None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Decode and preprocess ``paths`` in batches: ``(indices, images, [(index, reason)])``.
 
     The images are prepared as the evaluation split of :mod:`hymtl.data` prepares them (the
     same dataset, :class:`~hymtl.data.images.ImageSampleDataset`, with the evaluation
     transforms and decode size); a file that fails is dropped from its batch by data's rule
-    and listed with the reason :func:`hymtl.data.images.check_image_file` gives.
+    and listed with the reason :func:`hymtl.data.images.check_image_file` gives. ``transform``
+    replaces the evaluation transform (a predictor's :meth:`Predictor.input_transform`: TTA views).
     """
     from torch.utils.data import DataLoader
 
-    from hymtl.data.folders import Sample
+    from hymtl.data.samples import Sample
     from hymtl.data.images import ImageSampleDataset, build_transforms
     from hymtl.data.loaders import collate_skipping, default_num_workers
 
@@ -294,8 +353,10 @@ def iter_batches(
     workers = default_num_workers() if num_workers == "auto" else int(num_workers)
     workers = min(workers, max(0, len(paths) // max(1, batch_size)))  # no worker start-up for a handful
     # the label of each sample is its index: a batch says which of its files survived
-    dataset = ImageSampleDataset([Sample(str(p), i) for i, p in enumerate(paths)],
-                                 build_transforms(preprocessing, train=False), skip_bad=True,
+    # a path, or a sample whose bytes a source holds (hymtl.eval's test-time augmentation on Parquet data)
+    dataset = ImageSampleDataset([Sample(p.path, i, p.data) if isinstance(p, Sample) else Sample(str(p), i)
+                                  for i, p in enumerate(paths)],
+                                 transform or build_transforms(preprocessing, train=False), skip_bad=True,
                                  decode_size=preprocessing.resize_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_skipping)
@@ -356,19 +417,40 @@ def predict(
     predictions: list[Prediction] = []
     all_logits: list[np.ndarray] = []
     skipped = list(skipped)
-    for indices, images, bad in iter_batches(paths, predictor.preprocessing, batch_size, num_workers):
-        skipped += [Skipped(paths[i], err) for i, err in bad]
+    for indices, images, bad in iter_batches(paths, predictor.preprocessing, batch_size, num_workers,
+                                             transform=predictor.input_transform()):
+        skipped += [Skipped(getattr(paths[i], "path", paths[i]), err) for i, err in bad]
         if images is None:
             continue
         logits = predictor.logits(images)
         all_logits.append(logits)
         probs = predictor.probabilities(logits)
         for row, index in enumerate(indices):
-            predictions.append(Prediction(paths[index], predictor.decode(probs[row], k)))
+            predictions.append(Prediction(getattr(paths[index], "path", paths[index]), predictor.decode(probs[row], k)))
     seconds = time.perf_counter() - started
     logits = np.concatenate(all_logits) if all_logits else np.zeros((0, len(predictor.class_names)), np.float32)
     return PredictionResult(predictions, skipped, predictor.backend, predictor.source,
                             list(predictor.class_names), seconds, logits)
+
+
+def accuracy_on(predictor: Predictor, paths: Sequence[str], labels: Sequence[int], batch_size: int = 32,
+                num_workers: int | str = "auto") -> dict:
+    """Accuracy (micro: the fraction of images right) and its macro average (torchmetrics, as
+    training reports them) of ``predictor`` on labelled images: what ``hymtl.eval`` reports for a
+    test-time augmentation beside the plain result. Unreadable files are left out and counted."""
+    import torch
+    from torchmetrics.classification import MulticlassAccuracy
+
+    result = predict(predictor, paths, topk=1, batch_size=batch_size, num_workers=num_workers)
+    by_path = {getattr(p, "path", p): i for i, p in enumerate(paths)}
+    kept = [by_path[p.path] for p in result.predictions]
+    num_classes = len(predictor.class_names)
+    predicted = torch.as_tensor(result.logits.argmax(axis=1)) if kept else torch.zeros(0, dtype=torch.long)
+    target = torch.as_tensor([int(labels[i]) for i in kept], dtype=torch.long)
+    scores = {name: float(MulticlassAccuracy(num_classes, average=name)(predicted, target)) if kept else float("nan")
+              for name in ("micro", "macro")}
+    return {"accuracy": scores["micro"], "accuracy_macro": scores["macro"], "num_images": len(kept),
+            "skipped": len(result.skipped), "seconds": result.seconds}
 
 
 # --------------------------------------------------------------------------- output

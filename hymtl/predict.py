@@ -10,8 +10,9 @@ A checkpoint runs in eval mode, channels-last, at ``precision=auto`` (bf16 autoc
 device has bf16 in hardware, else fp32), ``32`` (fp32) or ``bf16``; simplified for its input size
 (:func:`hymtl.simplify.simplify_for_inference`: batch norms folded, static paddings).
 Images are prepared exactly as the model's evaluation split was (``hymtl.data.build_transforms``
-with the preprocessing saved with the model). An image that cannot be read is listed as skipped
-and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
+with the preprocessing saved with the model); ``tta=flip|five_crop`` averages the probabilities
+of the image's views (:class:`hymtl.inference.TTAPredictor`, any backend). An image that cannot
+be read is listed as skipped and the others go on. Output: ``format=table|csv|json`` on stdout, or in ``out=FILE`` (written
 atomically; an existing folder is refused before predicting); a summary line with the
 throughput goes to stderr. Names printed to the terminal go through
 :func:`hymtl.errors.printable`; CSV/JSON keep the real names (see :mod:`hymtl.inference`).
@@ -40,7 +41,7 @@ def run(cfg: DictConfig) -> PredictionResult:
     from hymtl.fileio import atomic_write_text
     from hymtl.inference import (
         FORMATS, checked_precision, collect_inputs, format_result, load_predictor, non_finite_count, positive_int,
-        predict, worker_count,
+        checked_tta, predict, with_tta, worker_count,
     )
 
     for key in ("ckpt_path", "inputs"):
@@ -58,8 +59,9 @@ def run(cfg: DictConfig) -> PredictionResult:
     if out is not None and out.is_dir():  # before the work, not after it
         raise HymtlError(f"out={printable(out)} is a folder: give the name of the file to write the predictions to")
 
+    tta = checked_tta(cfg.get("tta"))
     # a model error before a long folder walk
-    predictor = load_predictor(cfg.ckpt_path, trust_model=trust_model, precision=precision)
+    predictor = with_tta(load_predictor(cfg.ckpt_path, trust_model=trust_model, precision=precision), tta)
     inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     paths, skipped = collect_inputs(inputs)
     if not paths:
@@ -92,7 +94,9 @@ def run(cfg: DictConfig) -> PredictionResult:
 def _precision_note(predictor) -> str:
     """`` bf16``/`` fp32`` for the PyTorch backend (the precision ``auto`` chose), else nothing."""
     precision = getattr(predictor, "precision", None)
-    return "" if precision is None else f" {'fp32' if precision == '32' else precision}"
+    tta = getattr(predictor, "tta", None)
+    note = "" if precision is None else f" {'fp32' if precision == '32' else precision}"
+    return note + (f", tta={tta}" if tta else "")
 
 
 @hymtl_main("predict")

@@ -490,6 +490,9 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model.trainable_stages",
     "mode.precompute_features",  # ... and what the head trains on: cached features and their views
     "mode.feature_views",
+    "augment",                   # the training augmentation (and what the cached augmented views are)
+    "callbacks.ema",             # an EMA checkpoint's state_dict is the average: resumed without the
+                                 # callback, training would go on from the average, not its own weights
 )
 _ABSENT = object()
 

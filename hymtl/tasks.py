@@ -83,6 +83,10 @@ class Task:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Logits whose :meth:`probabilities` are ``probabilities`` (averaged test-time views)."""
+        raise NotImplementedError
+
     def loss_weights(self, counts: Sequence[int] | None, setting: Any, images: int | None = None) -> torch.Tensor | None:
         """``model.class_weights``: ``None`` (no weights), ``"auto"`` (from the training
         ``counts`` per class, of ``images`` training images) or one weight per class."""
@@ -129,6 +133,9 @@ class MulticlassTask(Task):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return _at_least_float32(logits).softmax(dim=-1)
+
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.clamp(min=1e-45).log()  # softmax(log p) = p for p summing to 1
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # inverse frequency, normalised so that a balanced set gets 1.0 everywhere (sklearn's "balanced")
@@ -199,6 +206,9 @@ class MultilabelTask(Task):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return _at_least_float32(logits).sigmoid()
+
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.logit(eps=1e-7)
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # BCE's pos_weight: negatives / positives per label (capped: a label seen once is not x1000)

@@ -20,6 +20,7 @@ from hymtl.config import checked_number
 from hymtl.data.folders import fingerprint_differences
 from hymtl.data.images import (
     RUNTIME_SUFFIX,
+    AugmentRecipe,
     BadFile,
     ImageSampleDataset,
     build_transforms,
@@ -93,6 +94,8 @@ class ImageFolderDataModule(LightningDataModule):
             ``<run dir>/skipped.txt``.
         features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
             frozen), the train/val/test loaders give cached backbone features instead of images.
+        augment: the training split's :class:`~hymtl.data.images.AugmentRecipe` (``conf/augment/``;
+            ``None``: the default recipe); with cached features, it makes the augmented views.
         persistent_workers: keep the workers from one epoch to the next. Off by default: a run
             resumed from ``last.ckpt`` is then exact with workers too — each epoch's workers are
             seeded from the main process's random state (which the checkpoint holds), not from
@@ -120,6 +123,7 @@ class ImageFolderDataModule(LightningDataModule):
         strict: bool = False,
         skipped_file: str | os.PathLike | None = None,
         features=None,
+        augment: AugmentRecipe | None = None,
         source: str | DataSource | None = None,
         **source_options: Any,
     ):
@@ -147,6 +151,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.strict = bool(strict)
         self.skipped_file = skipped_file
         self.features = features
+        self.augment = augment
         self.skipped: list[BadFile] = []  # left out by the up-front check (runtime failures: skipped.txt)
         self._content: dict[str, dict] | None = None  # content_fingerprint, once scanned
         self.split_report: dict = {}  # what does not match between the splits: see _report_splits
@@ -380,9 +385,9 @@ class ImageFolderDataModule(LightningDataModule):
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, samples: Sequence[Sample], train: bool) -> DataLoader:
         # big JPEGs: reduced-scale decoding
-        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train), skip_bad=True,
-                                     failure_log=self.skipped_file, decode_size=self.preprocessing.resize_size,
-                                     num_classes=self.num_classes)
+        dataset = ImageSampleDataset(samples, build_transforms(self.preprocessing, train=train, augment=self.augment),
+                                     skip_bad=True, failure_log=self.skipped_file,
+                                     decode_size=self.preprocessing.resize_size, num_classes=self.num_classes)
         sampler = self._train_sampler(samples) if train else self._eval_sampler(dataset)
         # persistent workers would make exact resume impossible: their random streams (the
         # augmentations) would run on from epoch 0 in an uninterrupted run but start afresh at

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from hymtl.data.samples import Sample, TargetEncoder
-from hymtl.errors import first_line, printable
+from hymtl.errors import HymtlError, first_line, printable
 from hymtl.progress import Progress
 
 if TYPE_CHECKING:
@@ -318,30 +318,107 @@ class PadToAspect(torch.nn.Module):
         return f"max_ratio={self.max_ratio}"
 
 
-def build_transforms(preprocessing: Preprocessing, train: bool) -> T.Compose:
-    """Eval: resize + center crop (the backbone's recipe). Train: the tutorial's
-    RandomResizedCrop + horizontal flip at the backbone's input size and interpolation."""
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """The training augmentation: what :func:`build_transforms` adds to a backbone's evaluation
+    preprocessing for the training split (``conf/augment/``: ``default``, ``trivial``,
+    ``randaug``, ``none``; given to the datamodule as ``data.augment``).
+
+    Args:
+        name: the recipe's name (``augment=<name>``), for logs and tables.
+        random_crop: the tutorial's ``RandomResizedCrop`` at the input size; ``False``: the
+            evaluation resize + center crop.
+        flip: a random horizontal flip.
+        policy: a torchvision v2 transform applied to the uint8 crop after the geometry
+            (``TrivialAugmentWide()``, ``RandAugment(num_ops, magnitude)``), or ``None``.
+
+    Its ``repr`` is part of the training transform's, so the feature cache's fingerprint of
+    augmented views (:class:`hymtl.features.MultiViewDataset`'s ``recipe``) follows the recipe.
+    """
+
+    name: str = "default"
+    random_crop: bool = True
+    flip: bool = True
+    policy: Any = None
+
+    def __post_init__(self) -> None:
+        for key in ("random_crop", "flip"):
+            if not isinstance(getattr(self, key), bool):
+                raise HymtlError(f"augment.{key} must be true or false, got {printable(repr(getattr(self, key)))}")
+        if self.policy is not None and not callable(self.policy):
+            raise HymtlError(f"augment.policy must be a torchvision transform (a _target_ config), "
+                             f"got {printable(repr(self.policy))}")
+
+
+DEFAULT_AUGMENT = AugmentRecipe()
+
+
+def _eval_geometry(preprocessing: Preprocessing, interpolation) -> list:
+    """Resize the shorter side to ``resize_size`` (bounded for extreme strips), before the crop."""
+    max_size = 4 * preprocessing.resize_size
+    return [
+        # a 4000x3 strip would shrink to 0 rows under max_size: pad it to a ratio that keeps rows
+        PadToAspect(max_ratio=max_size // 2),
+        # max_size: a 10000x10 strip would otherwise become 256x256000 (GBs) before the crop;
+        # capped, it is padded by the crop instead. Aspect ratios up to 4:1 are unaffected.
+        T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True, max_size=max_size),
+    ]
+
+
+def _to_normalized(preprocessing: Preprocessing) -> list:
+    return [T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))]
+
+
+def build_transforms(preprocessing: Preprocessing, train: bool, augment: AugmentRecipe | None = None) -> T.Compose:
+    """Eval: resize + center crop (the backbone's recipe). Train: the augmentation ``augment``
+    (default: the tutorial's RandomResizedCrop + horizontal flip) at the backbone's input size
+    and interpolation."""
     interpolation = _INTERPOLATION[preprocessing.interpolation]
-    if train:
-        geometry = [
-            T.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation, antialias=True),
-            T.RandomHorizontalFlip(),
-        ]
+    augment = augment if augment is not None else DEFAULT_AUGMENT
+    if train and augment.random_crop:
+        geometry = [T.RandomResizedCrop(preprocessing.input_size, interpolation=interpolation, antialias=True)]
     else:
-        max_size = 4 * preprocessing.resize_size
-        geometry = [
-            # a 4000x3 strip would shrink to 0 rows under max_size: pad it to a ratio that keeps rows
-            PadToAspect(max_ratio=max_size // 2),
-            # max_size: a 10000x10 strip would otherwise become 256x256000 (GBs) before the crop;
-            # capped, it is padded by the crop instead. Aspect ratios up to 4:1 are unaffected.
-            T.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True, max_size=max_size),
-            T.CenterCrop(preprocessing.input_size),
-        ]
-    return T.Compose(
-        [
-            T.ToImage(),
-            *geometry,
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
-        ]
-    )
+        geometry = [*_eval_geometry(preprocessing, interpolation), T.CenterCrop(preprocessing.input_size)]
+    if train:
+        geometry += [T.RandomHorizontalFlip()] if augment.flip else []
+        geometry += [augment.policy] if augment.policy is not None else []
+    return T.Compose([T.ToImage(), *geometry, *_to_normalized(preprocessing)])
+
+
+#: test-time augmentations (``tta=``): the views of an image whose probabilities are averaged
+TTA_CHOICES = ("none", "flip", "five_crop")
+
+
+class StackViews(torch.nn.Module):
+    """Several views of one image as a ``(V, C, H, W)`` tensor: the crops of ``FiveCrop`` (a
+    tuple), or the image and its mirror image (``mirror=True``), or the image alone."""
+
+    def __init__(self, mirror: bool = False) -> None:
+        super().__init__()
+        self.mirror = bool(mirror)
+
+    def forward(self, views) -> torch.Tensor:
+        if isinstance(views, (tuple, list)):
+            return torch.stack([torch.as_tensor(v) for v in views])
+        image = torch.as_tensor(views)
+        return torch.stack([image, image.flip(-1)]) if self.mirror else image.unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        return f"mirror={self.mirror}"
+
+
+def build_test_views(preprocessing: Preprocessing, tta: str) -> T.Compose:
+    """The views test-time augmentation ``tta`` (:data:`TTA_CHOICES`) averages, as one
+    ``(V, 3, S, S)`` tensor per image: ``none`` the evaluation view alone; ``flip`` it and its
+    mirror image; ``five_crop`` the four corner crops and the center crop of the resized image
+    (the center one is the evaluation view)."""
+    if tta not in TTA_CHOICES:
+        raise HymtlError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {printable(str(tta))}")
+    interpolation = _INTERPOLATION[preprocessing.interpolation]
+    geometry = _eval_geometry(preprocessing, interpolation)
+    if tta == "five_crop":
+        views = [T.FiveCrop(preprocessing.input_size), StackViews()]
+    else:
+        views = [T.CenterCrop(preprocessing.input_size), StackViews(mirror=tta == "flip")]
+    return T.Compose([T.ToImage(), *geometry, *views, *_to_normalized(preprocessing)])
