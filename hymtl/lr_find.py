@@ -18,9 +18,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl.cli import run_entry
+from hymtl.cli import hymtl_main, run_entry
 from hymtl.errors import HymtlError, printable
-from hymtl.runtime import config_dir
 
 log = logging.getLogger("hymtl.lr_find")
 
@@ -74,7 +73,7 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="lr_find")
+@hymtl_main("lr_find")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; one ``error: ...`` line and exit code 2 on bad input."""
     run_entry(find_lr, cfg)
