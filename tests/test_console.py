@@ -93,9 +93,12 @@ def test_train_log_holds_the_whole_story(quiet_run):
 def test_the_end_says_where_the_results_are(quiet_run):
     result, run, _log = quiet_run
     cwd = run.parents[2]
-    lines = result.stdout.strip().splitlines()[-5:]
+    lines = result.stdout.strip().splitlines()[-6:]
     assert re.fullmatch(r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}", lines[0]), lines
     assert re.fullmatch(r"\d+\.\d examples/sec on cpu", lines[1]), lines
+    # macro accuracy beside accuracy: a class the model never gets right shows here
+    assert re.fullmatch(r"test acc macro \d\.\d{3} \(the mean of the per-class accuracies\)", lines[2]), lines
+    lines = lines[:2] + lines[3:]
     assert lines[2].startswith("run folder: ")
     folder = cwd / lines[2].removeprefix("run folder: ")
     assert folder.resolve() == run.resolve()
