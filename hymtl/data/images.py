@@ -7,10 +7,9 @@ dropped by one rule, :class:`BadImageDropper` (the image and feature datasets bo
 
 from __future__ import annotations
 
-import errno
+import io
 import logging
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchvision.transforms import v2 as T
 
 from hymtl.data.folders import Sample
 from hymtl.errors import first_line, printable
+from hymtl.fileio import open_regular_file, read_regular_file, regular_file_problem
 from hymtl.progress import Progress
 
 if TYPE_CHECKING:
@@ -31,14 +31,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied (first frame of animations).
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, read once: what is decoded, hashed or cached must all be these
+    bytes (a file rewritten between two reads would otherwise pair one content with another's
+    digest). What is not a regular file is refused before a byte is read (a FIFO would block, a
+    link to ``/dev/zero`` never end): ``OSError`` (:func:`hymtl.fileio.read_regular_file`)."""
+    return read_regular_file(path)
+
+
+def decode_rgb_bytes(data: bytes, min_size: int | None = None) -> Image.Image:
+    """Decode an image's bytes (:func:`read_image_bytes`, or a sample that carries them) as RGB with
+    its EXIF orientation applied (first frame of animations).
 
     ``min_size``: a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
     scaling, PIL ``draft``: 1/2, 1/4 or 1/8) whose both sides stay >= ``min_size``; a
     2592x1944 photo headed for a 256-pixel resize decodes ~8x faster. Other formats ignore it.
     """
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         if min_size and img.format == "JPEG" and min(img.size) >= 2 * min_size:
             img.draft(img.mode, (min_size, min_size))
         img = ImageOps.exif_transpose(img)
@@ -51,6 +60,11 @@ def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Imag
         if img.mode.startswith("I;16") or img.mode == "I":
             img = img.point(lambda v: v / 256).convert("L")
         return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Open an image file as RGB: :func:`read_image_bytes` then :func:`decode_rgb_bytes`."""
+    return decode_rgb_bytes(read_image_bytes(path), min_size)
 
 
 class BadImageDropper:
@@ -70,9 +84,21 @@ class BadImageDropper:
         self.failure_log = failure_log
         self._reported: set[str] = set()
 
-    def __call__(self, path: str, make: Callable[[Image.Image], Any]) -> Any | None:
+    def read(self, path: str) -> bytes | None:
+        """The file's bytes, read once (:func:`read_image_bytes`), or ``None`` (reported)."""
         try:
-            image = load_rgb(path, self.decode_size)
+            return read_image_bytes(path)
+        except Exception as exc:  # noqa: BLE001 - vanished, unreadable, not a regular file: skip it
+            self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
+            return None
+
+    def __call__(self, path: str, make: Callable[[Image.Image], Any], data: bytes | None = None) -> Any | None:
+        """``make(image)`` of the file ``path``, decoded from ``data`` when given (its bytes, read
+        once by the caller), else read here; ``None`` when either step fails."""
+        if data is None and (data := self.read(path)) is None:
+            return None
+        try:
+            image = decode_rgb_bytes(data, self.decode_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
             self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
             return None
@@ -164,24 +190,20 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
     does (:func:`load_rgb`): what ``data.strict=true`` runs.
     """
     path = os.fspath(path)
+    problem = regular_file_problem(path)  # the one file rule: a FIFO would block Image.open forever
+    if problem is not None:
+        return "file vanished" if problem == "no such file" else problem
     try:
-        info = os.stat(path)  # follows symlinks
-    except FileNotFoundError:
-        return "broken symlink" if os.path.islink(path) else "file vanished"
+        if os.stat(path).st_size == 0:
+            return "empty file (0 bytes)"
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symlink loop"
         return f"cannot stat: {exc.strerror or exc}"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"  # a FIFO would block Image.open forever
-    if info.st_size == 0:
-        return "empty file (0 bytes)"
     limit = _pixel_limit()
     try:
         with warnings.catch_warnings():
             # between 1x and 2x the limit Pillow only warns: the size test below refuses those
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_regular_file(path) as f, Image.open(f) as img:
                 width, height = img.size
                 if limit and width * height > limit:
                     return (f"decompression bomb refused: {width}x{height} = {width * height:,} pixels is over Pillow's "
