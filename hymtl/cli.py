@@ -12,7 +12,7 @@ The policy, the same everywhere:
 * a user error (:class:`~hymtl.errors.HymtlError`, also when Hydra's ``instantiate`` wrapped it)
   prints ``error: <one line>`` on stderr and exits 2 (or the error's own ``exit_code``: export's
   failed parity check exits 3);
-* Ctrl-C / SIGTERM during a run (``hymtl.resume.RunInterrupted``) prints what was saved and exits
+* Ctrl-C / SIGTERM during a run (``hymtl.signals.RunInterrupted``) prints what was saved and exits
   with the signal's code (130 / 143);
 * a DDP rank that died or went silent prints one line and exits 1;
 * inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
@@ -170,12 +170,23 @@ def route_library_messages() -> None:
         package_logger.propagate = True
 
 
-def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
+def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, stopped: str | None = None,
+              phase: str = "the start of the run") -> T | float:
     """Run ``task(cfg)`` under the error policy of the module docstring; return its value
-    (``nan`` for a failed job of a multirun)."""
+    (``nan`` for a failed job of a multirun).
+
+    ``stopped``: what a SIGINT/SIGTERM leaves, in words, for a task that installs no signal
+    handling of its own (eval, predict, export; train has :class:`hymtl.signals.RunSignals`
+    with its checkpoints): the task then runs inside ``RunSignals(outcome=stopped)``, and a
+    signal ends it with ``interrupted by SIG… during <phase>; <stopped>`` and 130/143."""
     route_library_messages()
     try:
-        return task(cfg)
+        if stopped is None:
+            return task(cfg)
+        from hymtl.signals import RunSignals
+
+        with RunSignals(outcome=stopped, phase=phase):
+            return task(cfg)
     except Exception as exc:
         error = user_error(exc)
         if in_multirun():  # one job failed: report and record it, the sweep goes on
@@ -191,7 +202,7 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
         print(f"error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
-        from hymtl.resume import RunInterrupted  # loaded already: a run was under way
+        from hymtl.signals import RunInterrupted
 
         if isinstance(exc, RunInterrupted):  # state saved; a sweep stops as a whole
             print(exc.message, file=sys.stderr, flush=True)

@@ -143,7 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the accuracy (so a sweep over checkpoints can compare them)."""
-    return run_entry(lambda c: evaluate(c)["accuracy"], cfg)
+    return run_entry(lambda c: evaluate(c)["accuracy"], cfg, phase="the evaluation",
+                     stopped="no eval.json was written (it is written whole, at the end, or not at all): run it again")
 
 
 if __name__ == "__main__":

@@ -233,13 +233,13 @@ def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) 
         else:
             key = (missing or unexpected)[0]
             detail = f"{'no' if missing else 'an unexpected'} tensor {printable(key)[:MAX_QUOTED]}"
-        raise LoadError(f"checkpoint {printable(path)}: its weights do not fit its description ({detail}; "
-                        f"{len(wrong)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected): "
-                        "damaged, edited or not made by this hymtl")
+        raise LoadError(f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model as described "
+                        f"({detail}; {len(wrong)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected): "
+                        "damaged, edited or not made by this hymtl; refused before building anything")
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise LoadError(f"checkpoint {printable(path)} is damaged: non-finite weights (nan or inf) in {len(bad)} "
-                        f"tensors (e.g. {printable(bad[0])[:MAX_QUOTED]})")
+        raise LoadError(f"checkpoint {printable(path)} is damaged: non-finite weights in {len(bad)} tensors "
+                        f"(e.g. {printable(bad[0])[:MAX_QUOTED]}): nan or inf stored in the file")
     return kwargs
 
 

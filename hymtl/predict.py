@@ -100,7 +100,8 @@ def _precision_note(predictor) -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; one ``error: ...`` line and exit code 2 on bad input."""
-    run_entry(run, cfg)
+    run_entry(run, cfg, phase="the prediction",
+              stopped="no predictions were written (out= or stdout gets them whole, at the end, or not at all)")
 
 
 if __name__ == "__main__":
