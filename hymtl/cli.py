@@ -17,6 +17,7 @@ The policy, the same everywhere:
 * a DDP rank that died or went silent prints one line and exits 1;
 * inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
   folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
+  the sweep then exits 1 once every job has run (``hymtl.summarize.SweepSummary``);
 * anything else is a bug: its traceback is the report.
 
 The console is quiet (:class:`QuietConsole`, the console handler's filter in
@@ -210,9 +211,19 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, stopped: str | N
         raise
 
 
+#: the jobs of this process's multirun that failed (the sweep goes on; its exit code says so)
+_FAILED_JOBS: list[str] = []
+
+
+def failed_jobs() -> list[str]:
+    """The messages of the multirun jobs that failed in this process (basic launcher)."""
+    return list(_FAILED_JOBS)
+
+
 def record_failure(exc: BaseException, error: BaseException | None) -> None:
     """Log a failed multirun job and write ``error.json`` in its run folder."""
     message = _failure_message(exc, error)
+    _FAILED_JOBS.append(message)
     if error is None:  # a bug or an environment problem: the traceback is the report
         log.exception("run failed: %s", message)
     else:

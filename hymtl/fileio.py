@@ -44,14 +44,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise WriteError(_write_failure(path, len(data), exc)) from exc
+        left = _remove_temporary(tmp)
+        raise WriteError(_write_failure(path, len(data), exc) + left) from exc
     except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        _remove_temporary(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_temporary(tmp: str | None) -> str:
+    """Remove the temporary file of a failed write; where the folder no longer lets it be
+    removed (made read-only meanwhile), empty it instead, so no copy of the data stays. Never
+    raises: the write's own error is the one to report. Returns what was left, for that report."""
+    if tmp is None:
+        return ""
+    try:
+        Path(tmp).unlink(missing_ok=True)
+        return ""
+    except OSError:
+        pass
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        return f" (its temporary file {printable(tmp)} could not be removed)"
+    return f" (its temporary file {printable(tmp)} could not be removed; it was emptied)"
 
 
 def _write_failure(path: Path, size: int, exc: OSError) -> str:
