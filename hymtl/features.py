@@ -23,7 +23,9 @@ each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) v
   (a folder of a million images is a few hundred files, readable by every DDP rank at once).
   A row is one image: its ``(1 + k, *S)`` views (the plain one first), keyed by the file's
   identity, absolute path, size and ``mtime_ns`` (an edited or replaced image misses the
-  cache), with the SHA-256 of the image file's bytes beside it. ``S = (F,)`` for pooled
+  cache), with the SHA-256 of the image file's bytes beside it: of the very bytes the views
+  were decoded from (read once, :func:`hymtl.data.images.read_image_bytes`), never of a second
+  read, so a file rewritten during extraction is recomputed next time. ``S = (F,)`` for pooled
   features (float32), ``(C, H, W)`` for the activations of a prefix (bfloat16: half the
   bytes, and the top stages train in bf16 autocast on a CPU or GPU that has it).
 * A row is *verified* on every read: the SHA-256 of its bytes (flipped bits), its dtype

@@ -215,7 +215,9 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
 
     Folders follow the file rules of :mod:`hymtl.data.folders` (:func:`walk_images`: hidden
     entries skipped, sorted). A file named explicitly is taken whatever its extension (decoding
-    decides); glob matches are filtered by extension like folder contents. Then every path goes
+    decides); glob matches are filtered by extension like folder contents, and ``**`` walks as
+    folders do (:func:`glob_without_loops`: symlinked folders not entered, so no loops); a file
+    reached under two names is kept once (its first). Then every path goes
     through training's file check (:func:`hymtl.data.images.check_files`: stat and image
     header, no pixels): a FIFO or other special file, a decompression bomb, an empty or
     unreadable file is skipped with its reason and never opened for decoding. Paths that match
