@@ -191,8 +191,9 @@ def load_predictor(path: str | os.PathLike, trust_model: bool = False, precision
 
     precision = checked_precision(precision)
     path = str(path)
-    check_model_file(path)  # the file rule, before the format is sniffed (a FIFO or /dev/zero is never opened)
     suffix = Path(path).suffix.lower()
+    what = {".onnx": "ONNX model", ".pt": "TorchScript model", ".torchscript": "TorchScript model"}.get(suffix, "checkpoint")
+    check_model_file(path, what)  # the file rule, before the format is sniffed (a FIFO or /dev/zero is never opened)
     if suffix == ".onnx":
         session, meta = load_onnx(path)
         return OnnxPredictor(session, meta, source=path)
@@ -248,10 +249,22 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
                 skipped.append(Skipped(item, "pattern matches no images"))
         else:
             skipped.append(Skipped(item, "no such file or folder"))
-    files = list({os.path.realpath(f): f for f in reversed(files)}.values())[::-1]  # each file once: first name kept
+    files = _each_file_once(files)
     reasons = check_files(files)  # training's file check, with its progress and summary line
     skipped += [Skipped(path, reasons[path]) for path in files if path in reasons]
     return [path for path in files if path not in reasons], skipped
+
+
+def _each_file_once(files: Sequence[str]) -> list[str]:
+    """``files`` in order, without a second name of a file already there (its first name kept)."""
+    seen: set[str] = set()
+    unique = []
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def glob_without_loops(pattern: str) -> list[str]:
