@@ -17,11 +17,12 @@ The policy, the same everywhere:
 * a user error (:class:`~hymtl.errors.HymtlError`, also when Hydra's ``instantiate`` wrapped it)
   prints ``error: <one line>`` on stderr and exits 2 (or the error's own ``exit_code``: export's
   failed parity check exits 3);
-* Ctrl-C / SIGTERM during a run (``hymtl.resume.RunInterrupted``) prints what was saved and exits
+* Ctrl-C / SIGTERM during a run (``hymtl.signals.RunInterrupted``) prints what was saved and exits
   with the signal's code (130 / 143);
 * a DDP rank that died or went silent prints one line and exits 1;
 * inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
   folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
+  the sweep then exits 1 once every job has run (``hymtl.summarize.SweepSummary``);
 * anything else is a bug: its traceback is the report.
 
 A run that stops with a user error before it wrote anything but Hydra's record and its log
@@ -308,14 +309,25 @@ def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
         yield from _dotted_keys(node._get_node(key), name + ".")
 
 
-def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
+def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, stopped: str | None = None,
+              phase: str = "the start of the run") -> T | float:
     """Run ``task(cfg)`` under the error policy of the module docstring; return its value
-    (``nan`` for a failed job of a multirun)."""
+    (``nan`` for a failed job of a multirun).
+
+    ``stopped``: what a SIGINT/SIGTERM leaves, in words, for a task that installs no signal
+    handling of its own (eval, predict, export; train has :class:`hymtl.signals.RunSignals`
+    with its checkpoints): the task then runs inside ``RunSignals(outcome=stopped)``, and a
+    signal ends it with ``interrupted by SIG… during <phase>; <stopped>`` and 130/143."""
     route_library_messages()
     try:
         with _users_environment():
             check_targets(cfg)  # keys and values that what they configure does not take: one line
-            return task(cfg)
+            if stopped is None:
+                return task(cfg)
+            from hymtl.signals import RunSignals
+
+            with RunSignals(outcome=stopped, phase=phase):
+                return task(cfg)
     except Exception as exc:
         error = user_error(exc)
         if in_multirun():  # one job failed: report and record it, the sweep goes on
@@ -333,7 +345,7 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | float:
         print(f"error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
-        from hymtl.resume import RunInterrupted  # loaded already: a run was under way
+        from hymtl.signals import RunInterrupted
 
         if isinstance(exc, RunInterrupted):  # state saved; a sweep stops as a whole
             print(exc.message, file=sys.stderr, flush=True)
@@ -374,9 +386,19 @@ def release_unused_run_dir() -> bool:
         return False
 
 
+#: the jobs of this process's multirun that failed (the sweep goes on; its exit code says so)
+_FAILED_JOBS: list[str] = []
+
+
+def failed_jobs() -> list[str]:
+    """The messages of the multirun jobs that failed in this process (basic launcher)."""
+    return list(_FAILED_JOBS)
+
+
 def record_failure(exc: BaseException, error: BaseException | None) -> None:
     """Log a failed multirun job and write ``error.json`` in its run folder."""
     message = _failure_message(exc, error)
+    _FAILED_JOBS.append(message)
     if error is None:  # a bug or an environment problem: the traceback is the report
         log.exception("run failed: %s", message)
     else:

@@ -29,7 +29,8 @@ def _score(cfg: DictConfig) -> float | None:
 @hymtl_main("eval")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the task's metric (so a sweep over checkpoints can compare them)."""
-    return run_entry(_score, cfg)
+    return run_entry(_score, cfg, phase="the evaluation",
+                     stopped="no eval.json was written (it is written whole, at the end, or not at all): run it again")
 
 
 if __name__ == "__main__":

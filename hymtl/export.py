@@ -336,7 +336,8 @@ def export(cfg: DictConfig) -> dict:
 @hymtl_main("export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: ``error: ...`` and exit 2 on bad input, exit 3 when parity breaks."""
-    run_entry(export, cfg)
+    run_entry(export, cfg, phase="the export", stopped="no model file or sidecar was written (each is written "
+              "whole, after the parity check, or not at all) and the scratch folder is removed: run it again")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ each image of a :class:`ViewSource`, the outputs of its plain (eval-transform) v
   (a folder of a million images is a few hundred files, readable by every DDP rank at once).
   A row is one image: its ``(1 + k, *S)`` views (the plain one first), keyed by the file's
   identity, absolute path, size and ``mtime_ns`` (an edited or replaced image misses the
-  cache), with the SHA-256 of the image file's bytes beside it. ``S = (F,)`` for pooled
+  cache), with the SHA-256 of the image file's bytes beside it: of the very bytes the views
+  were decoded from (read once, :func:`hymtl.data.images.read_image_bytes`), never of a second
+  read, so a file rewritten during extraction is recomputed next time. ``S = (F,)`` for pooled
   features (float32), ``(C, H, W)`` for the activations of a prefix (bfloat16: half the
   bytes, and the top stages train in bf16 autocast on a CPU or GPU that has it).
 * A row is *verified* on every read: the SHA-256 of its bytes (flipped bits), its dtype
@@ -90,8 +92,10 @@ CACHE_FORMAT = 4  # bump when the row layout changes: old folders are then never
 class ViewSource(Protocol):
     """What :class:`FeatureExtractor` needs from a dataset (:class:`MultiViewDataset`).
 
-    ``source[i]`` is a ``(1 + num_views, 3, H, W)`` tensor: view 0 the plain eval view, then
-    the augmented views, each drawn reproducibly from (seed, path, view index).
+    ``source[i]`` is ``(views, file_sha256)``: a ``(1 + num_views, 3, H, W)`` tensor (view 0 the
+    plain eval view, then the augmented views, each drawn reproducibly from (seed, path, view
+    index)) and the SHA-256 of the very bytes they were decoded from (read once: a file
+    rewritten meanwhile cannot pair its new digest with the old content's views), or ``None``.
     """
 
     recipe: str  # the transforms and seed that define the views: part of the cache fingerprint
@@ -99,7 +103,7 @@ class ViewSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> torch.Tensor: ...
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None: ...
 
     def identity(self, index: int) -> tuple[str, int, int]:
         """``(absolute path, size in bytes, mtime_ns)`` of the image file (``(origin, size, 0)``
@@ -263,15 +267,20 @@ class FeatureExtractor:
             return stored[:views]
         return None
 
-    def _keep(self, writer, identity: tuple[str, int, int], views: torch.Tensor, digest: Callable[[], str]) -> None:
-        """Hand one image's computed views to the cache writer (unless they must not be stored)."""
+    def _keep(self, writer, source: ViewSource, index: int, views: torch.Tensor, file_sha256: str) -> None:
+        """Hand one image's computed views to the cache writer (unless they must not be stored).
+
+        ``file_sha256`` is the digest of the bytes the views were decoded from, never of a second
+        read; the identity (size, mtime) is taken after the decode, so a file replaced meanwhile
+        is stored under its new identity with the old content's digest, which the next read
+        (:meth:`_read`, hashing the file as it is then) refuses and recomputes."""
+        try:
+            identity = source.identity(index)
+        except OSError as exc:  # vanished since it was read: nothing to key the row by
+            log.warning("cannot stat item %d for the feature cache: %s", index, printable(exc))
+            return
         if not torch.isfinite(views).all():  # never store poison: it would be re-served every run
             log.warning("non-finite features for %s; not cached", printable(identity[0]))
-            return
-        try:
-            file_sha256 = digest()
-        except OSError as exc:
-            log.warning("cannot hash %s for the feature cache: %s", printable(identity[0]), printable(exc))
             return
         writer.add(identity, views, {"file_sha256": file_sha256})
 
@@ -373,7 +382,7 @@ class FeatureExtractor:
         network = None  # built at the first batch, for its views' size
         # the writer flushes on exit, also on an interrupting signal: the rows computed so far are kept
         with self._eval_mode(), (store.writer() if store is not None else contextlib.nullcontext()) as writer:
-            for positions, batch in loader:  # items that failed to decode are dropped (None)
+            for positions, (batch, digests) in loader:  # items that failed to decode are dropped (None)
                 n, v = batch.shape[:2]
                 if network is None:
                     network = self._network(batch.shape[2:])
@@ -381,11 +390,11 @@ class FeatureExtractor:
                 feats = feats.reshape(n, v, *feats.shape[1:])
                 if writer is not None and done == 0:
                     self._log_size(store, feats[0], len(missing))
-                for pos, item in zip(positions.tolist(), feats):
+                for pos, item, digest in zip(positions.tolist(), feats, digests):
                     index = missing[pos]
                     results[index] = item
                     if writer is not None:
-                        self._keep(writer, source.identity(index), item, lambda i=index: source.content_digest(i))
+                        self._keep(writer, source, index, item, digest)
                 # the positions of a batch are increasing: up to its last, every item is done (or dropped)
                 progress.update(int(positions[-1]) + 1 - done, cache_hits=hits, computed=len(results) - hits)
                 done = int(positions[-1]) + 1
@@ -458,10 +467,15 @@ class MultiViewDataset(Dataset):
         sample = self.samples[index]
         return hashlib.sha256(sample.data).hexdigest() if sample.data is not None else sha256_file(sample.path)
 
-    def __getitem__(self, index: int) -> torch.Tensor | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
         sample = self.samples[index]
         key = sample.path if sample.data is not None else os.path.abspath(sample.path)
-        return self.dropper(sample, lambda image: self._views(image, key))
+        # read once (or the bytes a source holds): the digest is of the bytes the views come from
+        data = sample.data if sample.data is not None else self.dropper.read(sample.path)
+        if data is None:
+            return None
+        views = self.dropper(sample, lambda image: self._views(image, key), data=data)
+        return None if views is None else (views, hashlib.sha256(data).hexdigest())
 
     def _views(self, image, path: str) -> torch.Tensor:
         views = [self.eval_transform(image)]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -43,14 +44,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise WriteError(_write_failure(path, len(data), exc)) from exc
+        left = _remove_temporary(tmp)
+        raise WriteError(_write_failure(path, len(data), exc) + left) from exc
     except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        _remove_temporary(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove_temporary(tmp: str | None) -> str:
+    """Remove the temporary file of a failed write; where the folder no longer lets it be
+    removed (made read-only meanwhile), empty it instead, so no copy of the data stays. Never
+    raises: the write's own error is the one to report. Returns what was left, for that report."""
+    if tmp is None:
+        return ""
+    try:
+        Path(tmp).unlink(missing_ok=True)
+        return ""
+    except OSError:
+        pass
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        return f" (its temporary file {printable(tmp)} could not be removed)"
+    return f" (its temporary file {printable(tmp)} could not be removed; it was emptied)"
 
 
 def _write_failure(path: Path, size: int, exc: OSError) -> str:
@@ -88,9 +105,63 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# --------------------------------------------------------------------------- the file rule
+# Every file hymtl opens for reading (images, checkpoints, exported models, sidecars, saved run
+# configs, cache shards) must be a regular file: a FIFO blocks an open() forever, a link to
+# /dev/zero or /dev/urandom never ends a read. Checked by stat before anything opens the path,
+# and again on the descriptor that is read (the path may be swapped between the two).
+NOT_REGULAR = "not a regular file"
+
+
+def regular_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a regular file (``"no such file"``, ``"broken symlink"``,
+    ``"symlink loop"``, ``"not a regular file"`` for a folder, FIFO, socket or device,
+    ``"cannot stat: …"``), or ``None`` when it can. Follows symlinks; opens nothing."""
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else "no such file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot stat: {exc.strerror or exc}"
+    return None if stat.S_ISREG(info.st_mode) else NOT_REGULAR
+
+
+def _regular_file_opener(path: str, flags: int) -> int:
+    # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular_file(path: str | os.PathLike):
+    """``open(path, "rb")`` that refuses (``OSError``: ``not a regular file``) a FIFO, device,
+    socket or folder — also one swapped in after a :func:`regular_file_problem` check — without
+    blocking or reading from it."""
+    return open(os.fspath(path), "rb", opener=_regular_file_opener)
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file, read once (:func:`open_regular_file`); ``max_bytes``: an
+    ``OSError`` (``EFBIG``) for a larger file instead of reading it."""
+    with open_regular_file(path) as f:
+        if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", os.fspath(path))
+        return f.read()
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a regular file's bytes (:func:`open_regular_file`: a FIFO is an ``OSError``)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()

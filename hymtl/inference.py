@@ -24,6 +24,7 @@ ONNX Runtime and the data modules are imported when first needed.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import io
 import json
@@ -258,13 +259,15 @@ def load_predictor(path: str | os.PathLike, trust_model: bool = False, precision
     suffix) -> ``torch.jit`` only with ``trust_model=True``; anything else is read as a Lightning
     checkpoint (PyTorch, run at ``precision``: see :class:`TorchPredictor`). All through
     :mod:`hymtl.loading`. ``precision`` is checked for every format (it only changes PyTorch)."""
-    from hymtl.loading import is_torchscript_archive, load_checkpoint, load_onnx, load_torchscript
+    from hymtl.loading import check_model_file, is_torchscript_archive, load_checkpoint, load_onnx, load_torchscript
 
     import zipfile
 
     precision = checked_precision(precision)
     path = str(path)
     suffix = Path(path).suffix.lower()
+    what = {".onnx": "ONNX model", ".pt": "TorchScript model", ".torchscript": "TorchScript model"}.get(suffix, "checkpoint")
+    check_model_file(path, what)  # the file rule, before the format is sniffed (a FIFO or /dev/zero is never opened)
     if suffix == ".onnx":
         session, meta = load_onnx(path)
         return OnnxPredictor(session, meta, source=path)
@@ -287,7 +290,9 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
 
     Folders follow the file rules of :mod:`hymtl.data.folders` (:func:`walk_images`: hidden
     entries skipped, sorted). A file named explicitly is taken whatever its extension (decoding
-    decides); glob matches are filtered by extension like folder contents. Then every path goes
+    decides); glob matches are filtered by extension like folder contents, and ``**`` walks as
+    folders do (:func:`glob_without_loops`: symlinked folders not entered, so no loops); a file
+    reached under two names is kept once (its first). Then every path goes
     through training's file check (:func:`hymtl.data.images.check_files`: stat and image
     header, no pixels): a FIFO or other special file, a decompression bomb, an empty or
     unreadable file is skipped with its reason and never opened for decoding. Paths that match
@@ -311,17 +316,69 @@ def collect_inputs(inputs: Sequence[str] | str) -> tuple[list[str], list[Skipped
             files.append(item)
         elif glob.has_magic(item):
             found = []
-            for match in sorted(glob.glob(item, recursive=True)):
+            for match in glob_without_loops(item):
                 found += list(walk_images(match)) if os.path.isdir(match) else [match] if is_image_file(match) else []
             files += found
             if not found:
                 skipped.append(Skipped(item, "pattern matches no images"))
         else:
             skipped.append(Skipped(item, "no such file or folder"))
-    files = list(dict.fromkeys(files))
+    files = _each_file_once(files)
     reasons = check_files(files)  # training's file check, with its progress and summary line
     skipped += [Skipped(path, reasons[path]) for path in files if path in reasons]
     return [path for path in files if path not in reasons], skipped
+
+
+def _each_file_once(files: Sequence[str]) -> list[str]:
+    """``files`` in order, without a second name of a file already there (its first name kept)."""
+    seen: set[str] = set()
+    unique = []
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
+
+
+def glob_without_loops(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)`` by training's walking rules
+    (:func:`hymtl.data.folders.walk_images`): ``**`` never enters a symlinked folder, so a link
+    to ``.`` or to a parent cannot loop; hidden entries match only a pattern that starts with
+    ``.``. Sorted, each path once."""
+    absolute = pattern.startswith(os.sep)
+    parts = [p for p in pattern.split(os.sep) if p]
+    current = [os.sep if absolute else ""]
+    for part in parts:
+        found: list[str] = []
+        for base in current:
+            if part == "**":
+                found += _folders_below(base)
+            elif glob.has_magic(part):
+                found += [os.path.join(base, name) for name in _listdir(base)
+                          if (part.startswith(".") or not name.startswith(".")) and fnmatch.fnmatch(name, part)]
+            else:
+                found.append(os.path.join(base, part))
+        current = list(dict.fromkeys(found))
+    return [p for p in current if p and os.path.lexists(p)]
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder or "."))
+    except OSError:  # not a folder, gone, unreadable: matches nothing
+        return []
+
+
+def _folders_below(folder: str) -> list[str]:
+    """``folder`` and every visible folder below it; symlinked folders are not entered."""
+    if folder and not os.path.isdir(folder):
+        return []
+    found = [folder]
+    for dirpath, dirnames, _ in os.walk(folder or ".", followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
+        found += [os.path.join(dirpath, d) if folder else os.path.relpath(os.path.join(dirpath, d)) for d in dirnames]
+    return found
 
 
 def _skip_reason(path: str) -> str:

@@ -34,6 +34,7 @@ Imports only downward: errors, fileio, backbones, model.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import io
@@ -52,7 +53,7 @@ import torch
 
 from hymtl.backbones import Preprocessing
 from hymtl.errors import HymtlError, first_line, printable
-from hymtl.fileio import atomic_write_json
+from hymtl.fileio import atomic_write_json, read_regular_file, regular_file_problem
 
 SIDECAR_FORMAT = "hymtl-export"
 SIDECAR_VERSION = 1
@@ -70,11 +71,36 @@ class LoadError(HymtlError):
     """A checkpoint, exported model or sidecar that is missing, truncated, tampered or foreign."""
 
 
+#: the longest an error line quotes from a file's own content (class names, library messages)
+MAX_QUOTED = 300
+
+
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` (``~`` expanded) when it is a regular file (:func:`hymtl.fileio.regular_file_problem`:
+    the rule of images too), else :class:`LoadError` — before anything opens it: a FIFO would
+    block forever, a link to ``/dev/zero`` be read without end."""
     path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
+    problem = regular_file_problem(path)
+    if problem == "no such file":
         raise LoadError(f"{what} not found: {printable(path)}")
+    if problem is not None:
+        raise LoadError(f"{what} {printable(path)}: {problem} (a FIFO, device, socket or folder is never opened)")
     return path
+
+
+def check_model_file(path: str | os.PathLike, what: str = "model file") -> Path:
+    """The file rule of every model file (``.ckpt``, ``.onnx``, ``.pt``, sidecars): ``path``
+    when it is a regular file, else :class:`LoadError`. Run before any format sniffing."""
+    return _existing_file(path, what)
+
+
+def _read_model_file(path: Path, what: str) -> bytes:
+    """The bytes of a checked model file, read once, from a descriptor that is a regular file
+    (the path may have been swapped for a FIFO since the check)."""
+    try:
+        return read_regular_file(path)
+    except OSError as exc:
+        raise LoadError(f"cannot read {what} {printable(path)}: {exc.strerror or exc}") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -82,28 +108,36 @@ def sha256_bytes(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _check_zip(path: Path) -> None:
-    """Every member of the checkpoint's zip archive against its CRC-32.
+def _check_zip(path: Path, data: bytes) -> None:
+    """Every member of the checkpoint's zip archive (``data``, the bytes of ``path``) against its CRC-32.
 
     ``torch.load`` does not verify CRCs, so flipped bytes inside a tensor would load silently as
     wrong weights; the archive's own checksums catch them (and truncation) first.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise LoadError(
-            f"cannot read checkpoint {printable(path)}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc)})"
+            f"cannot read checkpoint {printable(path)}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc, MAX_QUOTED)})"
         ) from None
     if damaged is not None:
-        raise LoadError(f"cannot read checkpoint {printable(path)}: {damaged} fails its CRC check (the file was damaged or edited)")
+        raise LoadError(f"cannot read checkpoint {printable(path)}: {printable(damaged)[:MAX_QUOTED]} fails its CRC check "
+                        "(the file was damaged or edited)")
 
 
-def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a TorchScript archive (a zip holding ``<name>/constants.pkl`` and
-    ``<name>/code/``), told from its member names alone: nothing in it is read or run."""
+def is_torchscript_archive(path: str | os.PathLike | bytes) -> bool:
+    """Whether ``path`` (or a file's bytes) is a TorchScript archive (a zip holding
+    ``<name>/constants.pkl`` and ``<name>/code/``), told from its member names alone: nothing in
+    it is read or run. Only a regular file is opened (a FIFO or device is not an archive)."""
+    if isinstance(path, bytes):
+        source: Any = io.BytesIO(path)
+    elif regular_file_problem(path) is not None:
+        return False
+    else:
+        source = path
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
@@ -122,19 +156,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict, read with ``weights_only=True``; :class:`LoadError` for anything else
     (a TorchScript archive included, whatever its name: it would be a program, not weights)."""
     path = _existing_file(path, "checkpoint")
-    _check_zip(path)
-    if is_torchscript_archive(path):
+    data = _read_model_file(path, "checkpoint")  # read once: what is checked is what is loaded
+    _check_zip(path, data)
+    if is_torchscript_archive(data):
         raise LoadError(f"refusing to read {printable(path)} as a checkpoint: it is a TorchScript program, not "
                         "weights (a .pt export is loaded only with trust_model=true)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights-only refusals ("Trying to load unsupported GLOBAL posix.system ...") and corrupt pickles
         refused = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:
             name = (refused.group(1) or refused.group(2)).rstrip(".,")
             raise LoadError(
-                f"refusing to load checkpoint {printable(path)}: it asks to call {name}, which weights-only loading does not "
+                f"refusing to load checkpoint {printable(path)}: it asks to call {printable(name)[:MAX_QUOTED]}, which weights-only loading does not "
                 "allow (a checkpoint that runs code when unpickled; not made by hymtl or tampered with)"
             ) from None
         raise LoadError(f"cannot read checkpoint {printable(path)}: corrupt pickle data ({first_line(exc, 200)})") from None
@@ -155,10 +190,12 @@ def _checked_hparams(hparams: dict, path: Path) -> dict[str, Any]:
     if not isinstance(backbone, str) or not backbone:
         raise LoadError(f"checkpoint {printable(path)} names no backbone in its hyperparameters")
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise LoadError(f"checkpoint {printable(path)} has an invalid num_classes: {n!r}")
+        raise LoadError(f"checkpoint {printable(path)} has an invalid num_classes: {printable(repr(n))[:MAX_QUOTED]}")
     if not isinstance(names, (list, tuple)) or len(names) != n or not all(isinstance(c, str) and c for c in names) \
             or len(set(names)) != n:
-        raise LoadError(f"checkpoint {printable(path)}: class_names {names!r} are not {n} distinct names")
+        shown = printable(repr(names))
+        shown = shown if len(shown) <= MAX_QUOTED else f"{shown[:MAX_QUOTED]}… ({len(names) if isinstance(names, (list, tuple)) else '?'} items)"
+        raise LoadError(f"checkpoint {printable(path)}: class_names {shown} are not {n} distinct names")
     accepted = set(inspect.signature(TransferModule.__init__).parameters) - {"self"}
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     # the weights are in the checkpoint: never download or read a weights file to build the module
@@ -166,35 +203,74 @@ def _checked_hparams(hparams: dict, path: Path) -> dict[str, Any]:
     return kwargs
 
 
-def load_checkpoint(path: str | os.PathLike):
-    """A :class:`~hymtl.model.TransferModule` from a Lightning checkpoint, in eval mode, fp32, on CPU.
+def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``TransferModule`` arguments of a checkpoint (:func:`read_checkpoint`'s dict), once
+    its description (hyperparameters: backbone, classes…) is shown to fit the tensors it holds.
 
-    No code from the file runs (see the module docstring). Raises :class:`LoadError`.
-    """
+    The module is first built on PyTorch's ``meta`` device (shapes only, no memory): every
+    tensor it would have must be in the state dict with that shape, and every tensor must be
+    finite, before anything is allocated. A file cannot ask for more memory than it holds (a
+    13 MB checkpoint claiming a million classes is refused in a second, not after GBs), and a
+    non-finite weight is a damaged checkpoint, named as such. Raises :class:`LoadError`."""
     from hymtl.model import TransferModule
 
-    checkpoint = read_checkpoint(path)
     path = Path(os.path.expanduser(str(path)))
     kwargs = _checked_hparams(checkpoint["hyper_parameters"], path)
     state_dict = checkpoint["state_dict"]
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise LoadError(f"checkpoint {printable(path)}: state_dict holds values that are not tensors")
     try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in TransferModule(**kwargs).state_dict().items()}
+    except HymtlError as exc:
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
+    except Exception as exc:  # a tampered hyperparameter of the wrong type
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        if wrong:
+            key = wrong[0]
+            detail = (f"{printable(key)[:MAX_QUOTED]} holds {tuple(state_dict[key].shape)} where its description "
+                      f"({kwargs['backbone']}, {kwargs.get('num_classes')} classes) needs {expected[key]}")
+        else:
+            key = (missing or unexpected)[0]
+            detail = f"{'no' if missing else 'an unexpected'} tensor {printable(key)[:MAX_QUOTED]}"
+        raise LoadError(f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model as described "
+                        f"({detail}; {len(wrong)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected): "
+                        "damaged, edited or not made by this hymtl; refused before building anything")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise LoadError(f"checkpoint {printable(path)} is damaged: non-finite weights in {len(bad)} tensors "
+                        f"(e.g. {printable(bad[0])[:MAX_QUOTED]}): nan or inf stored in the file")
+    return kwargs
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """A :class:`~hymtl.model.TransferModule` from a Lightning checkpoint, in eval mode, fp32, on CPU.
+
+    No code from the file runs (see the module docstring); nothing is built before the
+    description is shown to fit the tensors (:func:`verified_module_kwargs`). Raises :class:`LoadError`.
+    """
+    from hymtl.model import TransferModule
+
+    checkpoint = read_checkpoint(path)
+    path = Path(os.path.expanduser(str(path)))
+    kwargs = verified_module_kwargs(checkpoint, path)
+    try:
         model = TransferModule(**kwargs)
     except HymtlError as exc:
-        raise LoadError(f"checkpoint {printable(path)}: {exc}") from None
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
     except Exception as exc:  # a tampered hyperparameter of the wrong type
-        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc)})") from None
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise LoadError(
-            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:300]})"
+            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:MAX_QUOTED]})"
         ) from None
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise LoadError(f"checkpoint {printable(path)}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]})")
     model.float().eval()
     model.requires_grad_(False)
     return model
@@ -361,12 +437,16 @@ def write_sidecar(model_path: str | os.PathLike, meta: dict[str, Any]) -> Path:
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """A validated sidecar dict. Raises :class:`LoadError` for truncated or tampered JSON."""
     path = _existing_file(path, "sidecar")
-    if path.stat().st_size > _MAX_SIDECAR_BYTES:
-        raise LoadError(f"sidecar {printable(path)} is too large to be a hymtl sidecar")
     try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
+        raw = read_regular_file(path, max_bytes=_MAX_SIDECAR_BYTES)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise LoadError(f"sidecar {printable(path)} is too large to be a hymtl sidecar") from None
+        raise LoadError(f"cannot read sidecar {printable(path)}: {exc.strerror or exc}") from None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"sidecar {printable(path)} is not valid JSON (truncated or edited?): {first_line(exc)}") from None
+        raise LoadError(f"sidecar {printable(path)} is not valid JSON (truncated or edited?): {first_line(exc, MAX_QUOTED)}") from None
     meta = validate_metadata(meta, f"sidecar {printable(path)}")
     if not meta.get("sha256"):
         raise LoadError(f"sidecar {printable(path)} has no sha256 of its model file")
@@ -375,9 +455,9 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 def _model_bytes_and_meta(path: Path, what: str) -> tuple[bytes, dict[str, Any] | None]:
     """Read a model file and, when its sidecar exists, check the file against the sidecar's digest."""
-    data = path.read_bytes()
+    data = _read_model_file(path, what)
     side = sidecar_path(path)
-    if not side.is_file():
+    if not os.path.lexists(side):
         return data, None
     meta = read_sidecar(side)
     if meta.get("sha256") and sha256_bytes(data) != meta["sha256"]:
@@ -408,7 +488,7 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
         onnx.checker.check_model(proto)
     except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         raise LoadError(f"cannot read ONNX model {printable(path)}: truncated, corrupt or invalid "
-                        f"({first_line(exc)})") from None
+                        f"({first_line(exc, MAX_QUOTED)})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     own = None
     if ONNX_METADATA_KEY in props:
@@ -416,15 +496,16 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
             own = json.loads(props[ONNX_METADATA_KEY])
         except json.JSONDecodeError as exc:
             raise LoadError(f"ONNX model {printable(path)}: its hymtl metadata is not valid JSON "
-                            f"({first_line(exc)})") from None
+                            f"({first_line(exc, MAX_QUOTED)})") from None
         own = validate_metadata(own, f"ONNX model {printable(path)} (metadata)")
     meta = model_description(own, side_meta, path, "ONNX model")
+    _check_onnx_sizes(proto, path, meta["preprocessing"]["input_size"])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, …)
-        raise LoadError(f"ONNX Runtime cannot load {printable(path)}: {first_line(exc)}") from None
+        raise LoadError(f"ONNX Runtime cannot load {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     size = meta["preprocessing"]["input_size"]
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or list(inputs[0].shape[1:]) != [3, size, size]:
@@ -432,6 +513,37 @@ def load_onnx(path: str | os.PathLike, providers: list[str] | None = None):
     if len(outputs) != 1 or len(outputs[0].shape) != 2 or outputs[0].shape[1] != meta["num_classes"]:
         raise LoadError(f"ONNX model {printable(path)}: output {[o.shape for o in outputs]} does not give {meta['num_classes']} logits")
     return session, meta
+
+
+#: the most elements one tensor of an ONNX graph may declare per image, in units of the input
+#: image's elements (3·S²), with a floor: a classifier's largest activation is a few times its
+#: input (lite0 at 224: 32·112² ≈ 0.13·(3·224²)); a 40000² ConstantOfShape (7 GB) is not
+ONNX_MAX_INPUT_MULTIPLE = 16
+ONNX_MIN_ELEMENT_BOUND = 1 << 26
+
+
+def _check_onnx_sizes(proto, path: Path, input_size: int) -> None:
+    """Refuse a graph that declares a tensor of more than ``max(ONNX_MIN_ELEMENT_BOUND,
+    ONNX_MAX_INPUT_MULTIPLE · 3 · input_size²)`` elements (the batch axis and other symbolic
+    dimensions count as 1), before ONNX Runtime allocates it. Shapes come from ONNX's shape inference with data propagation, so a shape computed
+    from constants (``ConstantOfShape(Constant([40000, 40000]))``) is known; an inference
+    failure is an invalid model."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx's InferenceError and friends
+        raise LoadError(f"cannot read ONNX model {printable(path)}: its shapes do not check "
+                        f"({first_line(exc, MAX_QUOTED)})") from None
+    bound = max(ONNX_MIN_ELEMENT_BOUND, ONNX_MAX_INPUT_MULTIPLE * 3 * input_size * input_size)
+    graph = inferred.graph
+    for value in [*graph.value_info, *graph.output, *graph.input]:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        elements = math.prod(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+        if elements > bound:
+            raise LoadError(f"ONNX model {printable(path)}: tensor {printable(value.name)[:MAX_QUOTED]} declares "
+                            f"{elements:,} elements per image (more than {bound:,} for {input_size}x{input_size} "
+                            "inputs): refused before running it (a hymtl export never needs that much)")
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -445,7 +557,7 @@ def _torchscript_own_metadata(path: Path, data: bytes) -> dict[str, Any] | None:
             raw = archive.read(member) if member and damaged is None else None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
-                        f"({first_line(exc)})") from None
+                        f"({first_line(exc, MAX_QUOTED)})") from None
     if damaged is not None:
         raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
                         f"({printable(damaged)} fails its CRC check)")
@@ -455,7 +567,7 @@ def _torchscript_own_metadata(path: Path, data: bytes) -> dict[str, Any] | None:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoadError(f"TorchScript model {printable(path)}: its hymtl metadata is not valid JSON "
-                        f"({first_line(exc)})") from None
+                        f"({first_line(exc, MAX_QUOTED)})") from None
     return validate_metadata(meta, f"TorchScript model {printable(path)} (metadata)")
 
 
@@ -479,6 +591,6 @@ def load_torchscript(path: str | os.PathLike, trust: bool = False):
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
         raise LoadError(f"cannot read TorchScript model {printable(path)}: truncated or corrupt "
-                        f"({first_line(exc)})") from None
+                        f"({first_line(exc, MAX_QUOTED)})") from None
     module.eval()
     return module, meta

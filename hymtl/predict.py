@@ -102,7 +102,8 @@ def _precision_note(predictor) -> str:
 @hymtl_main("predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; one ``error: ...`` line and exit code 2 on bad input."""
-    run_entry(run, cfg)
+    run_entry(run, cfg, phase="the prediction",
+              stopped="no predictions were written (out= or stdout gets them whole, at the end, or not at all)")
 
 
 if __name__ == "__main__":

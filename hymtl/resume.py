@@ -56,12 +56,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
-from hymtl.loading import LoadError, read_checkpoint
+from hymtl.loading import MAX_QUOTED, LoadError, read_checkpoint, verified_module_kwargs
 from hymtl.runs import CHECKPOINTS_DIR, launch_dir, run_dir_of, saved_config
+from hymtl.signals import LAST, RunInterrupted, RunSignals, active_run_signals
+
+__all__ = ["RunInterrupted", "RunSignals", "active_run_signals"]  # their room is hymtl.signals
 
 log = logging.getLogger(__name__)
 
-LAST = "last.ckpt"
 INTERRUPTED = "interrupted.ckpt"
 
 
@@ -198,126 +200,6 @@ def _python_state_from_plain(state: dict[str, Any]) -> tuple:
 
 
 # --------------------------------------------------------------------------- signals
-class RunInterrupted(BaseException):
-    """The run stopped on SIGINT/SIGTERM after saving its state. A ``BaseException`` so that a
-    sweep's per-run ``except Exception`` does not swallow the user's Ctrl-C.
-
-    ``stage``: ``"fit"`` (in an epoch: ``checkpoint`` is ``interrupted.ckpt``), ``"test"``
-    (training had finished, ``checkpoint`` is the best one), ``"results"`` (the test had
-    finished; figures and metrics.json were being written), else the phase outside the batch
-    loops it stopped in, in words (``"the file scan"``, ``"the feature extraction"``…).
-    """
-
-    def __init__(self, signum: int, checkpoint: str | None, resume_from: str | None, epoch: int,
-                 stage: str = "fit"):
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.resume_from = resume_from
-        self.epoch = epoch
-        self.stage = stage
-        super().__init__(self.message)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-    @property
-    def message(self) -> str:
-        name = signal.Signals(self.signum).name
-        best = f" (best: {self.checkpoint})" if self.checkpoint else ""
-        test_it = "test it with python -m hymtl.eval ckpt_path=<the checkpoint>"
-        if self.stage == "test":
-            return (f"interrupted by {name} during the test; training had finished and its checkpoints are saved"
-                    f"{best}; no metrics.json was written: {test_it}")
-        if self.stage == "results":
-            return (f"interrupted by {name} while writing the results (figures, metrics.json); training and the test "
-                    f"had finished and the checkpoints are saved{best}; each result file is written whole or not at "
-                    f"all: where metrics.json is missing, {test_it}")
-        if self.stage == "fit":
-            where = f"in epoch {self.epoch}; state saved in {self.checkpoint}" if self.checkpoint else f"in epoch {self.epoch}"
-        else:
-            where = f"during {self.stage}"
-        if self.resume_from:
-            resume = (f"; resume with ckpt_path=last (or ckpt_path={self.resume_from}): it continues from the "
-                      f"end of the last saved epoch and ends as an uninterrupted run would")
-        elif self.stage == "fit" and self.epoch > 0:  # epochs ended, none was due a last.ckpt (LastCheckpoint)
-            resume = ("; no epoch-end checkpoint was due yet (callbacks.last_checkpoint.min_interval_s), so there is "
-                      "nothing to resume from: a new run starts from scratch")
-        else:
-            resume = "; no epoch had finished, so nothing of the run is saved: a new run starts from scratch"
-            if self.stage == "the feature extraction":
-                resume += " (the feature cache keeps the features computed so far)"
-        return f"interrupted by {name} {where}{resume}"
-
-
-_ACTIVE: "RunSignals | None" = None  # the run-wide handler of this process, while a run is under way
-
-
-class RunSignals:
-    """SIGINT/SIGTERM for a whole run: ``with RunSignals(checkpoints_dir) as signals: ...``.
-
-    Outside the batch loops a signal raises :class:`RunInterrupted` at once, from wherever the
-    main thread is (the file scan, the feature extraction, between fit and test, the figures,
-    metrics.json): safe because every file of a run (checkpoints, feature-cache entries,
-    metrics.json, skipped.txt) is written atomically, so a stop leaves each whole or absent.
-    Inside them (:meth:`defer_to`, set by :class:`GracefulStop`) the batch in progress finishes.
-    ``phase`` (in words; set by the entry point and :class:`GracefulStop`) says where a stop happened; ``best`` is the best
-    checkpoint once the fit has ended. Handlers are installed from the main thread only."""
-
-    def __init__(self, checkpoints_dir: str | os.PathLike | None = None) -> None:
-        self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else None
-        self.phase = "the start of the run"
-        self.best: str | None = None
-        self._deferred_to: GracefulStop | None = None
-        self._previous: dict[int, Any] = {}
-        self._outer: RunSignals | None = None
-
-    def __enter__(self) -> "RunSignals":
-        global _ACTIVE
-        self._outer, _ACTIVE = _ACTIVE, self
-        self.install()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        global _ACTIVE
-        for signum, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        self._previous = {}
-        _ACTIVE, self._outer = self._outer, None
-
-    def install(self) -> None:
-        """(Re)install the handler: Lightning puts its own on SIGTERM when a fit or test starts."""
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous.setdefault(signum, signal.getsignal(signum))
-            signal.signal(signum, self._handle)
-
-    def defer_to(self, stop: "GracefulStop | None") -> None:
-        """Inside the batch loops: let ``stop`` finish the batch (``None``: stop at once again)."""
-        self._deferred_to = stop
-
-    def _handle(self, signum: int, frame) -> None:
-        if self._deferred_to is not None:
-            self._deferred_to.request(signum)
-            return
-        raise self.interruption(signum)
-
-    def interruption(self, signum: int) -> RunInterrupted:
-        """The :class:`RunInterrupted` of a stop in the current phase, saying what is on disk."""
-        if self.phase in ("test", "results"):
-            return RunInterrupted(signum, self.best, None, -1, self.phase)
-        last = self.checkpoints_dir / LAST if self.checkpoints_dir is not None else None
-        resume_from = str(last) if last is not None and last.is_file() else None
-        return RunInterrupted(signum, None, resume_from, -1, self.phase)
-
-
-def active_run_signals() -> RunSignals | None:
-    """The run-wide handler of the run under way in this process, if any."""
-    return _ACTIVE
-
-
 class GracefulStop(Callback):
     """SIGINT/SIGTERM inside the batch loops: finish the batch in progress; in the fit save
     ``<dirpath>/interrupted.ckpt`` (the state at that batch: weights for evaluation, or a
@@ -374,6 +256,8 @@ class GracefulStop(Callback):
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         self._signals.defer_to(None)
         if self.signum is not None:
+            if self._signals.outcome is not None:  # eval: the entry point says what a stop leaves
+                raise self._signals.interruption(self.signum)
             raise RunInterrupted(self.signum, self._signals.best, _last_checkpoint(trainer), trainer.current_epoch, "test")
         if trainer.test_loop.batch_progress.is_last_batch:
             self._signals.phase = "results"  # the figures and metrics.json follow
@@ -507,6 +391,9 @@ def check_resume(resume: Resume, cfg: DictConfig) -> dict[str, Any]:
     where = printable(str(resume.checkpoint))
     try:
         checkpoint = read_checkpoint(resume.checkpoint)
+        # its description against its tensors, and finite weights: a damaged file is named as such
+        # here, not found later as a shape mismatch or a "non-finite loss: lower the learning rate"
+        verified_module_kwargs(checkpoint, resume.checkpoint)
     except LoadError as exc:
         raise HymtlError(f"cannot resume {where}: {exc}") from None
     differences = setting_differences(resume.run_dir, cfg)
@@ -566,5 +453,11 @@ def check_resumable_classes(path: Path, hparams: dict[str, Any], class_names: li
     other classes."""
     saved = hparams.get("class_names")
     if saved is not None and list(saved) != list(class_names):
-        raise HymtlError(f"cannot resume {printable(str(path))}: class names differ (was {printable(repr(list(saved)))}, "
-                         f"now {printable(repr(list(class_names)))})")
+        raise HymtlError(f"cannot resume {printable(str(path))}: class names differ (was {_names(saved)}, "
+                         f"now {_names(class_names)})")
+
+
+def _names(names) -> str:
+    """A list of class names for one error line: whole when short, else its start and its count."""
+    shown = printable(repr(list(names)))
+    return shown if len(shown) <= MAX_QUOTED else f"{shown[:MAX_QUOTED]}… ({len(names)} names)"

@@ -18,10 +18,13 @@ Imports no torch or Lightning: Hydra loads this module before every run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from hymtl.fileio import read_regular_file, regular_file_problem
 
 CHECKPOINTS_DIR = "checkpoints"
 HYDRA_DIR = ".hydra"
@@ -36,17 +39,40 @@ def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
     return run if path.parent.name == CHECKPOINTS_DIR and (run / HYDRA_DIR).is_dir() else None
 
 
+#: a resolver call, ``${name:…}`` (``${oc.env:HOME}``, ``${hymtl_run_dir:…}``); a plain
+#: interpolation ``${a.b}`` has no colon after its key
+_RESOLVER_CALL = re.compile(r"\$\{\s*[\w.\-]+\s*:")
+_MAX_SAVED_BYTES = 4 << 20  # a saved config is a few KB
+
+
 def _load_saved(run_dir: Path | None, name: str) -> DictConfig | None:
+    """A file of ``<run>/.hydra/``, read as data: a regular file (the file rule of
+    :mod:`hymtl.fileio`), and every value that calls a resolver replaced by ``???`` (missing).
+    A saved config sits beside a checkpoint anyone may send: resolving ``${oc.env:…}`` would
+    put an environment variable into an error line, ``${hymtl_run_dir:…}`` make folders where
+    the file says. Plain interpolations between its own keys still resolve."""
     if run_dir is None:
         return None
     path = run_dir / HYDRA_DIR / name
-    if not path.is_file():
+    if regular_file_problem(path) is not None:
         return None
     try:
-        loaded = OmegaConf.load(path)
+        loaded = OmegaConf.create(read_regular_file(path, max_bytes=_MAX_SAVED_BYTES).decode("utf-8"))
+        if not isinstance(loaded, DictConfig):
+            return None
+        return OmegaConf.create(_without_resolvers(OmegaConf.to_container(loaded, resolve=False)))
     except Exception:  # noqa: BLE001 - an unreadable saved file is as good as none
         return None
-    return loaded if isinstance(loaded, DictConfig) else None
+
+
+def _without_resolvers(value):
+    if isinstance(value, dict):
+        return {k: _without_resolvers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_resolvers(v) for v in value]
+    if isinstance(value, str) and _RESOLVER_CALL.search(value):
+        return "???"
+    return value
 
 
 def saved_config(run_dir: Path | None) -> DictConfig | None:

@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from hymtl.fileio import atomic_write_bytes
+from hymtl.fileio import atomic_write_bytes, regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,12 @@ class ShardedStore:
         for path in self.shard_paths():
             if path.name in self._seen:
                 continue
+            problem = regular_file_problem(path)
+            if problem is not None:  # a FIFO would block safe_open for good: a damaged entry, not a shard
+                self._seen.add(path.name)  # warned once; left in place (not ours to remove)
+                self.unreadable_shards += 1
+                log.warning("cache entry %s is %s; ignored, its rows are computed again", path, problem)
+                continue
             try:
                 rows = self._read_header(path)
             except Exception as exc:  # noqa: BLE001 - whatever the file holds, it is not a shard to trust
@@ -171,6 +177,9 @@ class ShardedStore:
         try:
             handle = self._handles.get(row.shard)
             if handle is None:
+                problem = regular_file_problem(self.folder / row.shard)
+                if problem is not None:  # replaced by a FIFO or device since the refresh
+                    raise StoreError(problem)
                 handle = self._handles[row.shard] = safe_open(str(self.folder / row.shard), framework="pt")
             tensor = handle.get_slice(_TENSOR)[row.position: row.position + 1][0]
         except Exception as exc:  # noqa: BLE001 - a shard removed or replaced since the refresh

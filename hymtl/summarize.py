@@ -271,9 +271,23 @@ class SweepSummary(Callback):
             markdown = summarize(sweep_dir)
         except HymtlError as exc:
             log.warning("no sweep summary: %s", first_line(exc))
-            return
-        print(markdown, flush=True)
-        print("\n".join(sweep_end_lines(sweep_dir, collect_runs(sweep_dir))), flush=True)
+        else:
+            print(markdown, flush=True)
+            print("\n".join(sweep_end_lines(sweep_dir, collect_runs(sweep_dir))), flush=True)
+        exit_if_jobs_failed(sweep_dir)
+
+
+def exit_if_jobs_failed(sweep_dir: Path) -> None:
+    """Every job has run: a sweep with a failed job exits 1 (a script or CI must not read success),
+    with one line. Failures are those of this process's jobs (:func:`hymtl.cli.failed_jobs`) or
+    the ``error.json`` of any job folder (launchers that run jobs in other processes)."""
+    from hymtl.cli import failed_jobs
+
+    failed = max(len(failed_jobs()), sum(1 for _ in sweep_dir.glob("*/error.json")))
+    if failed:
+        print(f"error: {failed} job{'s' if failed != 1 else ''} of the sweep failed (see the log above and "
+              f"{sweep_dir / 'summary.md'})", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def sweep_end_lines(sweep_dir: str | Path, runs: Sequence[Run] | None = None) -> list[str]:

@@ -75,7 +75,9 @@ def test_multirun_records_a_failing_run_and_summarises_the_others(tiny_folder, t
     # reported, recorded in its own run folder, and not stop the sweep
     result = run_train("-m", *TINY_MODEL, "mode=frozen", "data=folder", f"data.root={tiny_folder}",
                        "+trainer.fast_dev_run=true", "seed=0,1", "model.dropout=0.0,2.0", cwd=tmp_path, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # every job ran, and the sweep says it failed: exit 1 and one line at the very end
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 2 jobs of the sweep failed")
     sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert len(sweeps) == 1, sweeps
     sweep = sweeps[0]

@@ -7,11 +7,9 @@ dropped by one rule, :class:`BadImageDropper` (the image and feature datasets bo
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from torchvision.transforms import v2 as T
 
 from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.errors import HymtlError, first_line, printable
+from hymtl.fileio import open_regular_file, read_regular_file, regular_file_problem
 from hymtl.progress import Progress
 
 if TYPE_CHECKING:
@@ -32,22 +31,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def image_input(sample: Sample | str | os.PathLike) -> str | os.PathLike | io.BytesIO:
-    """What Pillow opens for a sample: its file, or the bytes its source holds (Parquet)."""
-    if isinstance(sample, Sample):
-        return io.BytesIO(sample.data) if sample.data is not None else sample.path
-    return sample
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, read once: what is decoded, hashed or cached must all be these
+    bytes (a file rewritten between two reads would otherwise pair one content with another's
+    digest). What is not a regular file is refused before a byte is read (a FIFO would block, a
+    link to ``/dev/zero`` never end): ``OSError`` (:func:`hymtl.fileio.read_regular_file`)."""
+    return read_regular_file(path)
 
 
-def load_rgb(path: str | os.PathLike | io.BytesIO | Sample, min_size: int | None = None) -> Image.Image:
-    """Open an image (a file, a file object, or a :class:`~hymtl.data.samples.Sample`) as RGB
-    with its EXIF orientation applied (first frame of animations).
+def decode_rgb_bytes(data: bytes, min_size: int | None = None) -> Image.Image:
+    """Decode an image's bytes (:func:`read_image_bytes`, or a sample that carries them) as RGB with
+    its EXIF orientation applied (first frame of animations).
 
     ``min_size``: a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
     scaling, PIL ``draft``: 1/2, 1/4 or 1/8) whose both sides stay >= ``min_size``; a
     2592x1944 photo headed for a 256-pixel resize decodes ~8x faster. Other formats ignore it.
     """
-    with Image.open(image_input(path)) as img:
+    with Image.open(io.BytesIO(data)) as img:
         if min_size and img.format == "JPEG" and min(img.size) >= 2 * min_size:
             img.draft(img.mode, (min_size, min_size))
         img = ImageOps.exif_transpose(img)
@@ -60,6 +60,19 @@ def load_rgb(path: str | os.PathLike | io.BytesIO | Sample, min_size: int | None
         if img.mode.startswith("I;16") or img.mode == "I":
             img = img.point(lambda v: v / 256).convert("L")
         return img.convert("RGB")
+
+
+def sample_bytes(sample: Sample | str | os.PathLike) -> bytes:
+    """The image's bytes: those a source holds (Parquet), else the file's, read once."""
+    if isinstance(sample, Sample):
+        return sample.data if sample.data is not None else read_image_bytes(sample.path)
+    return read_image_bytes(sample)
+
+
+def load_rgb(path: str | os.PathLike | Sample, min_size: int | None = None) -> Image.Image:
+    """Open an image (a file, or a :class:`~hymtl.data.samples.Sample`: a file or the bytes its
+    source holds) as RGB: :func:`sample_bytes` then :func:`decode_rgb_bytes`."""
+    return decode_rgb_bytes(sample_bytes(path), min_size)
 
 
 class BadImageDropper:
@@ -79,10 +92,25 @@ class BadImageDropper:
         self.failure_log = failure_log
         self._reported: set[str] = set()
 
-    def __call__(self, sample: Sample | str, make: Callable[[Image.Image], Any]) -> Any | None:
-        path = sample.path if isinstance(sample, Sample) else sample
+    def read(self, path: str) -> bytes | None:
+        """The file's bytes, read once (:func:`read_image_bytes`), or ``None`` (reported)."""
         try:
-            image = load_rgb(sample, self.decode_size)
+            return read_image_bytes(path)
+        except Exception as exc:  # noqa: BLE001 - vanished, unreadable, not a regular file: skip it
+            self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
+            return None
+
+    def __call__(self, sample: Sample | str, make: Callable[[Image.Image], Any], data: bytes | None = None) -> Any | None:
+        """``make(image)`` of ``sample`` (a file, or a sample whose bytes its source holds),
+        decoded from ``data`` when given (its bytes, read once by the caller), else read here;
+        ``None`` when either step fails."""
+        path = sample.path if isinstance(sample, Sample) else sample
+        if data is None and isinstance(sample, Sample):
+            data = sample.data
+        if data is None and (data := self.read(path)) is None:
+            return None
+        try:
+            image = decode_rgb_bytes(data, self.decode_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: skip the file, keep training
             self.report(path, f"cannot decode: {first_line(exc)}{RUNTIME_SUFFIX}")
             return None
@@ -188,24 +216,26 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
     does (:func:`load_rgb`): what ``data.strict=true`` runs.
     """
     path = os.fspath(path)
+    problem = regular_file_problem(path)  # the one file rule: a FIFO would block Image.open forever
+    if problem is not None:
+        return "file vanished" if problem == "no such file" else problem
     try:
-        info = os.stat(path)  # follows symlinks
-    except FileNotFoundError:
-        return "broken symlink" if os.path.islink(path) else "file vanished"
+        if os.stat(path).st_size == 0:
+            return "empty file (0 bytes)"
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symlink loop"
         return f"cannot stat: {exc.strerror or exc}"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"  # a FIFO would block Image.open forever
-    if info.st_size == 0:
-        return "empty file (0 bytes)"
-    return _check_image(path, decode)
+    try:
+        with open_regular_file(path) as f:  # the one file rule again: a path swapped for a FIFO meanwhile
+            return _check_image(f, decode)
+    except PermissionError:
+        return "unreadable: permission denied"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
 
 
-def _check_image(source: str | io.BytesIO, decode: bool) -> str | None:
-    """The header checks (format, size, decompression bomb) of :func:`check_image_file` on a
-    file or bytes; ``decode``: also the pixels, as training decodes them."""
+def _check_image(source, decode: bool) -> str | None:
+    """The header checks (format, size, decompression bomb) of :func:`check_image_file` on an
+    open file or bytes; ``decode``: also the pixels, as training decodes them (the same bytes)."""
     limit = _pixel_limit()
     try:
         with warnings.catch_warnings():
@@ -219,9 +249,8 @@ def _check_image(source: str | io.BytesIO, decode: bool) -> str | None:
                 if width < 1 or height < 1:
                     return f"invalid size {width}x{height}"
         if decode:
-            if isinstance(source, io.BytesIO):
-                source.seek(0)
-            load_rgb(source).close()
+            source.seek(0)
+            decode_rgb_bytes(source.read()).close()
     except PermissionError:
         return "unreadable: permission denied"
     except Image.DecompressionBombError as exc:
