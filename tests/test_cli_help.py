@@ -97,7 +97,7 @@ def test_hydra_flags_still_work(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- wrong input: one line
 #: overrides Hydra refuses while composing: no torch import, no folder ever claimed
 COMPOSE_ERRORS = [
-    (["logger=csv"], ["logger=csv", "tensorboard"]),
+    (["logger=neptune"], ["logger=neptune: no such option in logger", "csv", "mlflow", "tensorboard", "wandb"]),
     (["mode=bogus"], ["mode=bogus", "finetune, frozen, partial, two_phase"]),
     (["mode=frozn"], ["mode=frozn", "did you mean frozen"]),
     (["mode=_shared"], ["mode=_shared", "finetune"]),  # internal files are no options
@@ -106,7 +106,7 @@ COMPOSE_ERRORS = [
     (["data.batchsize=3"], ["data.batchsize", "did you mean data.batch_size"]),
     (["precision=garbage"], ["unknown key precision", "trainer.precision"]),
     (["mode=[a"], ["mode=[a"]),
-    (["--cfg", "job", "logger=csv"], ["logger=csv"]),
+    (["--cfg", "job", "logger=neptune"], ["logger=neptune"]),
     (["--help", "mode=bogus"], ["mode=bogus"]),
     (["-m", "mode=frozen,bogus", "model=efficientnet_lite0"], ["mode=bogus"]),
 ]
