@@ -88,15 +88,17 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 # --------------------------------------------------------------------------- keys and values of _target_ nodes
 def nearest(word: str, candidates: Any, what: str = "valid ones", prefix: str = "") -> str:
-    """``did you mean a, b?`` (difflib's close matches of ``word``), else every candidate when
-    they are few, else the three nearest: the tail of an error line about ``word``. ``prefix``
+    """``did you mean a, b?`` (difflib's close matches of ``word``; every candidate beside them when
+    they are few), else every candidate when they are few, else the three nearest: the tail of
+    an error line about ``word``. ``prefix``
     goes before each name shown (``data.`` for the keys of ``data``), not into the comparison."""
     import difflib
 
     candidates = sorted({str(c) for c in candidates})
     close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
     if close:
-        return f"did you mean {', '.join(prefix + c for c in close)}?"
+        listed = f" ({what}: {', '.join(prefix + c for c in candidates)})" if len(candidates) <= 8 else ""
+        return f"did you mean {', '.join(prefix + c for c in close)}?{listed}"
     if not candidates:
         return f"there are no {what}"
     if len(candidates) > 8:

@@ -191,7 +191,8 @@ def test_good_exports_load_with_and_without_sidecar(exports):
     "change, message",
     [
         (lambda m: m.update(format="other"), "not a hymtl export description"),
-        (lambda m: m.update(version=2), "unsupported version 2"),
+        (lambda m: m.update(version=3), "unsupported version 3"),
+        (lambda m: m.update(version=2), "a multiclass model's description has version 1, got 2"),
         (lambda m: m.update(class_names=["ants", "ants"]), "class_names must be a list of distinct"),
         (lambda m: m.update(class_names="ants,bees"), "class_names must be a list of distinct"),
         (lambda m: m.update(num_classes=3), "num_classes 3 does not match the 2 class_names"),

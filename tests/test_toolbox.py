@@ -97,8 +97,8 @@ def test_cached_views_follow_the_recipe(compose, tiny_folder, tmp_path):
                                          f"paths.output_dir={tmp_path}").data,
                                  features=None)
         datamodule.setup("fit")
-        views[recipe] = MultiViewDataset(datamodule.train_samples, datamodule.preprocessing, 2,
-                                         augment=datamodule.augment)[0]
+        views[recipe], _digest = MultiViewDataset(datamodule.train_samples, datamodule.preprocessing, 2,
+                                                  augment=datamodule.augment)[0]
     none = views["none"]
     assert torch.equal(none[0], none[1]) and torch.equal(none[0], none[2])  # no augmentation: copies
     assert torch.equal(views["trivial"][0], none[0])  # the plain view is the evaluation view either way
