@@ -223,20 +223,39 @@ def check_parity(
     )
 
 
-def default_parity_inputs(ckpt_path: str | Path) -> list[str]:
-    """The validation folder of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.ckpt``):
-    its ``data.root`` (:func:`hymtl.runs.trained_data_root`); empty when that cannot be found."""
+def default_parity_inputs(ckpt_path: str | Path) -> list:
+    """The validation images of the run that wrote ``ckpt_path`` (``RUN/checkpoints/x.ckpt``):
+    the val folder of its ``data.root`` (:func:`hymtl.runs.trained_data_root`), or, for a label
+    file or Parquet data, the samples its source names for val (else all of them: files, or the
+    bytes Parquet holds); empty when that cannot be found."""
     from hymtl.data.folders import VAL_DIR_NAMES, find_classes
     from hymtl.runs import trained_data_root
 
     root = trained_data_root(ckpt_path)
     if root is None or not root.is_dir():
-        return []
+        return _source_parity_samples(ckpt_path)
     sub = {d.lower(): root / d for d in find_classes(root)}
     for name in (*VAL_DIR_NAMES, "test"):
         if name in sub:
             return [str(sub[name])]
     return [str(root)]
+
+
+def _source_parity_samples(ckpt_path: str | Path) -> list:
+    """The val samples (else all) of the data source a run's saved config names."""
+    from hymtl.data.sources import saved_source
+    from hymtl.runs import launch_dir, run_dir_of, saved_config
+
+    run = run_dir_of(ckpt_path)
+    config = saved_config(run)
+    source = saved_source(config.get("data") if config is not None else None, launch_dir(run))
+    if source is None:
+        return []
+    try:
+        splits = source.load().splits
+    except HymtlError:
+        return []
+    return list(splits.get("val") or splits.get("test") or splits.get("train") or [])
 
 
 # --------------------------------------------------------------------------- the command
@@ -255,7 +274,7 @@ def export(cfg: DictConfig) -> dict:
     import torch
 
     from hymtl.fileio import atomic_write_bytes
-    from hymtl.inference import OnnxPredictor, TorchPredictor, TorchScriptPredictor, collect_inputs
+    from hymtl.inference import OnnxPredictor, Skipped, TorchPredictor, TorchScriptPredictor, collect_inputs
     from hymtl.loading import (
         LoadError, export_metadata, load_checkpoint, load_onnx, load_torchscript, sha256_bytes, write_sidecar,
     )
@@ -274,7 +293,13 @@ def export(cfg: DictConfig) -> dict:
         raise ExportError(
             "parity needs real images and the run's data folder was not found: pass parity.inputs=[FOLDER or FILES]"
         )
-    paths, missing = collect_inputs(inputs)
+    if all(isinstance(i, str) for i in inputs):
+        paths, missing = collect_inputs(inputs)
+    else:  # the samples of the run's source (a label file's files, Parquet's bytes): checked as training checks them
+        from hymtl.data.images import check_files
+
+        reasons = check_files(inputs)
+        paths, missing = [i for i in inputs if i.path not in reasons], [Skipped(p, r) for p, r in reasons.items()]
     if cfg.parity.get("max_images"):
         paths = paths[: int(cfg.parity.max_images)]
     if not paths:
@@ -325,7 +350,7 @@ def export(cfg: DictConfig) -> dict:
         raise ParityError(f"parity check failed, nothing written to {printable(out)}: {report.line()}")
 
     meta["parity"] = {k: v for k, v in asdict(report).items() if k not in ("batch_sizes",)}
-    meta["parity"]["inputs"] = [str(i) for i in inputs]
+    meta["parity"]["inputs"] = [str(getattr(i, "path", i)) for i in inputs]
     with phase(f"writing {printable(out)}"):
         atomic_write_bytes(out, data)
         side = write_sidecar(out, meta)
