@@ -291,3 +291,19 @@ def test_ants_and_bees_as_a_table_and_as_parquet_score_as_the_folder_does(real_d
         accuracy[name] = json.loads((tmp_path / name / "metrics.json").read_text())["test/acc"]
     assert accuracy["folder"] >= 0.9, accuracy
     assert accuracy["table"] == accuracy["folder"] == accuracy["parquet"], accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["table", "parquet"])
+def test_export_takes_its_parity_images_from_the_runs_source(tmp_path, kind):
+    """No parity.inputs: the val images of the source the run was trained on (files or bytes)."""
+    root = make_image_folder(tmp_path / "images", per_class=4)
+    data = (["data=table", f"data.file={folder_as_table(root, tmp_path / 'labels.csv')}"] if kind == "table"
+            else ["data=parquet", f"data.files={folder_as_parquet(root, tmp_path / 'parquet')}"])
+    trained = run_train(*TINY_MODEL, "mode=frozen", "mode.epochs=1", *data, "hydra.run.dir=run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    exported = run_train(f"ckpt_path={ckpt}", f"out={tmp_path / 'model.onnx'}", module="hymtl.export", cwd=tmp_path,
+                         timeout=900)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "top-1 agree 8/8" in exported.stdout + exported.stderr
