@@ -14,6 +14,7 @@ import inspect
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from hymtl.data.samples import Sample
 from hymtl.errors import DataError, printable
@@ -77,6 +78,36 @@ class DataSource(ABC):
     def settings(cls) -> list[str]:
         """The keyword arguments the source takes (``data.<key>`` in the config)."""
         return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "multilabel")]
+
+
+def label_columns(label_column, multilabel: bool) -> str | list[str] | None:
+    """``data.label_column`` as a source takes it: one column name, ``None`` (the source finds
+    one), or a list of 0/1 columns, one per label — which is multi-label data and names no
+    empty column (one :class:`DataError` line otherwise)."""
+    if isinstance(label_column, (str, type(None))):
+        return label_column
+    columns = list(label_column)
+    if not all(isinstance(c, str) and c.strip() for c in columns):
+        raise DataError(f"data.label_column={columns} holds an empty name: name one 0/1 column per label")
+    if not multilabel:
+        raise DataError(f"data.label_column={columns} lists one 0/1 column per label: that is "
+                        "multi-label data, use task=multilabel (or name one column of labels)")
+    return columns
+
+
+def choose_column(columns: list[str], chosen: str | None, defaults: Sequence[str], where: str, key: str, what: str) -> str:
+    """The column ``chosen`` (``key``), else the first of ``defaults`` present (any letter case);
+    one :class:`DataError` line naming ``where`` and the columns otherwise."""
+    if chosen is not None:
+        if chosen not in columns:
+            raise DataError(f"{where}: no column {chosen!r} ({key}); columns: {', '.join(columns)}")
+        return chosen
+    lowered = {name.lower(): name for name in columns}
+    found = next((lowered[name] for name in defaults if name in lowered), None)
+    if found is None:
+        raise DataError(f"{where}: no column of {what} (looked for {', '.join(defaults)}; columns: "
+                        f"{', '.join(columns)}): set {key}")
+    return found
 
 
 def check_settings(source: type[DataSource], given: dict, where: str) -> None:

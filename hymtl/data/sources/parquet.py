@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hymtl.data.samples import Sample, bad_class_name, split_label_cell
-from hymtl.data.sources.base import DataSource, SourceData
+from hymtl.data.sources.base import DataSource, SourceData, choose_column, label_columns
 from hymtl.data.sources.table import LABEL_COLUMNS, SPLIT_NAMES, TRUE_CELLS
 from hymtl.errors import DataError, printable
 
@@ -50,14 +50,9 @@ class ParquetSource(DataSource):
             raise DataError("data=parquet needs its files: data.files=[a.parquet,…] or data.files=FOLDER")
         self.patterns = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
         self.image_column = image_column
-        self.label_column = label_column if isinstance(label_column, (str, type(None))) else list(label_column)
+        self.label_column = label_columns(label_column, multilabel)
         self.split_column = split_column
         self.multilabel = bool(multilabel)
-        if isinstance(self.label_column, list) and not all(isinstance(c, str) and c.strip() for c in self.label_column):
-            raise DataError(f"data.label_column={self.label_column} holds an empty name: name one 0/1 column per label")
-        if isinstance(self.label_column, list) and not self.multilabel:
-            raise DataError(f"data.label_column={self.label_column} lists one 0/1 column per label: that is "
-                            "multi-label data, use task=multilabel (or name one column of labels)")
 
     @property
     def location(self) -> str:
@@ -119,9 +114,9 @@ class ParquetSource(DataSource):
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise DataError(f"cannot read {where} as Parquet: {printable(str(exc).splitlines()[0] if str(exc) else exc)}") from None
         columns = table.column_names
-        image_col = _choose(columns, self.image_column, IMAGE_COLUMNS, where, "data.image_column", "image bytes")
+        image_col = choose_column(columns, self.image_column, IMAGE_COLUMNS, where, "data.image_column", "image bytes")
         label_cols = (self.label_column if isinstance(self.label_column, list)
-                      else [_choose(columns, self.label_column, LABEL_COLUMNS, where, "data.label_column", "labels")])
+                      else [choose_column(columns, self.label_column, LABEL_COLUMNS, where, "data.label_column", "labels")])
         for column in label_cols:
             if column not in columns:
                 raise DataError(f"{where}: no column {column!r} (data.label_column); columns: {', '.join(columns)}")
@@ -184,19 +179,6 @@ class ParquetSource(DataSource):
                 raise DataError(f"{where}, row {row}, column {column!r}: the label {printable(label)!r} holds a control "
                                 "character (labels are saved with the checkpoint and shown on one line)")
         return tuple(sorted(set(labels)))
-
-
-def _choose(columns: list[str], chosen: str | None, defaults: Sequence[str], where: str, key: str, what: str) -> str:
-    if chosen is not None:
-        if chosen not in columns:
-            raise DataError(f"{where}: no column {chosen!r} ({key}); columns: {', '.join(columns)}")
-        return chosen
-    lowered = {name.lower(): name for name in columns}
-    found = next((lowered[name] for name in defaults if name in lowered), None)
-    if found is None:
-        raise DataError(f"{where}: no column of {what} (looked for {', '.join(defaults)}; columns: "
-                        f"{', '.join(columns)}): set {key}")
-    return found
 
 
 def _image_bytes(cell: Any, where: str, row: int, column: str) -> bytes:

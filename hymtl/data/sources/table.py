@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hymtl.data.samples import Sample, bad_class_name, split_label_cell
-from hymtl.data.sources.base import DataSource, SourceData, inside
+from hymtl.data.sources.base import DataSource, SourceData, choose_column, inside, label_columns
 from hymtl.errors import DataError, printable
 
 PATH_COLUMNS = ("filename", "path", "file", "image", "image_path", "file_name")
@@ -57,15 +57,10 @@ class TableSource(DataSource):
             raise DataError("data=table needs the label file: data.file=PATH (CSV, TSV or JSON lines)")
         self.file = Path(os.path.expanduser(str(file)))
         self.path_column = path_column
-        self.label_column = label_column if isinstance(label_column, (str, type(None))) else list(label_column)
+        self.label_column = label_columns(label_column, multilabel)
         self.image_root = Path(os.path.expanduser(str(image_root))) if image_root else self.file.parent
         self.split_column = split_column
         self.multilabel = bool(multilabel)
-        if isinstance(self.label_column, list) and not all(isinstance(c, str) and c.strip() for c in self.label_column):
-            raise DataError(f"data.label_column={self.label_column} holds an empty name: name one 0/1 column per label")
-        if isinstance(self.label_column, list) and not self.multilabel:
-            raise DataError(f"data.label_column={self.label_column} lists one 0/1 column per label: that is "
-                            "multi-label data, use task=multilabel (or name one column of labels)")
 
     @property
     def location(self) -> str:
@@ -149,16 +144,7 @@ class TableSource(DataSource):
         return header, rows
 
     def _column(self, header: list[str], chosen: str | None, defaults: Sequence[str], key: str, what: str) -> str:
-        if chosen is not None:
-            if chosen not in header:
-                raise DataError(f"{printable(self.file)}: no column {chosen!r} ({key}); columns: {', '.join(header)}")
-            return chosen
-        lowered = {name.lower(): name for name in header}
-        found = next((lowered[name] for name in defaults if name in lowered), None)
-        if found is None:
-            raise DataError(f"{printable(self.file)}: no column of {what} (looked for {', '.join(defaults)}; "
-                            f"columns: {', '.join(header)}): set {key}")
-        return found
+        return choose_column(header, chosen, defaults, printable(self.file), key, what)
 
     def _path(self, row: dict[str, str], column: str, number: int) -> str:
         cell = (row.get(column) or "").strip()
