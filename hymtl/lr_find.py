@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hymtl.cli import hymtl_main, run_entry

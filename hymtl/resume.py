@@ -39,7 +39,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
