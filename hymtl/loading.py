@@ -155,6 +155,23 @@ def _refuse_untrusted_torchscript(path: Path) -> LoadError:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict, read with ``weights_only=True``; :class:`LoadError` for anything else
     (a TorchScript archive included, whatever its name: it would be a program, not weights)."""
+    return checked_checkpoint(read_weights_file(path), path)
+
+
+def checked_checkpoint(checkpoint: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``checkpoint`` (:func:`read_weights_file`'s) if it is a Lightning checkpoint of a hymtl
+    model (a ``state_dict`` and ``hyper_parameters``), else :class:`LoadError`."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
+            or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise LoadError(f"{printable(path)} is not a Lightning checkpoint of a hymtl model (no state_dict/hyper_parameters)")
+    return checkpoint
+
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """What a PyTorch file holds, read by the same rules as a checkpoint (a regular file, read
+    once, every zip member against its CRC, no TorchScript, ``weights_only=True``), whatever its
+    layout: also the bare state dict Lightning's spawn launcher hands from a worker to the main
+    process. :class:`LoadError` for anything else."""
     path = _existing_file(path, "checkpoint")
     data = _read_model_file(path, "checkpoint")  # read once: what is checked is what is loaded
     _check_zip(path, data)
@@ -177,9 +194,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise LoadError(
             f"cannot read checkpoint {printable(path)}: truncated, corrupt or not a PyTorch checkpoint ({first_line(exc, 200)})"
         ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
-            or not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise LoadError(f"{printable(path)} is not a Lightning checkpoint of a hymtl model (no state_dict/hyper_parameters)")
     return checkpoint
 
 

@@ -55,7 +55,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
-from hymtl.loading import MAX_QUOTED, LoadError, read_checkpoint, verified_module_kwargs
+from hymtl.loading import MAX_QUOTED, LoadError, checked_checkpoint, read_checkpoint, read_weights_file, verified_module_kwargs
 from hymtl.runs import CHECKPOINTS_DIR, launch_dir, run_dir_of, saved_config
 from hymtl.signals import LAST, RunInterrupted, RunSignals, active_run_signals
 
@@ -91,7 +91,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Lightning moves the states to the device. A damaged file is a one-line ``LoadError``."""
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        return read_checkpoint(path)
+        loaded = read_weights_file(path)
+        if isinstance(loaded, dict) and "state_dict" not in loaded and loaded \
+                and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            return loaded  # the bare weights a DDP-spawn worker hands to the main process (Lightning's own file)
+        return checked_checkpoint(loaded, path)
 
 
 # --------------------------------------------------------------------------- the last checkpoint

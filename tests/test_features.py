@@ -74,10 +74,12 @@ def shards(cache_dir: Path) -> list[Path]:
 
 def _stored_rows(cache_dir: Path) -> torch.Tensor:
     """The rows tensors of the shards under ``cache_dir``, as any safetensors reader sees them, one
-    after the other (how many shards the rows took depends on the machine's speed: flush_seconds)."""
+    after the other (how many shards the rows took depends on the machine's speed: flush_seconds),
+    grouped by row shape: the first shard's (training rows hold more views than val/test rows)."""
     from safetensors.torch import load_file
 
-    return torch.cat([load_file(str(shard))["rows"] for shard in shards(cache_dir)])
+    rows = [load_file(str(shard))["rows"] for shard in shards(cache_dir)]
+    return torch.cat([r for r in rows if r.shape[1:] == rows[0].shape[1:]])
 
 
 def test_second_extraction_reads_the_cache(backbone, samples, tmp_path):
