@@ -118,6 +118,10 @@ class ClassificationModule(LightningModule):
         ``class_weights``: ``"auto"`` from ``class_counts``, or a list) and the metrics."""
         if lr <= 0 or head_lr_mult <= 0:
             raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        largest = torch.finfo(torch.float32).max  # an SGD step on float32 weights takes lr as a float32
+        if not math.isfinite(lr * head_lr_mult) or lr * head_lr_mult > largest:
+            raise HymtlError(f"the head's learning rate lr * head_lr_mult = {lr * head_lr_mult:g} is too large for float32 "
+                             f"weights (at most {largest:.3g}); lower mode.lr")
         if int(num_classes) < 2:
             raise HymtlError(f"need at least two classes, got {num_classes}")
         class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
@@ -337,6 +341,9 @@ class TransferModule(ClassificationModule):
         super().__init__()
         if backbone_lr_mult < 0:
             raise HymtlError(f"backbone_lr_mult must not be negative, got {backbone_lr_mult}")
+        if not math.isfinite(lr * backbone_lr_mult) or lr * backbone_lr_mult > torch.finfo(torch.float32).max:
+            raise HymtlError(f"the backbone's learning rate lr * backbone_lr_mult = {lr * backbone_lr_mult:g} is too large "
+                             f"for float32 weights (at most {torch.finfo(torch.float32).max:.3g}); lower mode.lr")
         if unfreeze_at_epoch is not None and backbone_lr_mult == 0:
             raise HymtlError(f"the backbone unfreezes at epoch {unfreeze_at_epoch} with backbone_lr_mult=0: it would "
                              "never change; set model.backbone_lr_mult > 0 (or mode=frozen to keep it frozen)")

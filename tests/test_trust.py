@@ -522,3 +522,14 @@ def test_a_sweep_with_a_failed_job_exits_non_zero_after_every_job_ran(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(list((tmp_path / "sweep").glob("*/error.json"))) == 2  # the second job ran after the first failed
     assert result.stderr.strip().splitlines()[-1].startswith("error: 2 jobs of the sweep failed")
+
+
+@pytest.mark.parametrize("unfreeze, stages", [(0, 1), (None, None)], ids=["partial", "frozen"])
+def test_a_learning_rate_too_large_for_float32_is_one_line_before_training(unfreeze, stages):
+    """``mode.lr=1e308``: a traceback from torch's SGD in mode=partial on 146bb97; one line now."""
+    from hymtl.errors import HymtlError
+    from hymtl.model import TransferModule
+
+    with pytest.raises(HymtlError, match=r"learning rate lr \* (backbone|head)_lr_mult = .* is too large for float32"):
+        TransferModule(backbone="efficientnet_lite0", pretrained=False, lr=1e308, unfreeze_at_epoch=unfreeze,
+                       trainable_stages=stages)
