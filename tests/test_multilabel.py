@@ -15,8 +15,7 @@ from conftest import REPO_ROOT, make_image_folder, make_multilabel_set, write_la
 from hymtl.backbones import Preprocessing
 from hymtl.data import ImageFolderDataModule
 from hymtl.data.sources import TableSource
-from hymtl.errors import DataError
-from hymtl.tasks import MultilabelTask, TaskError, make_task, tune_thresholds
+from hymtl.tasks import TaskError, make_task, tune_thresholds
 from test_sources import REGIMES, fit_briefly
 from test_train import TINY_MODEL, run_train
 
