@@ -98,6 +98,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checked_checkpoint(loaded, path)
 
 
+def check_resume_in_place(config: DictConfig, run_dir: Path) -> None:
+    """Before Hydra writes a training run's config into ``run_dir``: a resume *in* that used run
+    folder (``hydra.run.dir=<run> ckpt_path=last``) must pass :func:`check_resume` first, so a
+    refused resume leaves the run's own record of its settings; one line and exit 2 otherwise.
+    Given to :class:`hymtl.runs.RunDirCheck` by ``conf/hydra/default.yaml``."""
+    ckpt_path = OmegaConf.select(config, "ckpt_path", default=None)
+    if not ckpt_path or OmegaConf.select(config, "hydra.job.name", default=None) != "train" \
+            or saved_config(run_dir) is None:
+        return
+    try:
+        resume = resolve_resume(ckpt_path, run_dir, Path(str(OmegaConf.select(config, "paths.log_dir"))))
+        check_resume(resume, config)
+    except HymtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 # --------------------------------------------------------------------------- the last checkpoint
 class LastCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (conf/callbacks: ``last_checkpoint``, ``filename: last``)

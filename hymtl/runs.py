@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -141,34 +142,25 @@ except ImportError:  # pragma: no cover - hydra-core < 1.1
 
 class RunDirCheck(_HydraCallback):
     """Hydra callback: the run (or sweep) folder must be creatable and writable; otherwise one
-    line on stderr and exit 2, before Hydra's own mkdir would end in a traceback. A training
-    run that resumes *in* its run folder (``hydra.run.dir=<run> ckpt_path=last``) is checked
-    here too (:func:`hymtl.resume.check_resume`), before Hydra writes the new config over the
-    run's ``.hydra/``: a refused resume leaves the run's own record of its settings."""
+    line on stderr and exit 2, before Hydra's own mkdir would end in a traceback.
+
+    ``before_run``: a check of the composed config and the run folder that must pass before Hydra
+    writes the new config into it (``conf/hydra/default.yaml`` gives resume's
+    :func:`hymtl.resume.check_resume_in_place`: a run that resumes *in* its run folder keeps the
+    run's own record of its settings when the resume is refused). Given, not imported: this
+    room imports no service."""
+
+    def __init__(self, before_run: Callable[[DictConfig, Path], None] | None = None) -> None:
+        self.before_run = before_run
 
     def on_run_start(self, config, **kwargs) -> None:
         run_dir = Path(config.hydra.run.dir)
         _check_writable(run_dir)
-        _check_resume_in_place(config, run_dir)
+        if self.before_run is not None:
+            self.before_run(config, run_dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         _check_writable(Path(config.hydra.sweep.dir))
-
-
-def _check_resume_in_place(config: DictConfig, run_dir: Path) -> None:
-    ckpt_path = OmegaConf.select(config, "ckpt_path", default=None)
-    if not ckpt_path or OmegaConf.select(config, "hydra.job.name", default=None) != "train" \
-            or saved_config(run_dir) is None:
-        return
-    from hymtl.errors import HymtlError
-    from hymtl.resume import check_resume, resolve_resume  # torch: only for a resume in a used run folder
-
-    try:
-        resume = resolve_resume(ckpt_path, run_dir, Path(str(OmegaConf.select(config, "paths.log_dir"))))
-        check_resume(resume, config)
-    except HymtlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _check_writable(folder: Path) -> None:

@@ -19,10 +19,14 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from hymtl.resume import GracefulStop
+
+class DeferredStop(Protocol):
+    """What a stop can be handed to while a batch runs (:class:`hymtl.resume.GracefulStop`:
+    it finishes the batch, saves, then raises :class:`RunInterrupted`)."""
+
+    def request(self, signum: int) -> None: ...
 
 LAST = "last.ckpt"
 
@@ -104,7 +108,7 @@ class RunSignals:
         self.outcome = outcome
         self.phase = phase
         self.best: str | None = None
-        self._deferred_to: GracefulStop | None = None
+        self._deferred_to: DeferredStop | None = None
         self._previous: dict[int, Any] = {}
         self._outer: RunSignals | None = None
 
@@ -130,7 +134,7 @@ class RunSignals:
             self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
 
-    def defer_to(self, stop: "GracefulStop | None") -> None:
+    def defer_to(self, stop: DeferredStop | None) -> None:
         """Inside the batch loops: let ``stop`` finish the batch (``None``: stop at once again)."""
         self._deferred_to = stop
 
