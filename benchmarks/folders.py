@@ -18,6 +18,10 @@ drawn procedurally (PIL), in the layout hymtl reads (``train/<class>/*.jpg``,
                    blur and noise: room for fine-tuning to beat a linear probe;
 * ``many_classes`` 24 procedural classes (the textures, polygons 3-8, stars 4-8, circle, ellipse,
                    cross, crescent, semicircle, arrow, L, T), 20 train + 10 val each.
+* ``digits``       scikit-learn's bundled handwritten digits (8x8, 16 gray levels; it installs with
+                   the package, no download) scaled up to 112 px with a random shift, scale and
+                   rotation: 10 classes, 120 train + 50 val each. Far from ImageNet: no texture, no
+                   colour, the class is in a few blurry strokes.
 
 Every image is drawn from its own random stream (seeded by folder, split, class and index), so
 a rebuild gives byte-identical files whatever order or subset is built. A folder is built into
@@ -422,6 +426,27 @@ def procedural_maker(classes: Sequence[str], n_train: int, n_val: int) -> Callab
     return make
 
 
+def make_digits(ctx: BuildContext) -> None:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    digits = load_digits()
+    by_class: dict[int, list[int]] = {}
+    for i, target in enumerate(digits.target):
+        by_class.setdefault(int(target), []).append(i)
+    for cls, indices in sorted(by_class.items()):
+        order = sorted(indices, key=lambda i: hashlib.sha256(f"{ctx.seed}:{i}".encode()).hexdigest())
+        for split, chosen in (("train", order[:120]), ("val", order[120:170])):
+            for i in chosen[: ctx.cap(len(chosen))]:
+                rnd, _ = rng_for(ctx.seed, ctx.name, i)
+                pixels = (digits.images[i] * (255.0 / 16)).astype(np.uint8)
+                size = rnd.randint(72, 104)
+                glyph = Image.fromarray(255 - pixels, "L").resize((size, size), Image.BICUBIC)
+                glyph = glyph.rotate(rnd.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=255)
+                canvas = Image.new("L", (112, 112), 255)
+                canvas.paste(glyph, (rnd.randint(0, 112 - size), rnd.randint(0, 112 - size)))
+                ctx.write(split, str(cls), f"digit_{i:04d}.jpg", jpeg_bytes(canvas))
+
+
 TEN_CLASSES = TEXTURES + ("polygon3", "polygon4", "polygon5", "polygon6", "polygon7")
 MANY_CLASSES = (TEXTURES + tuple(f"polygon{n}" for n in range(3, 9)) + tuple(f"star{n}" for n in range(4, 9))
                 + ("circle", "ellipse", "cross", "crescent", "semicircle", "arrow", "L", "T"))
@@ -447,6 +472,10 @@ FOLDERS: dict[str, FolderSpec] = {spec.name: spec for spec in (
                "each, drawn as ten_class_3k: the five textures, polygons with 3-8 sides, stars with 4-8 "
                "points, circle, ellipse, cross, crescent, semicircle, arrow, L and T shapes.",
                procedural_maker(MANY_CLASSES, 20, 10), needs_source=False),
+    FolderSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (16 gray levels), 10 classes, 120 "
+               "train + 50 val each (a seeded order of each class's images): inverted to dark strokes on "
+               "white, scaled to 72-104 px (bicubic), rotated up to 15 degrees, pasted at a random place "
+               "on a 112 px white canvas, saved as grayscale JPEG.", make_digits, needs_source=False),
 )}
 
 

@@ -1,0 +1,136 @@
+"""How deep to train, per folder: every fixed regime beside ``mode=auto`` (issue 30).
+
+    .venv/bin/python benchmarks/folders.py --out /tmp/bf
+    .venv/bin/python benchmarks/depth.py --out /tmp/depth \\
+        ../shared/data/hymenoptera_data /tmp/bf/{digits,gray_lines,crops,imbalanced,many_classes,ten_class_3k}
+        [--regimes frozen partial1 partial2 partial3 finetune two_phase auto] [--note TEXT]
+
+Each row is one ``python -m hymtl.train model=efficientnet_lite0 data=folder data.root=<folder>
+<regime>`` in a fresh process with an **empty feature cache** of its own (``HYMTL_CACHE_DIR``),
+timed as ``benchmarks/time_to_accuracy.py`` times its rows (whole process, CPU, peak memory),
+and its ``test/acc`` read from ``metrics.json`` (val doubles as test in these folders). The
+regimes are the shipped ones with their defaults; ``partialN`` is ``mode=partial
+mode.trainable_stages=N``. ``auto`` also reports the depth it stopped at.
+
+The summary gives, per folder, the best fixed regime and how far ``auto`` is from it. The load
+average (1 min) is printed before and after every row and kept in the table: run it alone.
+``<out>/results.json`` and ``<out>/results.md`` are rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REGIMES = {
+    "frozen": ["mode=frozen"],
+    "partial1": ["mode=partial"],
+    "partial2": ["mode=partial", "mode.trainable_stages=2"],
+    "partial3": ["mode=partial", "mode.trainable_stages=3"],
+    "finetune": ["mode=finetune"],
+    "two_phase": ["mode=two_phase"],
+    "auto": ["mode=auto"],
+}
+
+
+def _measured():
+    """``measured`` of benchmarks/time_to_accuracy.py: one way to time a process."""
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", Path(__file__).with_name("time_to_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.measured
+
+
+def run_row(measured, folder: Path, regime: str, extra: list[str], out: Path) -> dict:
+    name = f"{folder.name}-{regime}"
+    run_dir = out / "runs" / name
+    overrides = [*REGIMES[regime], "model=efficientnet_lite0", "data=folder", f"data.root={folder}", *extra]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="depth-cache-") as cache:
+        env = {**os.environ, "HYMTL_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "hymtl.train", *overrides, f"hydra.run.dir={run_dir}"]
+        row = {"folder": folder.name, "regime": regime,
+               "command": "python -m hymtl.train " + " ".join(shlex.quote(o) for o in overrides),
+               **measured(cmd, out / "runs" / f"{name}.log", env)}
+    row.update(load_before=load_before, load_after=os.getloadavg()[0])
+    metrics = run_dir / "metrics.json"
+    if row["returncode"] != 0 or not metrics.is_file():
+        row["error"] = (out / "runs" / f"{name}.log").read_text()[-1500:]
+        return row
+    m = json.loads(metrics.read_text())
+    row.update(test_acc=m.get("test/acc"), epochs=m.get("epochs"))
+    steps = m.get("depth_search", {}).get("steps") if isinstance(m.get("depth_search"), dict) else None
+    if steps:
+        row["depth"] = m["depth_search"].get("chosen_stages")
+        row["steps"] = len(steps)
+    return row
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], note: str) -> str:
+    lines = [f"Machine: {os.cpu_count()} CPUs. {note}".strip(), "",
+             "| folder | regime | test acc | process s | CPU s | peak GB | load before/after | note |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        extra = r.get("error", "").strip().splitlines()[-1:] if r.get("error") else []
+        if r.get("depth") is not None:
+            extra = [f"chose top {r['depth']} stage(s) in {r['steps']} step(s)"]
+        lines.append(f"| {r['folder']} | {r['regime']} | {fmt(r.get('test_acc'))} | {fmt(r.get('process_s'), '.1f')} "
+                     f"| {fmt(r.get('cpu_s'), '.1f')} | {fmt(r.get('peak_rss_gb'), '.2f')} "
+                     f"| {r['load_before']:.2f}/{r['load_after']:.2f} | {' '.join(extra)} |")
+    lines += ["", "| folder | best fixed regime | its acc | auto acc | auto - best | auto s | best's s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for folder in dict.fromkeys(r["folder"] for r in rows):
+        fixed = [r for r in rows if r["folder"] == folder and r["regime"] != "auto" and r.get("test_acc") is not None]
+        auto = next((r for r in rows if r["folder"] == folder and r["regime"] == "auto"), None)
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda r: (r["test_acc"], -r["process_s"]))
+        auto_acc = auto.get("test_acc") if auto else None
+        diff = None if auto_acc is None else auto_acc - best["test_acc"]
+        lines.append(f"| {folder} | {best['regime']} | {fmt(best['test_acc'])} | {fmt(auto_acc)} | {fmt(diff, '+.3f')} "
+                     f"| {fmt(auto.get('process_s') if auto else None, '.1f')} | {fmt(best['process_s'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "hymtl-depth")
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    measured = _measured()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.json"
+    rows: list[dict] = json.loads(results.read_text()) if results.is_file() else []
+    done = {(r["folder"], r["regime"]) for r in rows if r.get("test_acc") is not None}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    for folder in args.folders:
+        for regime in args.regimes:
+            if (folder.name, regime) in done:
+                continue
+            row = run_row(measured, folder.resolve(), regime, args.extra, args.out)
+            rows = [r for r in rows if (r["folder"], r["regime"]) != (folder.name, regime)] + [row]
+            results.write_text(json.dumps(rows, indent=1))
+            (args.out / "results.md").write_text(markdown(rows, args.note))
+            print(f"{row['folder']:>14} {regime:>10} acc {fmt(row.get('test_acc'))} {row['process_s']:7.1f} s "
+                  f"load {row['load_before']:.2f}->{row['load_after']:.2f}"
+                  + (f" ERROR {row['error'].strip().splitlines()[-1]}" if row.get("error") else ""), flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    print(markdown(rows, args.note))
+
+
+if __name__ == "__main__":
+    main()
