@@ -13,6 +13,7 @@ who                             asks the task for
 ``callbacks`` (figures, end)    which figures fit, the end-of-run line
 ``inference`` (predict, serve)  probabilities and the labels they decode to
 ``export``                      the output activation and threshold in the description
+``mixing`` (mixup, cutmix)      target vectors to blend, the labels a blend stands for
 ==============================  ==========================================================
 
 A task is described by a small plain dict (``{"name": "multilabel", "threshold": 0.5}``), saved
@@ -83,6 +84,16 @@ class Task:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def target_vectors(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The batch's targets as ``(N, num_classes)`` float vectors: what mixup and cutmix
+        (:mod:`hymtl.mixing`) blend, and what the loss takes once blended."""
+        raise NotImplementedError
+
+    def hard_targets(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Blended target ``vectors`` back as labels like ``labels`` (the batch's own): the label of
+        each mix's larger part, what the training metrics score a mixed input against."""
+        raise NotImplementedError
+
     def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Logits whose :meth:`probabilities` are ``probabilities`` (averaged test-time views)."""
         raise NotImplementedError
@@ -125,6 +136,7 @@ class MulticlassTask(Task):
     metric_keys = ("acc", "acc_macro")
 
     def loss(self, weights: torch.Tensor | None, label_smoothing: float = 0.0) -> nn.Module:
+        # takes class indices, or class probabilities (N, C): the targets of a mixed batch
         return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
 
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
@@ -136,6 +148,13 @@ class MulticlassTask(Task):
 
     def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities.clamp(min=1e-45).log()  # softmax(log p) = p for p summing to 1
+
+    def target_vectors(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels.long(), num_classes).float()
+
+    def hard_targets(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # the class of the larger part (torchvision's reference scripts score mixed batches so)
+        return vectors.argmax(dim=-1).to(labels.dtype)
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # inverse frequency, normalised so that a balanced set gets 1.0 everywhere (sklearn's "balanced")
@@ -209,6 +228,13 @@ class MultilabelTask(Task):
 
     def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities.logit(eps=1e-7)
+
+    def target_vectors(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return labels.float()  # already 0/1 per label; BCE takes weights in [0, 1] as well
+
+    def hard_targets(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # a label of both images (1.0) or of the larger part (weight > 0.5): the larger part's label set
+        return (vectors >= 0.5).to(labels.dtype)
 
     def _auto_weights(self, counts: list[int], images: int) -> torch.Tensor:
         # BCE's pos_weight: negatives / positives per label (capped: a label seen once is not x1000)
