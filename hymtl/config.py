@@ -31,6 +31,8 @@ NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
     "feature_cache.shard_mb": ("number", 0, True),
     "feature_cache.flush_seconds": ("number", 0, False),
     "callbacks.last_checkpoint.min_interval_s": ("number", 0, False),
+    "mode.mixup": ("number", 0, False),  # alphas: 0 = off
+    "mode.cutmix": ("number", 0, False),
 }
 
 

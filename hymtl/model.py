@@ -45,6 +45,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureBatch
+from hymtl.mixing import MixedBatch, make_mixer
 from hymtl.tasks import make_task, tune_thresholds
 
 class NonFiniteLossError(HymtlError):
@@ -189,9 +190,13 @@ class ClassificationModule(LightningModule):
 
     def _shared_step(self, batch, stage: str) -> torch.Tensor:
         inputs, labels = batch[0], batch[-1]
+        # a MixedBatch (mixup/cutmix, hymtl.mixing): the loss takes its mixed target vectors, the
+        # metrics its hard labels
+        mixed = isinstance(batch, MixedBatch)
         # a FeatureBatch holds the backbone's features of the images, computed once (hymtl.features)
-        logits = self(features=inputs) if isinstance(batch, FeatureBatch) else self(inputs)
-        loss = self.criterion(logits, labels)
+        cached = batch.cached if mixed else isinstance(batch, FeatureBatch)
+        logits = self(features=inputs) if cached else self(inputs)
+        loss = self.criterion(logits, batch.targets if mixed else labels)
         detached = logits.detach()
         if stage == "val" and self.task.multilabel:
             self._val_outputs.append((self.task.probabilities(detached), labels.detach()))  # decided at epoch end
@@ -314,6 +319,8 @@ class TransferModule(ClassificationModule):
             same loss).
         trainable_stages: ``None`` the whole backbone trains when it trains; ``N`` only its top
             ``N`` named stages (partial fine-tuning), the prefix below them stays frozen.
+        mixup, cutmix: the alpha of mixup / cutmix on the training batches (``0``: off; both:
+            one of them per batch), images or cached features alike (:mod:`hymtl.mixing`).
     """
 
     def __init__(
@@ -337,6 +344,8 @@ class TransferModule(ClassificationModule):
         class_weights: Any = None,
         class_counts: Sequence[int] | None = None,
         train_images: int | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ):
         super().__init__()
         if backbone_lr_mult < 0:
@@ -356,6 +365,7 @@ class TransferModule(ClassificationModule):
         self.init_classification(num_classes, class_names, lr, head_lr_mult, optimizer, scheduler, label_smoothing,
                                  task=task, class_weights=class_weights, class_counts=class_counts,
                                  train_images=train_images)
+        self.batch_mixer = make_mixer(mixup, cutmix)  # None when both are off
 
         built = create_backbone(backbone, pretrained=pretrained, weights_path=weights_path)
         self.backbone = built.model
@@ -515,6 +525,15 @@ class TransferModule(ClassificationModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)  # no-op when already
         return self.head(self.forward_features(images))
+
+    # mixup / cutmix (mode.mixup, mode.cutmix: hymtl.mixing) of the training batches, on the device.
+    # Not in on_after_batch_transfer: Lightning warns on every run whose module overrides that
+    # hook beside a datamodule, mixing or not.
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.batch_mixer is not None:
+            batch = self.batch_mixer(batch[0], batch[-1], self.task, self.hparams.num_classes,
+                                     cached=isinstance(batch, FeatureBatch))
+        return super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
