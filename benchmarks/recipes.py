@@ -12,7 +12,9 @@ baseline's best checkpoint is scored by ``python -m hymtl.eval tta=<view>`` (the
 and the TTA accuracy come from the same eval, the time is eval's whole process).
 
 Recipes (default): ``augment=none``, ``augment=trivial``, ``augment=randaug``, ``callbacks=ema``
-(``callbacks.ema.decay=0.99`` as well: short runs), then ``tta=flip`` and ``tta=five_crop``.
+(``callbacks.ema.decay=0.99`` as well: short runs), ``mode.mixup=0.2``, ``mode.cutmix=1.0`` (not
+for ``frozen`` and ``two_phase``: they train on cached pooled features, which have no image area
+to cut: ``hymtl.mixing``), then ``tta=flip`` and ``tta=five_crop``.
 Each row: folder, mode, recipe, test acc, its difference to the baseline, process s, CPU s,
 peak GB. ``<out>/results.json`` and ``<out>/results.md`` are rewritten after every row (a run
 cut short keeps its rows). A recipe earns "on by default" only where it wins across folders:
@@ -36,7 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("frozen", "partial", "two_phase", "finetune")
 RECIPES = ("augment=none", "augment=trivial", "augment=randaug", "callbacks=ema",
-           "callbacks=ema callbacks.ema.decay=0.99")
+           "callbacks=ema callbacks.ema.decay=0.99", "mode.mixup=0.2", "mode.cutmix=1.0")
+#: regimes that train on cached pooled features (hymtl.mixing: cutmix stops there with one line)
+POOLED_FEATURES = ("frozen", "two_phase")
 TTA = ("flip", "five_crop")
 QUICK = ["mode.epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
          "+trainer.limit_test_batches=1", "data.batch_size=4"]
@@ -90,6 +94,14 @@ def tta_row(measured, baseline: dict, folder: Path, tta: str, extra: list[str], 
     result = json.loads(report.read_text())
     row.update(test_acc=result["tta"]["accuracy"], plain_acc=result["accuracy"])
     return row
+
+
+def applies(recipe: str, mode: str) -> bool:
+    """Whether ``recipe`` can run in ``mode``: cutmix needs images or activation maps, unless the
+    recipe itself turns the feature cache off."""
+    parts = recipe.split()
+    cuts = any(p.startswith("mode.cutmix=") and p.split("=", 1)[1] not in ("0", "0.0") for p in parts)
+    return not (cuts and mode in POOLED_FEATURES and "mode.precompute_features=false" not in parts)
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -150,7 +162,7 @@ def main() -> None:
             baseline = train_row(measured, data, mode, "", extra, out, env)
             rows.append(baseline)
             save()
-            for recipe in args.recipes:
+            for recipe in (r for r in args.recipes if applies(r, mode)):
                 rows.append(train_row(measured, data, mode, recipe, extra, out, env))
                 save()
             for tta in args.tta if baseline.get("best") else []:
