@@ -154,7 +154,8 @@ def test_launch_context_follows_the_environment(monkeypatch):
     assert d.rank_failure_message(RuntimeError("gloo: connection reset")) is None  # no process group here
 
 
-@pytest.mark.parametrize("mode, find_unused", [("two_phase", True), ("finetune", False), ("frozen", False)])
+@pytest.mark.parametrize("mode, find_unused", [("two_phase", True), ("auto", True), ("finetune", False),
+                                               ("frozen", False)])
 def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, find_unused):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy
@@ -165,7 +166,10 @@ def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, f
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("cpu", 2, 1)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs["find_unused_parameters"] is find_unused
+    # asked of the module when DDP wraps it: the regime's one answer
+    assert strategy.ask_module_for_unused_parameters
+    module = instantiate(cfg.model, backbone="efficientnet_lite0", pretrained=False, num_classes=2)
+    assert module.has_phase_switch is find_unused
     assert strategy._timeout.total_seconds() == 42 and strategy.process_group_backend == "gloo"
     assert strategy._start_method == "spawn"  # composed, not launched from the command line
 
