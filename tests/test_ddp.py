@@ -206,6 +206,27 @@ def test_two_phase_ddp_keeps_ranks_in_sync_one_run_dir_and_resumes(tiny_folder, 
 
 
 @pytest.mark.slow
+def test_auto_under_ddp_steps_deeper_on_every_rank_alike(tiny_folder, tmp_path):
+    """mode=auto with two ranks: the ranks take rank 0's clock and the synced val metric, so they
+    decide the same steps; the backbones stay identical across ranks after every epoch, and the
+    stages that join mid-fit are synced by DDP (find_unused_parameters asked of the module)."""
+    probe = tmp_path / "digests"
+    result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp_cpu", "trainer.devices=2",
+                   "mode=auto", "mode.trainable_stages=2", "mode.depth_search.step_epochs=1",
+                   "mode.depth_search.margin=-1", "callbacks.test_figures=null",
+                   "+callbacks.digest._target_=test_ddp.BackboneDigest", f"+callbacks.digest.out_dir={probe}",
+                   cwd=tmp_path)
+    ok(result)
+    metrics = json.loads((only_run_dir(tmp_path / "outputs") / "metrics.json").read_text())
+    assert [s["stages"] for s in metrics["depth_search"]["steps"]] == [0, 1, 2] and metrics["epochs"] == 3
+    seen = digests(probe)
+    for epoch in range(3):
+        assert seen[f"rank0_epoch{epoch}"] == seen[f"rank1_epoch{epoch}"], epoch
+    assert seen["rank0_epoch0"].split()[0] == seen["rank0_start"].split()[0]  # step 0: the head alone
+    assert seen["rank0_epoch1"].split()[0] != seen["rank0_epoch0"].split()[0]  # step 1: the top stage trained
+
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_share_one_run_dir(tiny_folder, tmp_path):
     result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp", "+trainer.fast_dev_run=true",
                    cwd=tmp_path, launcher=torchrun("--nproc_per_node", "2", "--master_port", str(_free_port())))
