@@ -32,6 +32,7 @@ from hymtl.progress import on_terminal
 from hymtl.data.splits import IMBALANCE_RATIO
 from hymtl.tasks import make_task
 from hymtl.runtime import device_name
+from hymtl.config import checked_number
 
 log = logging.getLogger("hymtl.callbacks")
 
@@ -684,6 +685,8 @@ class RunSummary(Callback):
             "best_checkpoint": best or None,
             "device": device_name(trainer),
         })
+        record = getattr(pl_module, "run_record", None)
+        metrics.update(record() if callable(record) else {})  # the regime's own record (the depth search's steps)
         self._fit = metrics
         if trainer.is_global_zero:  # what the fit left on disk (the test restores the best one)
             folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
@@ -731,6 +734,8 @@ class RunSummary(Callback):
             "best_checkpoint": fit.get("best_checkpoint"),
             "device": fit.get("device"),
         })
+        if "depth_search" in fit:
+            metrics["depth_search"] = fit["depth_search"]
         return metrics
 
     def _finish(self, trainer: Trainer, test: Mapping[str, Any]) -> None:
@@ -806,24 +811,67 @@ def _spawned(trainer: Trainer) -> bool:
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
-# --------------------------------------------------------------------------- early stopping
-class EarlyStopping(LightningEarlyStopping):
-    """Lightning's ``EarlyStopping`` that knows the regime: in a two-phase run
-    (``unfreeze_at_epoch`` k > 0) it never stops while the backbone is frozen, and its patience
-    counts afresh from the unfreeze epoch, so the earliest stop is after epoch ``k + patience - 1``
-    (``k + patience`` epochs run). The counter lives in Lightning's state (``wait_count``, saved
-    with every checkpoint): a resumed run keeps it.
-
-    ``conf/callbacks/early_stopping.yaml`` gives it the checkpoint's ``monitor`` and ``mode``
-    and the module's ``unfreeze_at_epoch``: one source for each.
+# --------------------------------------------------------------------------- the time budget
+class TimeBudget(Callback):
+    """``budget=5m``: a ceiling on the fit's wall time, for every regime. After each epoch it
+    stops the fit when the next epoch would end past the budget (estimated from the epochs so
+    far) and says what it cut; when the first epoch alone (extraction included) already took
+    longer than the budget, no budget that small can run: one error line names the smallest
+    that would. The time counts from the start of this process's fit (a resumed fit gets the
+    budget afresh). ``mode=auto`` plans its depth within the same budget
+    (:class:`hymtl.depth_search.DepthSearch`); this is its backstop.
     """
 
-    def __init__(self, *args: Any, unfreeze_at_epoch: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unfreeze_at_epoch = int(unfreeze_at_epoch or 0)
+    def __init__(self, budget: Any = None) -> None:
+        self.budget = None if budget is None else checked_number("budget", budget, "duration", 0, exclusive=True)
+        self._started = self._epoch_started = None
+        self._epochs: list[float] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = self._epoch_started = time.monotonic()
+        self._epochs = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.budget is None or self._started is None:
+            return
+        now = time.monotonic()
+        self._epochs.append(now - self._epoch_started)
+        self._epoch_started = now
+        elapsed, next_epoch = now - self._started, max(self._epochs[-3:])
+        if trainer.world_size > 1:  # rank 0's clock for everyone: the same decision on every rank
+            elapsed, next_epoch = trainer.strategy.broadcast((elapsed, next_epoch), src=0)
+        if len(self._epochs) == 1 and elapsed > self.budget:
+            raise HymtlError(f"budget={self.budget:g} s is shorter than the run's first epoch ({elapsed:.0f} s, the "
+                             f"feature extraction included): the smallest budget that would run is "
+                             f"{math.ceil(elapsed * 1.2)} s (budget={math.ceil(elapsed * 1.2)})")
+        done, planned = trainer.current_epoch + 1, trainer.max_epochs
+        if trainer.should_stop:  # stopping anyway (the depth search decided, early stopping)
+            return
+        if elapsed + next_epoch > self.budget and (planned is None or planned < 0 or done < planned):
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                cut = f"{planned - done} of {planned} epochs" if planned and planned > 0 else "the remaining epochs"
+                log.warning("budget %g s: stopping after epoch %d (%.0f s in; the next would end near %.0f s); "
+                            "cut: %s", self.budget, trainer.current_epoch, elapsed, elapsed + next_epoch, cut)
+
+
+# --------------------------------------------------------------------------- early stopping
+class EarlyStopping(LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` that knows the regime: its patience counts afresh from the
+    start of the module's current phase (``phase_start_epoch``: the unfreeze epoch k of a
+    two-phase run, each step of the depth search), and a non-improving epoch before that start
+    does not count — a two-phase run never stops while the backbone is frozen, and its earliest
+    stop is after epoch ``k + patience - 1`` (``k + patience`` epochs run). The counter lives in
+    Lightning's state (``wait_count``, saved with every checkpoint): a resumed run keeps it.
+
+    ``conf/callbacks/early_stopping.yaml`` gives it the checkpoint's ``monitor`` and ``mode``;
+    the phase is asked of the module: one source for each.
+    """
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
         self._epoch = trainer.current_epoch
+        phase_start = getattr(trainer.lightning_module, "phase_start_epoch", None)
+        self._phase_start = phase_start(self._epoch) if callable(phase_start) else 0
         stopping = trainer.should_stop
         super()._run_early_stopping_check(trainer)
         if trainer.should_stop and not stopping and trainer.is_global_zero and self.stopping_reason_message:
@@ -832,8 +880,8 @@ class EarlyStopping(LightningEarlyStopping):
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         waited, stopping_reason = self.wait_count, self.stopping_reason
         should_stop, reason = super()._evaluate_stopping_criteria(current)
-        # epochs of the trained backbone seen so far: a non-improving epoch before it does not count
-        trained = getattr(self, "_epoch", 0) - self.unfreeze_at_epoch + 1
+        # epochs of the current phase seen so far: a non-improving epoch before it does not count
+        trained = getattr(self, "_epoch", 0) - getattr(self, "_phase_start", 0) + 1
         if self.wait_count > waited and self.wait_count > max(trained, 0):  # the patience branch ran
             self.wait_count = max(trained, 0)
             if self.wait_count < self.patience:

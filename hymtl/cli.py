@@ -80,6 +80,8 @@ def register_resolvers() -> None:
     resolvers: dict[str, tuple[Callable[..., Any], bool]] = {
         # conf/trainer/default.yaml: bf16 where the hardware has it
         "hymtl_precision": (runtime.auto_precision, False),
+        # conf/mode/auto.yaml: its default budget holds on a CPU only
+        "hymtl_on_cpu_only": (runtime.on_cpu_only, False),
         # conf/trainer/ddp*.yaml: torchrun's process counts
         "hymtl_devices": (distributed.devices_per_node, False),
         "hymtl_num_nodes": (distributed.num_nodes, False),

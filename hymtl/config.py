@@ -8,6 +8,7 @@ the numbers the user types are checked here, once, with messages that name the k
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,10 @@ NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
     "callbacks.last_checkpoint.min_interval_s": ("number", 0, False),
     "mode.mixup": ("number", 0, False),  # alphas: 0 = off
     "mode.cutmix": ("number", 0, False),
+    "budget": ("duration", 0, True),  # seconds, or 90s / 5m / 1h30m
 }
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
 
 
 def checked_number(key: str, value: Any, kind: str = "integer", low: float = 1, exclusive: bool = False) -> Any:
@@ -43,6 +47,8 @@ def checked_number(key: str, value: Any, kind: str = "integer", low: float = 1, 
     :class:`HymtlError` naming ``key`` otherwise."""
     if key.endswith("num_workers") and value == "auto":
         return value
+    if kind == "duration":
+        return _checked_duration(key, value, low, exclusive)
     try:
         parsed = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
@@ -52,6 +58,19 @@ def checked_number(key: str, value: Any, kind: str = "integer", low: float = 1, 
     if parsed < low or (exclusive and parsed == low):
         raise HymtlError(_bound_message(key, value, kind, low, exclusive))
     return int(parsed) if kind == "integer" else parsed
+
+
+def _checked_duration(key: str, value: Any, low: float, exclusive: bool) -> float:
+    """Seconds from ``300``, ``"300"``, ``"90s"``, ``"5m"``, ``"1h30m"`` or ``"2.5m"``."""
+    text = str(value).strip().lower().replace(" ", "")
+    match = _DURATION.fullmatch(text) if text and not isinstance(value, bool) else None
+    if match is None or not any(match.groups()):
+        raise HymtlError(f"{key} must be a duration: seconds (300) or with a unit (90s, 5m, 1h30m), got {value!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    parsed = hours * 3600 + minutes * 60 + seconds
+    if parsed < low or (exclusive and parsed == low):
+        raise HymtlError(f"{key} must be a positive duration, got {value!r}")
+    return parsed
 
 
 def _bound_message(key: str, value: Any, kind: str, low: float, exclusive: bool) -> str:

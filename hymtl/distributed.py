@@ -250,7 +250,6 @@ def num_nodes(default: int = 1) -> int:
 def ddp_strategy(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     find_unused_parameters: bool | str = "auto",
-    unfreeze_at_epoch: int | None = None,
     start_method: str = "auto",
     process_group_backend: str | None = None,
     **ddp_kwargs: Any,
@@ -260,25 +259,26 @@ def ddp_strategy(
     Args:
         timeout_s: bound on every collective: a rank that stops answering ends the job after
             this many seconds instead of hanging it.
-        find_unused_parameters: ``"auto"``: on for the two-phase regime only. Its backbone is
-            wrapped by DDP while trainable (so DDP syncs it after the switch) and frozen in
+        find_unused_parameters: ``"auto"``: asked of the module when DDP wraps it — on when its
+            phase switches mid-fit (``has_phase_switch``: two-phase, the depth search). Such a
+            backbone is wrapped while trainable (so DDP syncs it after the switch) and frozen in
             ``on_fit_start``; while frozen it gets no gradients, which DDP must be told to expect.
-        unfreeze_at_epoch: the regime (``${mode.unfreeze_at_epoch}``) for ``"auto"``.
         start_method: ``"auto"`` (:func:`choose_start_method`), ``"popen"``, ``"spawn"``…
         process_group_backend: ``None`` (nccl on GPUs, gloo on CPUs) or explicit.
         ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel``.
     """
-    if find_unused_parameters == "auto":
-        find_unused_parameters = unfreeze_at_epoch is not None and int(unfreeze_at_epoch) > 0
+    ask_module = find_unused_parameters == "auto"
     if start_method == "auto":
         start_method = choose_start_method()
-    return _strategy_class()(
+    strategy = _strategy_class()(
         timeout=timedelta(seconds=float(timeout_s)),
-        find_unused_parameters=bool(find_unused_parameters),
+        find_unused_parameters=False if ask_module else bool(find_unused_parameters),
         start_method=start_method,
         process_group_backend=process_group_backend,
         **ddp_kwargs,
     )
+    strategy.ask_module_for_unused_parameters = ask_module
+    return strategy
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,6 +290,14 @@ def _strategy_class() -> type:
         """Lightning's DDP, plus: when a collective fails in the process that launched the other
         local ranks (``start_method="popen"``), those are ended too. Lightning only ends them on
         Ctrl-C; after any other error a rank still waiting in a collective would outlive the job."""
+
+        ask_module_for_unused_parameters = False
+
+        def configure_ddp(self) -> None:
+            if self.ask_module_for_unused_parameters:  # the module knows whether its phase switches
+                switches = bool(getattr(self.lightning_module, "has_phase_switch", False))
+                self._ddp_kwargs["find_unused_parameters"] = switches
+            super().configure_ddp()
 
         def on_exception(self, exception: BaseException) -> None:
             super().on_exception(exception)

@@ -584,15 +584,17 @@ class FeatureServer:
         self._module = None
         self._datasets: dict = {}
 
-    def trainer_kwargs(self, unfreeze_at_epoch: int | None) -> dict:
-        """Extra Trainer arguments: a two-phase run needs new dataloaders (images) at the switch.
+    def trainer_kwargs(self, module) -> dict:
+        """Extra Trainer arguments: a module whose phase switches mid-fit (``has_phase_switch``:
+        two-phase, the depth search) needs new dataloaders when what is served changes.
 
-        Every epoch, not every ``unfreeze_at_epoch`` epochs: Lightning counts that period from the
-        epoch it last built the loaders, which after a resume is the resumed epoch, so a run
-        resumed in its head-only phase would miss the switch (features served to a training
-        backbone) and reload at other epochs than an uninterrupted run (other worker seeds).
-        Rebuilding a loader costs little: the features stay in memory (:meth:`dataset`)."""
-        return {"reload_dataloaders_every_n_epochs": 1} if self.precompute and unfreeze_at_epoch else {}
+        Every epoch, not at the switch: Lightning counts that period from the epoch it last built
+        the loaders, which after a resume is the resumed epoch, so a run resumed in its head-only
+        phase would miss the switch (features served to a training backbone) and reload at other
+        epochs than an uninterrupted run (other worker seeds). Rebuilding a loader costs little:
+        the features stay in memory (:meth:`dataset`)."""
+        switches = bool(getattr(module, "has_phase_switch", False))
+        return {"reload_dataloaders_every_n_epochs": 1} if self.precompute and switches else {}
 
     def cached_stages(self, trainer, stage: str) -> int:
         """How many leading backbone stages the ``stage`` ("fit", "test", "predict") loaders serve

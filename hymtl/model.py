@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +44,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
+from hymtl.depth_search import DepthSearch
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureBatch
 from hymtl.mixing import MixedBatch, make_mixer
@@ -270,7 +272,8 @@ class ClassificationModule(LightningModule):
         monitored = self.task.metric
         if not self.trainer.sanity_checking:
             source = self.val_ranking if monitored not in self.val_metrics.keys(keep_base=True) else self.val_metrics
-            self.val_acc_best.update(source[monitored].compute())  # synced; cached for the log below
+            self.last_val_metric = float(source[monitored].compute())  # synced: the same on every rank
+            self.val_acc_best.update(source[monitored].compute())  # cached for the log below
             # a value, not the object (Lightning would reset the running max); identical on every
             # rank, so sync_dist only keeps Lightning from asking for it
             self.log(f"val/{monitored}_best", self.val_acc_best.compute(), sync_dist=True)
@@ -318,9 +321,13 @@ class TransferModule(ClassificationModule):
             training images per class and in all, for ``"auto"`` (saved: a checkpoint rebuilds the
             same loss).
         trainable_stages: ``None`` the whole backbone trains when it trains; ``N`` only its top
-            ``N`` named stages (partial fine-tuning), the prefix below them stays frozen.
+            ``N`` named stages (partial fine-tuning), the prefix below them stays frozen. With
+            ``depth_search``: the deepest the search may go.
         mixup, cutmix: the alpha of mixup / cutmix on the training batches (``0``: off; both:
             one of them per batch), images or cached features alike (:mod:`hymtl.mixing`).
+        depth_search: ``None`` (the fixed regimes), or the arguments of
+            :class:`hymtl.depth_search.DepthSearch` (``mode=auto``): the head first, then one more
+            top stage per step while validation says it pays and the budget allows.
     """
 
     def __init__(
@@ -346,6 +353,7 @@ class TransferModule(ClassificationModule):
         train_images: int | None = None,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        depth_search: dict | None = None,
     ):
         super().__init__()
         if backbone_lr_mult < 0:
@@ -359,9 +367,11 @@ class TransferModule(ClassificationModule):
         if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
             raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names", "task", "class_weights",
-                                          "class_counts", "train_images"])
+                                          "class_counts", "train_images", "depth_search"])
         self.hparams.update(class_weights=_plain(class_weights), train_images=train_images,
-                            class_counts=list(class_counts) if class_counts is not None else None)
+                            class_counts=list(class_counts) if class_counts is not None else None,
+                            depth_search=_plain(depth_search))
+        self.depth_search = self._depth_search(_plain(depth_search), unfreeze_at_epoch, trainable_stages)
         self.init_classification(num_classes, class_names, lr, head_lr_mult, optimizer, scheduler, label_smoothing,
                                  task=task, class_weights=class_weights, class_counts=class_counts,
                                  train_images=train_images)
@@ -378,9 +388,39 @@ class TransferModule(ClassificationModule):
         self.trainable_stage_names, self._prefix_modules = self._split_stages(
             built, unfreeze_at_epoch, trainable_stages)
 
+        self._training_stages: list[str] = list(self.trainable_stage_names)
+        self._epoch_clock: float | None = None
+        self._served_stages: int | None = None  # the cut the loaders serve now (forward_top_stages runs from it)
         if unfreeze_at_epoch is None:
             # never trains: freeze now, so DDP does not even register the backbone's parameters
             self.freeze_backbone()
+
+    @staticmethod
+    def _depth_search(settings: dict | None, unfreeze_at_epoch, trainable_stages) -> DepthSearch | None:
+        if settings is None:
+            return None
+        if unfreeze_at_epoch != 0 or trainable_stages is None:
+            raise HymtlError("the depth search (mode=auto) trains from the first epoch over the top trainable_stages "
+                             f"stages: it needs unfreeze_at_epoch=0 and a number of stages, got {unfreeze_at_epoch} "
+                             f"and {trainable_stages}")
+        return DepthSearch(max_stages=trainable_stages, **settings)
+
+    @property
+    def has_phase_switch(self) -> bool:
+        """Whether what trains changes during the fit (two-phase, the depth search): the loaders
+        are rebuilt per epoch (what is served changes) and DDP must expect parameters without
+        gradients. The one answer to that question (feature serving, DDP, early stopping ask it)."""
+        return bool(self.hparams.unfreeze_at_epoch) or self.depth_search is not None
+
+    def phase_start_epoch(self, epoch: int) -> int:
+        """The epoch the phase that ``epoch`` belongs to began (early stopping's patience counts from it)."""
+        if self.depth_search is not None:
+            return self.depth_search.step_at(epoch).start_epoch
+        return self.hparams.unfreeze_at_epoch or 0  # two-phase: the head-only epochs come before any phase
+
+    def run_record(self) -> dict:
+        """What the run summary keeps of the regime beyond the metrics (``metrics.json``)."""
+        return {"depth_search": self.depth_search.summary()} if self.depth_search is not None else {}
 
     def _split_stages(self, built, unfreeze_at_epoch, trainable_stages) -> tuple[list[str], list[nn.Module]]:
         """The names of the stages that train when the backbone trains, and the modules of the
@@ -420,21 +460,41 @@ class TransferModule(ClassificationModule):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
-    def unfreeze_backbone(self) -> None:
+    def unfreeze_backbone(self, stages: Sequence[str] | None = None) -> None:
         """Train the backbone again (gradients on, BatchNorm follows the module's mode) — under
-        partial fine-tuning only its top stages; the prefix stays frozen."""
+        partial fine-tuning only its top stages (or ``stages`` of them: the depth search's step);
+        the prefix stays frozen."""
         self.backbone_frozen = False
-        for param in self.trainable_backbone_parameters():
-            param.requires_grad_(True)
+        self._training_stages = list(self.trainable_stage_names if stages is None else stages)
+        wanted = set(self._training_stages)
+        for stage in self.backbone_stages:
+            if stage.name in self.trainable_stage_names:
+                for param in stage.parameters(self.backbone):
+                    param.requires_grad_(stage.name in wanted)
         self.backbone.train(self.training)
         self.hold_frozen_in_eval()
 
     def frozen_modules(self) -> Sequence[nn.Module]:
-        return (self.backbone,) if self.backbone_frozen else tuple(self._prefix_modules)
+        if self.backbone_frozen:
+            return (self.backbone,)
+        waiting = [module for stage in self.backbone_stages
+                   if stage.name in self.trainable_stage_names and stage.name not in self._training_stages
+                   for module in stage.modules(self.backbone)]
+        return tuple(self._prefix_modules) + tuple(waiting)
 
     def backbone_trains_at(self, epoch: int) -> bool:
+        return bool(self.stages_training_at(epoch))
+
+    def stages_training_at(self, epoch: int | None) -> list[str]:
+        """The backbone stages that train at ``epoch`` (``None``: in the current step); empty:
+        the backbone is frozen then."""
         start = self.hparams.unfreeze_at_epoch
-        return start is not None and epoch >= start
+        if start is None or (epoch is not None and epoch < start):
+            return []
+        if self.depth_search is None:
+            return list(self.trainable_stage_names)
+        count = self.depth_search.stages_at(epoch)
+        return self.trainable_stage_names[len(self.trainable_stage_names) - count:] if count else []
 
     @property
     def fixed_prefix_stages(self) -> int:
@@ -454,6 +514,11 @@ class TransferModule(ClassificationModule):
         in head-only epochs too: one cache for the whole run) — when the backbone can be run
         stage by stage (:attr:`hymtl.backbones.Backbone.can_split`), else images."""
         total = len(self.backbone_stages)
+        if self.depth_search is not None:  # the cut follows the step
+            trained = len(self.stages_training_at(epoch))
+            if self._built_backbone.can_split:
+                return total - self.depth_search.cut_depth(trained)
+            return total if not trained else 0
         fixed = self.fixed_prefix_stages
         if fixed == total:
             return total
@@ -476,6 +541,13 @@ class TransferModule(ClassificationModule):
     def on_fit_start(self) -> None:
         # After the strategy has wrapped the model (DDP registers every parameter that may train).
         self._apply_phase(self.trainer.current_epoch)
+        self._epoch_clock = time.monotonic()
+        if self.depth_search is not None and self.trainer.is_global_zero:
+            search = self.depth_search
+            log.info("depth search (mode=auto) over the top %d stages of %s (%s): %d epochs per step, deeper while "
+                     "val/%s gains more than %g%s", search.max_stages, self.hparams.backbone,
+                     ", ".join(self.trainable_stage_names), search.step_epochs, self.task.metric, search.margin,
+                     f", within {search.budget:.0f} s" if search.budget else "")
         if self._prefix_modules and self.trainer.is_global_zero:
             names = [stage.name for stage in self.backbone_stages]
             frozen = names[: len(names) - len(self.trainable_stage_names)]
@@ -487,17 +559,62 @@ class TransferModule(ClassificationModule):
     def on_train_epoch_start(self) -> None:
         self._apply_phase(self.trainer.current_epoch)
 
-    def _apply_phase(self, epoch: int) -> None:
-        if self.backbone_trains_at(epoch):
-            if self.backbone_frozen:
-                self.unfreeze_backbone()
+    def _apply_phase(self, epoch: int | None) -> None:
+        stages = self.stages_training_at(epoch)
+        if stages:
+            if self.backbone_frozen or stages != self._training_stages:
+                self.unfreeze_backbone(stages)
         elif not self.backbone_frozen:
             self.freeze_backbone()
+        self._served_stages = self.cached_stages_at(epoch)
+
+    def on_test_start(self) -> None:
+        if self.depth_search is not None:
+            self._apply_phase(None)  # the step of the checkpoint under test: what its loaders serve
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        trainer = self.trainer
+        if self.depth_search is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        now = time.monotonic()
+        seconds, self._epoch_clock = now - (self._epoch_clock or now), now
+        if trainer.world_size > 1:  # one clock for every rank: the same decision everywhere
+            seconds = trainer.strategy.broadcast(seconds, src=0)
+        lines = self.depth_search.record(trainer.current_epoch, self.last_val_metric, seconds)
+        if lines and trainer.is_global_zero:
+            log.info("%s", lines)
+        if self.depth_search.stopped:
+            trainer.should_stop = True
+        elif lines:
+            self._refresh_learning_rates()
+
+    def _refresh_learning_rates(self) -> None:
+        """Set each group's rate for the next epoch again, from the schedule as it is now.
+        Lightning steps epoch schedulers before validation, so the next epoch's rates were set
+        before the search decided that a stage joins (its factor was still 0)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                rates = [base * factor(scheduler.last_epoch)
+                         for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+                for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                    group["lr"] = rate
+                scheduler._last_lr = rates
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.depth_search is not None:
+            checkpoint["depth_search"] = self.depth_search.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.depth_search is not None and "depth_search" in checkpoint:
+            self.depth_search.load_state_dict(checkpoint["depth_search"])
 
     # ------------------------------------------------------------------ forward / steps
     def forward_top_stages(self, activations: torch.Tensor) -> torch.Tensor:
         """The pooled features from the frozen prefix's activations: the stages above it."""
-        start, total = self.fixed_prefix_stages, len(self.backbone_stages)
+        total = len(self.backbone_stages)
+        start = self._served_stages or self.fixed_prefix_stages
         activations = activations.to(self.head[1].weight.dtype)
         if self.hparams.channels_last:
             activations = activations.contiguous(memory_format=torch.channels_last)
@@ -537,6 +654,8 @@ class TransferModule(ClassificationModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        if self.depth_search is not None:
+            return self._depth_search_optimization()
         hp = self.hparams
         groups = [{"params": list(self.head.parameters()), "lr": hp.lr * hp.head_lr_mult, "name": "head"}]
         if hp.unfreeze_at_epoch is not None:
@@ -554,6 +673,22 @@ class TransferModule(ClassificationModule):
             return 0.0 if epoch < start else schedule(epoch - start, max(1, total - start))
 
         return build_optimization(groups, hp.optimizer, [head_factor, backbone_factor][: len(groups)])
+
+    def _depth_search_optimization(self) -> dict:
+        """The head and one group per stage the search may reach; a stage's group sits at factor
+        0 until its step, and every step restarts the schedule for the groups that train."""
+        hp, search = self.hparams, self.depth_search
+        schedule = instantiate(hp.scheduler)
+        groups = [{"params": list(self.head.parameters()), "lr": hp.lr * hp.head_lr_mult, "name": "head"}]
+        factors = [lambda epoch: schedule(*search.epoch_in_step(epoch))]
+        names = list(reversed(self.trainable_stage_names))  # the top stage first: it joins at step 1
+        stages = {stage.name: stage for stage in self.backbone_stages}
+        for depth, name in enumerate(names, start=1):
+            groups.append({"params": list(stages[name].parameters(self.backbone)), "lr": hp.lr * hp.backbone_lr_mult,
+                           "name": f"backbone.{name}"})
+            factors.append(lambda epoch, depth=depth: schedule(*search.epoch_in_step(epoch))
+                           if search.stages_at(epoch) >= depth else 0.0)
+        return build_optimization(groups, hp.optimizer, factors)
 
 
 def _plain(cfg: Any) -> Any:

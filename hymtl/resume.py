@@ -392,6 +392,9 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "mode.name",                 # the regime ...
     "model.unfreeze_at_epoch",
     "model.trainable_stages",
+    "model.depth_search.step_epochs",  # the depth search's steps (its budget may change: a ceiling)
+    "model.depth_search.margin",
+    "model.depth_search.first_cut",
     "mode.precompute_features",  # ... and what the head trains on: cached features and their views
     "mode.feature_views",
     "augment",                   # the training augmentation (and what the cached augmented views are)

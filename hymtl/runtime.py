@@ -53,3 +53,12 @@ def device_name(trainer) -> str:
     if trainer.world_size > 1:
         return f"{trainer.world_size}x {root.type}"
     return str(root)
+
+
+def on_cpu_only(value, accelerator: str = "auto"):
+    """``value`` when the run trains on a CPU (``accelerator`` ``cpu``, or ``auto`` without
+    CUDA), else ``None``: ``mode=auto``'s default budget (5 minutes on a CPU, none on a GPU)."""
+    import torch
+
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return None if on_gpu else value

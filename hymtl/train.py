@@ -66,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("classes %s; backbone %s (%s)", model.class_names, model.hparams.backbone, model.weights_source)
 
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                                          logger=loggers, **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
+                                          logger=loggers, **features.trainer_kwargs(model))
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

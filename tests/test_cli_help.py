@@ -90,7 +90,7 @@ def test_hydra_flags_still_work(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), COMP_LINE="hymtl-train mode=", COMP_POINT="17")
     completion = subprocess.run([sys.executable, "-m", "hymtl.train", "-sc", "query=bash"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=300)
-    assert completion.stdout.split() == ["mode=finetune", "mode=frozen", "mode=partial", "mode=two_phase"]
+    assert completion.stdout.split() == ["mode=auto", "mode=finetune", "mode=frozen", "mode=partial", "mode=two_phase"]
     assert not folders_under(outputs)
 
 

@@ -154,7 +154,8 @@ def test_launch_context_follows_the_environment(monkeypatch):
     assert d.rank_failure_message(RuntimeError("gloo: connection reset")) is None  # no process group here
 
 
-@pytest.mark.parametrize("mode, find_unused", [("two_phase", True), ("finetune", False), ("frozen", False)])
+@pytest.mark.parametrize("mode, find_unused", [("two_phase", True), ("auto", True), ("finetune", False),
+                                               ("frozen", False)])
 def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, find_unused):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy
@@ -165,7 +166,10 @@ def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, f
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("cpu", 2, 1)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs["find_unused_parameters"] is find_unused
+    # asked of the module when DDP wraps it: the regime's one answer
+    assert strategy.ask_module_for_unused_parameters
+    module = instantiate(cfg.model, backbone="efficientnet_lite0", pretrained=False, num_classes=2)
+    assert module.has_phase_switch is find_unused
     assert strategy._timeout.total_seconds() == 42 and strategy.process_group_backend == "gloo"
     assert strategy._start_method == "spawn"  # composed, not launched from the command line
 
@@ -199,6 +203,27 @@ def test_two_phase_ddp_keeps_ranks_in_sync_one_run_dir_and_resumes(tiny_folder, 
     seen = digests(probe)
     assert seen["rank0_epoch2"] == seen["rank1_epoch2"] and seen["rank0_epoch2"].endswith("trainable")
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_auto_under_ddp_steps_deeper_on_every_rank_alike(tiny_folder, tmp_path):
+    """mode=auto with two ranks: the ranks take rank 0's clock and the synced val metric, so they
+    decide the same steps; the backbones stay identical across ranks after every epoch, and the
+    stages that join mid-fit are synced by DDP (find_unused_parameters asked of the module)."""
+    probe = tmp_path / "digests"
+    result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp_cpu", "trainer.devices=2",
+                   "mode=auto", "mode.trainable_stages=2", "mode.depth_search.step_epochs=1",
+                   "mode.depth_search.margin=-1", "callbacks.test_figures=null",
+                   "+callbacks.digest._target_=test_ddp.BackboneDigest", f"+callbacks.digest.out_dir={probe}",
+                   cwd=tmp_path)
+    ok(result)
+    metrics = json.loads((only_run_dir(tmp_path / "outputs") / "metrics.json").read_text())
+    assert [s["stages"] for s in metrics["depth_search"]["steps"]] == [0, 1, 2] and metrics["epochs"] == 3
+    seen = digests(probe)
+    for epoch in range(3):
+        assert seen[f"rank0_epoch{epoch}"] == seen[f"rank1_epoch{epoch}"], epoch
+    assert seen["rank0_epoch0"].split()[0] == seen["rank0_start"].split()[0]  # step 0: the head alone
+    assert seen["rank0_epoch1"].split()[0] != seen["rank0_epoch0"].split()[0]  # step 1: the top stage trained
 
 
 @pytest.mark.slow

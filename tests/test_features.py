@@ -330,8 +330,9 @@ def test_the_server_asks_the_module_what_to_serve():
     assert not FeatureServer(precompute=False).serves(_trainer(frozen), "fit")
     assert not server.serves(None, "fit")  # no Trainer (the datamodule on its own): images
     # every epoch: Lightning counts a longer period from the resumed epoch and would miss the switch
-    assert server.trainer_kwargs(2) == server.trainer_kwargs(3) == {"reload_dataloaders_every_n_epochs": 1}
-    assert server.trainer_kwargs(None) == server.trainer_kwargs(0) == FeatureServer().trainer_kwargs(2) == {}
+    assert server.trainer_kwargs(unfreezes_at_2) == {"reload_dataloaders_every_n_epochs": 1}
+    assert server.trainer_kwargs(frozen) == server.trainer_kwargs(finetune) == FeatureServer().trainer_kwargs(
+        unfreezes_at_2) == {}
 
 
 def test_partial_fine_tuning_is_served_the_activations_of_its_frozen_prefix_in_every_epoch_and_the_test():
@@ -508,7 +509,7 @@ def _fit_and_test(tiny_folder, tmp_path, unfreeze_at_epoch, epochs: int, callbac
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[probe, *callbacks],
-                         **features.trainer_kwargs(model.hparams.unfreeze_at_epoch))
+                         **features.trainer_kwargs(model))
     trainer.fit(model, datamodule=datamodule)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return probe, features

@@ -250,7 +250,7 @@ def test_two_phase_partial_trains_the_head_then_only_the_top_stages(tiny_folder,
     features = FeatureServer(precompute=True, enabled=False)
     recorder = RecordStages()
     fit(module, tiny_folder, epochs=3, limit_val_batches=0, callbacks=[recorder], features=features,
-        **features.trainer_kwargs(1))
+        **features.trainer_kwargs(module))
     seen, ends = recorder.seen, recorder.ends
     assert seen[0]["trainable"] == 0
     assert seen[0]["features"] and seen[1]["features"] and seen[2]["features"]

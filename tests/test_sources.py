@@ -56,7 +56,7 @@ def fit_briefly(datamodule: ImageFolderDataModule, regime: str, task: dict | Non
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2, limit_val_batches=2,
                          limit_test_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, precision="32-true",
-                         **server.trainer_kwargs(unfreeze))
+                         **server.trainer_kwargs(model))
     trainer.fit(model, datamodule=datamodule)
     return model, trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
