@@ -128,7 +128,7 @@ class DepthSearch:
         step = self.steps[-1]
         earlier = max((s.best for s in self.steps[:-1]), default=None)
         gain = None if earlier is None else step.best - earlier
-        line = (f"depth search: step {len(self.steps) - 1} trained {_stages(step.stages)} for {step.epochs} epochs "
+        line = (f"depth search: step {len(self.steps) - 1} trained {_stages(step.stages)} for {_epochs(step.epochs)} "
                 f"(epochs {step.start_epoch}-{epoch}): best val {step.best:.4f}"
                 + ("" if gain is None else f" ({gain:+.4f} over the steps before)") + f", {step.seconds:.1f} s")
         if step.stages >= self.max_stages:
@@ -186,6 +186,10 @@ class DepthSearch:
             "decision": self.decision or "the run ended before the search decided (mode.epochs or a stop)",
             "budget_s": self.budget,
         }
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
 
 
 def _stages(n: int) -> str:

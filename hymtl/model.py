@@ -544,9 +544,10 @@ class TransferModule(ClassificationModule):
         self._epoch_clock = time.monotonic()
         if self.depth_search is not None and self.trainer.is_global_zero:
             search = self.depth_search
-            log.info("depth search (mode=auto) over the top %d stages of %s (%s): %d epochs per step, deeper while "
-                     "val/%s gains more than %g%s", search.max_stages, self.hparams.backbone,
-                     ", ".join(self.trainable_stage_names), search.step_epochs, self.task.metric, search.margin,
+            log.info("depth search (mode=auto) over the top %d stages of %s (%s): %d epoch%s per step, deeper "
+                     "while val/%s gains more than %g%s", search.max_stages, self.hparams.backbone,
+                     ", ".join(self.trainable_stage_names), search.step_epochs, "s" if search.step_epochs != 1 else "",
+                     self.task.metric, search.margin,
                      f", within {search.budget:.0f} s" if search.budget else "")
         if self._prefix_modules and self.trainer.is_global_zero:
             names = [stage.name for stage in self.backbone_stages]
