@@ -22,7 +22,7 @@ The policy, the same everywhere:
 * a DDP rank that died or went silent prints one line and exits 1;
 * inside a Hydra multirun, any failure of one job is logged, recorded as ``error.json`` in its run
   folder (``hymtl.summarize`` lists it as failed) and the sweep goes on (the job returns NaN);
-  the sweep then exits 1 once every job has run (``hymtl.summarize.SweepSummary``);
+  the sweep then exits 1 once every job has run (``hymtl.summaries.SweepSummary``);
 * anything else is a bug: its traceback is the report.
 
 A run that stops with a user error before it wrote anything but Hydra's record and its log

@@ -574,3 +574,46 @@ def format_result(result: PredictionResult, fmt: str) -> str:
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         return "\n".join([line(header), *(line(r) for r in rows)]) + "\n"
     raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class PredictSettings:
+    """``conf/predict.yaml``, checked (:meth:`from_config`): what ``hymtl.predict`` runs with."""
+
+    ckpt_path: str
+    inputs: str | list[str]
+    format: str
+    topk: int
+    batch_size: int
+    num_workers: int | str
+    precision: str
+    trust_model: bool
+    out: Path | None
+    tta: str
+
+    @classmethod
+    def from_config(cls, cfg) -> PredictSettings:
+        """Every setting checked before anything is read: a :class:`HymtlError` (one line) for
+        the first that is missing or wrong (numbers by :func:`hymtl.config.checked_number`)."""
+        from omegaconf import OmegaConf
+
+        for key in ("ckpt_path", "inputs"):
+            if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
+                raise HymtlError(f"{key}= is required (python -m hymtl.predict ckpt_path=MODEL inputs=[IMAGES...])")
+        if cfg.format not in FORMATS:
+            raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {printable(cfg.format)}")
+        topk, batch_size = positive_int(cfg.topk, "topk"), positive_int(cfg.batch_size, "batch_size")
+        num_workers = worker_count(cfg.num_workers)
+        precision = checked_precision(cfg.get("precision", "auto"))
+        trust_model = cfg.get("trust_model", False)
+        if not isinstance(trust_model, bool):
+            raise HymtlError(f"trust_model must be true or false, got {printable(trust_model)}")
+        out = Path(str(cfg.out)).expanduser() if cfg.get("out") else None
+        if out is not None and out.is_dir():  # before the work, not after it
+            raise HymtlError(f"out={printable(out)} is a folder: give the name of the file to write the predictions to")
+        return cls(
+            ckpt_path=cfg.ckpt_path, inputs=cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs),
+            format=cfg.format, topk=topk, batch_size=batch_size, num_workers=num_workers, precision=precision,
+            trust_model=trust_model, out=out, tta=checked_tta(cfg.get("tta")),
+        )

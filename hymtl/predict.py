@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hymtl.cli import hymtl_main, run_entry
 from hymtl.errors import HymtlError, printable
@@ -36,45 +36,28 @@ if TYPE_CHECKING:
 
 def run(cfg: DictConfig) -> PredictionResult:
     """The entry point's work: check the settings, load, collect, predict, write; returns the result."""
-    from pathlib import Path
-
     from hymtl.fileio import atomic_write_text
     from hymtl.inference import (
-        FORMATS, checked_precision, collect_inputs, format_result, load_predictor, non_finite_count, positive_int,
-        checked_tta, predict, with_tta, worker_count,
+        PredictSettings, collect_inputs, format_result, load_predictor, non_finite_count, predict, with_tta,
     )
 
-    for key in ("ckpt_path", "inputs"):
-        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
-            raise HymtlError(f"{key}= is required (python -m hymtl.predict ckpt_path=MODEL inputs=[IMAGES...])")
-    if cfg.format not in FORMATS:
-        raise HymtlError(f"format must be one of {', '.join(FORMATS)}, got {printable(cfg.format)}")
-    topk, batch_size = positive_int(cfg.topk, "topk"), positive_int(cfg.batch_size, "batch_size")
-    num_workers = worker_count(cfg.num_workers)
-    precision = checked_precision(cfg.get("precision", "auto"))
-    trust_model = cfg.get("trust_model", False)
-    if not isinstance(trust_model, bool):
-        raise HymtlError(f"trust_model must be true or false, got {printable(trust_model)}")
-    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else None
-    if out is not None and out.is_dir():  # before the work, not after it
-        raise HymtlError(f"out={printable(out)} is a folder: give the name of the file to write the predictions to")
-
-    tta = checked_tta(cfg.get("tta"))
+    settings = PredictSettings.from_config(cfg)
     # a model error before a long folder walk
-    predictor = with_tta(load_predictor(cfg.ckpt_path, trust_model=trust_model, precision=precision), tta)
-    inputs = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
-    paths, skipped = collect_inputs(inputs)
+    predictor = with_tta(load_predictor(settings.ckpt_path, trust_model=settings.trust_model,
+                                        precision=settings.precision), settings.tta)
+    paths, skipped = collect_inputs(settings.inputs)
     if not paths:
         detail = "; ".join(f"{printable(s.path)}: {printable(s.reason)}" for s in skipped)
         raise HymtlError(f"no images to predict ({detail})")
-    result = predict(predictor, paths, topk=topk, batch_size=batch_size, num_workers=num_workers, skipped=skipped)
-    text = format_result(result, cfg.format)
-    if out is not None:
-        atomic_write_text(out, text)
+    result = predict(predictor, paths, topk=settings.topk, batch_size=settings.batch_size,
+                     num_workers=settings.num_workers, skipped=skipped)
+    text = format_result(result, settings.format)
+    if settings.out is not None:
+        atomic_write_text(settings.out, text)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
-    if cfg.format != "json" or out is not None:
+    if settings.format != "json" or settings.out is not None:
         for s in result.skipped:
             print(f"skipped {printable(s.path)}: {printable(s.reason)}", file=sys.stderr)
     bad = non_finite_count(result)

@@ -109,7 +109,7 @@ def test_broken_parity_fails_loudly_and_writes_nothing(tiny_checkpoint, tmp_path
 
 @pytest.mark.slow
 def test_parity_check_catches_a_different_model(onnx_export, real_checkpoint, real_data):
-    from hymtl.export import check_parity
+    from hymtl.exporting import check_parity
     from hymtl.inference import OnnxPredictor, TorchPredictor, collect_inputs
 
     _, onnx_file = onnx_export
@@ -125,7 +125,7 @@ def test_parity_check_catches_a_different_model(onnx_export, real_checkpoint, re
 @pytest.mark.slow
 def test_dynamo_exporter_will_not_silently_change_the_opset(tiny_checkpoint):
     from hymtl.loading import export_metadata
-    from hymtl.export import ExportError, onnx_bytes
+    from hymtl.exporting import ExportError, onnx_bytes
 
     model = load_checkpoint(tiny_checkpoint)
     meta = export_metadata(model.class_names, model.preprocessing, "onnx")
@@ -152,18 +152,18 @@ def test_bad_export_input(tiny_checkpoint, overrides, message):
 
 
 def test_default_parity_images_come_from_the_training_run(tiny_folder, tmp_path):
-    from hymtl.export import default_parity_inputs
+    from hymtl.data.sources import trained_validation_inputs
 
     run = tmp_path / "outputs" / "day" / "time"
     (run / ".hydra").mkdir(parents=True)
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert default_parity_inputs(ckpt) == []  # no config: the export asks for parity.inputs
+    assert trained_validation_inputs(ckpt) == []  # no config: the export asks for parity.inputs
     # a relative data.root is relative to where the training was launched
     (run / ".hydra" / "config.yaml").write_text(f"data:\n  root: {tiny_folder.name}\n")
     (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {tiny_folder.parent}\n")
-    assert default_parity_inputs(ckpt) == [str(tiny_folder / "val")]
+    assert trained_validation_inputs(ckpt) == [str(tiny_folder / "val")]
     (run / ".hydra" / "config.yaml").write_text("data:\n  root: ${paths.nowhere}/x\n")  # unresolvable
-    assert default_parity_inputs(ckpt) == []
+    assert trained_validation_inputs(ckpt) == []
 
 
 @pytest.mark.slow

@@ -385,7 +385,7 @@ def test_a_resumed_run_keeps_its_patience_counter(tmp_path):
 
 # --------------------------------------------------------------------------- sweeps
 def test_sweep_end_lines_name_every_logger_of_the_runs(tmp_path, monkeypatch):
-    from hymtl.summarize import collect_runs, sweep_end_lines
+    from hymtl.summaries import collect_runs, sweep_end_lines
 
     monkeypatch.chdir(tmp_path)
     sweep = tmp_path / "outputs" / "multirun" / "x"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hymtl import summarize
+from hymtl import summaries, summarize
 from test_train import TINY_MODEL, run_train
 
 
@@ -116,7 +116,7 @@ def test_multirun_records_a_failing_run_and_summarises_the_others(tiny_folder, t
     assert "| model.dropout=2.0 | 0/2 |" in markdown
 
     # on demand, the same tables again (the title names the folder as given)
-    again = summarize.summarize(sweep, write=False)
+    again = summaries.summarize(sweep, write=False)
     assert again.splitlines()[1:] == markdown.splitlines()[1:]
 
 

@@ -146,13 +146,13 @@ def test_two_phase_that_ends_before_its_switch_is_refused(tiny_folder, tmp_path)
 
 @pytest.mark.slow
 def test_a_run_that_fails_before_training_is_listed_as_failed(tmp_path):
-    from hymtl import summarize
+    from hymtl import summaries
 
     result = run_train(*TINY_MODEL, "data=folder", "data.root=/does/not/exist", "hydra.run.dir=runs/0", cwd=tmp_path)
     assert result.returncode == 2
     error = json.loads((tmp_path / "runs" / "0" / "error.json").read_text())
     assert error["error"] == "data folder not found: /does/not/exist" and error["type"] == "DataError"
-    [run] = summarize.collect_runs(tmp_path / "runs")
+    [run] = summaries.collect_runs(tmp_path / "runs")
     assert run.status == "failed"
 
 

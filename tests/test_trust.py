@@ -284,7 +284,7 @@ def test_predict_stopped_by_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_export_stopped_during_parity_leaves_no_file_and_no_scratch_folder(tiny_checkpoint, tmp_path, signum):
-    patch = ("import hymtl.export as e\n"
+    patch = ("import hymtl.exporting as e\n"
              "_check = e.check_parity\n"
              "def check(*a, **k):\n"
              f"    os.kill(os.getpid(), {int(signum)})\n"
