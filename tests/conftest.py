@@ -13,6 +13,9 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# ``--cpu-durations=N``: the CPU seconds of each test, its subprocesses included (tests/cpu_durations.py)
+pytest_plugins = ["cpu_durations"]
+
 
 def load_script(path: Path, name: str):
     """Import a script of benchmarks/ (not a package) as module ``name``."""
