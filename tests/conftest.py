@@ -73,6 +73,19 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_feature_cache(tmp_path_factory):
+    """One feature cache for the whole session, in its temporary folder, never the user's
+    ``~/.cache/hymtl``: a test must not read what an earlier session left there (its cost and
+    its cache hits would depend on it: a warm cache on the developer's machine, a cold one in
+    CI), nor leave its tiny images' features there. Tests that need a cache of their own (empty,
+    or to count its rows) still set ``HYMTL_CACHE_DIR`` or ``feature_cache.dir`` themselves."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HYMTL_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The ants/bees folder. Under CI (``CI`` set) a missing folder fails instead of skipping."""
