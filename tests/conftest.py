@@ -28,6 +28,13 @@ def load_script(path: Path, name: str):
     return module
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera_data"
 
+#: A ``hymtl.train`` override for runs that check plumbing (resume, DDP, signals), not accuracy:
+#: efficientnet_lite0's own preprocessing (mean, std, interpolation) at 64 px instead of 224, about
+#: 12x less backbone work per image. Not for a run whose checkpoint is then used for inference or
+#: export: its model keeps the backbone's 224 px preprocessing.
+SMALL_VIEWS = ("+data.preprocessing={input_size:64,resize_size:72,mean:[0.5,0.5,0.5],std:[0.5,0.5,0.5],"
+               "interpolation:bicubic}")
+
 
 def cached_rows(cache: Path) -> int:
     """Rows in the feature cache under ``cache``: one per image and extraction setting (read from

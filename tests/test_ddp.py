@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SMALL_VIEWS
 
 TESTS_DIR = Path(__file__).resolve().parent
-TINY = ["model=efficientnet_lite0", "model.pretrained=false", "data.num_workers=0", "data=folder"]
+# the launch, the run folder, the ranks' sync: plumbing, on 64 px views (a fraction of 224's work)
+TINY = ["model=efficientnet_lite0", "model.pretrained=false", "data.num_workers=0", "data=folder", SMALL_VIEWS]
 # the agreement test: a balanced slice of the real data (symlinks: 24+24 train, 16+17 val images),
 # frozen pretrained backbone (image path), one epoch
 REAL = ["model=efficientnet_lite0", "mode=frozen", "mode.epochs=1", "mode.precompute_features=false",
