@@ -202,17 +202,8 @@ def test_two_phase_ddp_keeps_ranks_in_sync_one_run_dir_and_resumes(tiny_folder, 
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_share_one_run_dir(tiny_folder, tmp_path):
-    result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp", "+trainer.fast_dev_run=true",
-                   cwd=tmp_path, launcher=torchrun("--nproc_per_node", "2", "--master_port", str(_free_port())))
-    ok(result)
-    run = only_run_dir(tmp_path / "outputs")
-    assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_rank1.log"]
-    assert [p.parent.name for p in tmp_path.rglob(".hydra")] == [run.name]
-    assert json.loads((run / "metrics.json").read_text())["device"] == "2x cpu"
-
-
+# torchrun's ranks share one run folder: with the default folder name across two nodes (below),
+# and on one node with two processes here, where the folder is also taken
 @pytest.mark.slow
 def test_torchrun_ranks_share_the_folder_rank_zero_claimed(tiny_folder, tmp_path):
     """The launch's folder is taken (a run in the same second): rank 0 claims ``<folder>_2`` and
@@ -225,6 +216,7 @@ def test_torchrun_ranks_share_the_folder_rank_zero_claimed(tiny_folder, tmp_path
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["taken", "taken_2"]
     run = tmp_path / "outputs" / "taken_2"
     assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_rank1.log"]
+    assert [p.parent.name for p in tmp_path.rglob(".hydra")] == [run.name]  # one config copy, rank 0's
     assert json.loads((run / "metrics.json").read_text())["device"] == "2x cpu"
 
 
@@ -246,6 +238,7 @@ def test_two_nodes_simulated_on_localhost_share_one_run_dir(tiny_folder, tmp_pat
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     run = only_run_dir(tmp_path / "outputs")
     assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_rank1.log"]
+    assert [p.parent.name for p in tmp_path.rglob(".hydra")] == [run.name]  # one config copy, node 0's
     assert json.loads((run / "metrics.json").read_text())["device"] == "2x cpu"
 
 
