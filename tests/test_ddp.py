@@ -36,6 +36,12 @@ LOSS_TOLERANCE = 0.05
 # how long a hung rank sleeps: a job that waits for it instead of its collective timeout ends
 # after this; one that ends before did not wait (however slow the machine's start-up)
 HANG_S = 600
+# the ranks' collective timeout in the dies/hangs test. It also bounds the rendezvous, where rank 0
+# waits for rank 1 to start (its imports, its file scan): 14-30 s apart on a 2-core machine at a
+# load of 9-11, where a timeout of 20 s ended the job at the rendezvous instead of at the hung
+# collective (a failure that says nothing about the code). Room for a machine ten times slower
+# than a quiet one, and still far below HANG_S.
+COLLECTIVE_TIMEOUT_S = 90
 
 
 # --------------------------------------------------------------------------- probes (run in the trainers)
@@ -273,7 +279,7 @@ def test_multirun_with_ddp_spawns_and_makes_one_sweep_folder(tiny_folder, tmp_pa
 @pytest.mark.parametrize("hang", [False, True], ids=["dies", "hangs"])
 def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_message(tiny_folder, tmp_path, hang):
     result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=2", "trainer=ddp_cpu", "trainer.devices=2",
-                   "mode=finetune", "mode.epochs=1", "trainer.strategy.timeout_s=20",
+                   "mode=finetune", "mode.epochs=1", f"trainer.strategy.timeout_s={COLLECTIVE_TIMEOUT_S}",
                    "+callbacks.die._target_=test_ddp.DieOnRank", f"+callbacks.die.hang={hang}", cwd=tmp_path,
                    timeout=2 * HANG_S)
     assert result.returncode != 0
