@@ -3,8 +3,11 @@
 ``--durations`` reports wall time, which on a shared or busy machine says more about the other
 users than about the test. The CPU time a test spends (user + system, of the pytest process and
 of every child process it started and waited for: the entry points run as subprocesses, their
-DataLoader workers, DDP ranks, servers) is nearly independent of the load, so two measurements
-on a busy machine can be compared. Setup, call and teardown are counted together: a shared
+DataLoader workers, DDP ranks, servers) depends far less on the load, so two measurements on a
+busy machine can be compared; not perfectly: under oversubscription torch's threads spin and the
+same test was seen to cost up to twice the CPU seconds, so compare runs made side by side. Only
+processes that were waited for count: a DDP rank or a server's worker that its parent did not
+reap is missed. Setup, call and teardown are counted together: a shared
 fixture's cost lands on the first test that asks for it (as with ``--durations``), a module
 fixture's teardown (a server stopped) on the module's last test.
 
