@@ -13,6 +13,9 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# ``--cpu-durations=N``: the CPU seconds of each test, its subprocesses included (tests/cpu_durations.py)
+pytest_plugins = ["cpu_durations"]
+
 
 def load_script(path: Path, name: str):
     """Import a script of benchmarks/ (not a package) as module ``name``."""
@@ -24,6 +27,13 @@ def load_script(path: Path, name: str):
     spec.loader.exec_module(module)
     return module
 DEFAULT_REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera_data"
+
+#: A ``hymtl.train`` override for runs that check plumbing (resume, DDP, signals), not accuracy:
+#: efficientnet_lite0's own preprocessing (mean, std, interpolation) at 64 px instead of 224, about
+#: 12x less backbone work per image. Not for a run whose checkpoint is then used for inference or
+#: export: its model keeps the backbone's 224 px preprocessing.
+SMALL_VIEWS = ("+data.preprocessing={input_size:64,resize_size:72,mean:[0.5,0.5,0.5],std:[0.5,0.5,0.5],"
+               "interpolation:bicubic}")
 
 
 def cached_rows(cache: Path) -> int:
@@ -68,6 +78,19 @@ def make_image_folder(root: Path, splits=("train", "val"), per_class: int = 6, c
 def tiny_folder(tmp_path: Path) -> Path:
     """``train/`` and ``val/`` with two colour classes, 6 JPEGs each."""
     return make_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_feature_cache(tmp_path_factory):
+    """One feature cache for the whole session, in its temporary folder, never the user's
+    ``~/.cache/hymtl``: a test must not read what an earlier session left there (its cost and
+    its cache hits would depend on it: a warm cache on the developer's machine, a cold one in
+    CI), nor leave its tiny images' features there. Tests that need a cache of their own (empty,
+    or to count its rows) still set ``HYMTL_CACHE_DIR`` or ``feature_cache.dir`` themselves."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HYMTL_CACHE_DIR", str(tmp_path_factory.mktemp("feature_cache")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
@@ -127,12 +150,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_checkpoint(real_data: Path, tmp_path_factory) -> Path:
     """A run of ``hymtl.train`` on the ants/bees data (frozen ImageNet efficientnet_lite0, a few
-    steps): ``<run>/checkpoints/*.ckpt`` beside ``<run>/.hydra/config.yaml``."""
+    steps): ``<run>/checkpoints/*.ckpt`` beside ``<run>/.hydra/config.yaml``.
+
+    On images, not cached features: the run takes 4 batches of 16 and one of validation, while
+    precomputing would run the backbone over every image of both splits first (train with its
+    augmented views: ~900 images instead of 80)."""
     run = tmp_path_factory.mktemp("real_run") / "run"
     result = subprocess.run(
         [sys.executable, "-m", "hymtl.train", "mode=frozen", "model=efficientnet_lite0", "data=folder",
-         f"data.root={real_data}", "mode.epochs=1", "data.batch_size=16", "+trainer.limit_train_batches=4",
-         "+trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run}"],
+         f"data.root={real_data}", "mode.epochs=1", "mode.precompute_features=false", "data.batch_size=16",
+         "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,
     )
     if result.returncode != 0:

@@ -112,7 +112,10 @@ COMPOSE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "needles"), COMPOSE_ERRORS, ids=[" ".join(a) for a, _ in COMPOSE_ERRORS])
+# a multirun's error comes after torch is imported (~6 s of CPU measured): in the slow set
+@pytest.mark.parametrize(("args", "needles"), [
+    pytest.param(args, needles, id=" ".join(args), marks=[pytest.mark.slow] if args[0] == "-m" else [])
+    for args, needles in COMPOSE_ERRORS])
 def test_config_hydra_refuses_is_one_error_line(args: list[str], needles: list[str], workspace) -> None:
     result = run_cli("train", *args, "data=folder", f"data.root={workspace['images']}", cwd=workspace["cwd"],
                      outputs=workspace["outputs"])

@@ -210,6 +210,7 @@ def test_mlflow_server_not_answering_at_the_start_costs_one_warning_not_the_run(
     assert "outputs/run/mlflow_unsent" in line
 
 
+@pytest.mark.slow  # two mlflow servers start (~14 s of CPU measured)
 def test_mlflow_server_dying_mid_run_is_one_warning_and_the_rest_is_kept(tmp_path, caplog, monkeypatch):
     _needs("mlflow")
     from mlflow.tracking import MlflowClient

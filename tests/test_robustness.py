@@ -116,6 +116,7 @@ def test_unreadable_file_is_skipped_for_an_unprivileged_user():
         folder.rmdir()
 
 
+@pytest.mark.slow  # a fresh interpreter importing hymtl.data (torch): ~5.5 s of CPU measured
 def test_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path):
     bomb = write_decompression_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 1_000_000  # 100 megapixels in ~100 KB: the point of a bomb
