@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import make_image_folder, make_multilabel_set
+from conftest import SMALL_VIEWS, make_image_folder, make_multilabel_set
 from hymtl.backbones import Preprocessing
 from hymtl.data import ImageFolderDataModule
 from hymtl.depth_search import DEEPER_EPOCH_COST, DepthSearch
@@ -230,7 +230,7 @@ def test_auto_composes_with_a_cpu_budget_and_budget_overrides_it(compose):
 
 
 # --------------------------------------------------------------------------- end to end
-AUTO = [*TINY_MODEL, "data=folder", "mode=auto", "mode.depth_search.step_epochs=1", "mode.depth_search.margin=-1",
+AUTO = [*TINY_MODEL, SMALL_VIEWS, "data=folder", "mode=auto", "mode.depth_search.step_epochs=1", "mode.depth_search.margin=-1",
         "callbacks.test_figures=null", "callbacks.last_checkpoint.min_interval_s=0"]
 
 
