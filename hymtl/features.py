@@ -78,7 +78,7 @@ from hymtl.config import checked_number
 from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
-from hymtl.errors import HymtlError, printable
+from hymtl.errors import printable
 from hymtl.fileio import sha256_file
 from hymtl.progress import Progress
 from hymtl.simplify import Simplified, simplify_for_inference
@@ -569,16 +569,13 @@ class FeatureServer:
     def __init__(self, precompute: bool = False, views: int = 0, enabled: bool = True,
                  dir: str | os.PathLike | None = None, batch_size: int = 64, shard_mb: float = 64,
                  flush_seconds: float = 30.0):
-        if int(views) < 0:
-            raise HymtlError(f"feature views must be >= 0, got {views}")
-        if int(batch_size) < 1:
-            raise HymtlError(f"feature_cache.batch_size must be a positive integer, got {batch_size}")
         self.precompute = bool(precompute)
-        self.views = int(views)
+        # the rules of these keys: hymtl.config.NUMBER_RULES
+        self.views = checked_number("mode.feature_views", views)
         self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
-        self.batch_size = int(batch_size)
-        self.shard_mb = checked_number("feature_cache.shard_mb", shard_mb, "number", 0, exclusive=True)
-        self.flush_seconds = checked_number("feature_cache.flush_seconds", flush_seconds, "number", 0)
+        self.batch_size = checked_number("feature_cache.batch_size", batch_size)
+        self.shard_mb = checked_number("feature_cache.shard_mb", shard_mb)
+        self.flush_seconds = checked_number("feature_cache.flush_seconds", flush_seconds)
         self.extractor: FeatureExtractor | None = None  # the last one used (built per module and prefix)
         self._extractors: dict[int, FeatureExtractor] = {}
         self._module = None

@@ -43,6 +43,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
+from hymtl.config import checked_number
 from hymtl.errors import HymtlError
 from hymtl.features import FeatureBatch
 from hymtl.tasks import make_task, tune_thresholds
@@ -116,8 +117,8 @@ class ClassificationModule(LightningModule):
         scheduler configs, the class names and the task as plain hyperparameters (checkpoints must
         load with ``weights_only=True``), and set up what the task asks for: the loss (weighted by
         ``class_weights``: ``"auto"`` from ``class_counts``, or a list) and the metrics."""
-        if lr <= 0 or head_lr_mult <= 0:
-            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        checked_number("model.lr", lr)  # the one rule of each number: hymtl.config.NUMBER_RULES
+        checked_number("model.head_lr_mult", head_lr_mult)
         largest = torch.finfo(torch.float32).max  # an SGD step on float32 weights takes lr as a float32
         if not math.isfinite(lr * head_lr_mult) or lr * head_lr_mult > largest:
             raise HymtlError(f"the head's learning rate lr * head_lr_mult = {lr * head_lr_mult:g} is too large for float32 "
@@ -339,16 +340,15 @@ class TransferModule(ClassificationModule):
         train_images: int | None = None,
     ):
         super().__init__()
-        if backbone_lr_mult < 0:
-            raise HymtlError(f"backbone_lr_mult must not be negative, got {backbone_lr_mult}")
+        checked_number("model.backbone_lr_mult", backbone_lr_mult)  # hymtl.config.NUMBER_RULES
         if not math.isfinite(lr * backbone_lr_mult) or lr * backbone_lr_mult > torch.finfo(torch.float32).max:
             raise HymtlError(f"the backbone's learning rate lr * backbone_lr_mult = {lr * backbone_lr_mult:g} is too large "
                              f"for float32 weights (at most {torch.finfo(torch.float32).max:.3g}); lower mode.lr")
         if unfreeze_at_epoch is not None and backbone_lr_mult == 0:
             raise HymtlError(f"the backbone unfreezes at epoch {unfreeze_at_epoch} with backbone_lr_mult=0: it would "
                              "never change; set model.backbone_lr_mult > 0 (or mode=frozen to keep it frozen)")
-        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
-            raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
+        if unfreeze_at_epoch is not None:  # null: frozen
+            checked_number("model.unfreeze_at_epoch", unfreeze_at_epoch)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names", "task", "class_weights",
                                           "class_counts", "train_images"])
         self.hparams.update(class_weights=_plain(class_weights), train_images=train_images,

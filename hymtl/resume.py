@@ -128,7 +128,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.min_interval_s = checked_number("callbacks.last_checkpoint.min_interval_s", min_interval_s, "number", 0)
+        self.min_interval_s = checked_number("callbacks.last_checkpoint.min_interval_s", min_interval_s)
         self._saved_at = time.monotonic()
         self._in_batch_hook = False
 

@@ -130,10 +130,12 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         if root is not None:  # the class-folder shorthand: ImageFolderDataModule("path/to/images")
             source_options["root"] = root
+        # the rules of these keys: hymtl.config.NUMBER_RULES
         self.batch_size = checked_number("data.batch_size", batch_size)
-        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
-        self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
+        workers = checked_number("data.num_workers", num_workers)
+        self.num_workers = default_num_workers() if workers == "auto" else workers
+        self.val_fraction = checked_number("data.val_fraction", val_fraction)
+        self.seed = checked_number("data.seed", seed)
         self.folds = None if folds in (None, 0, 1) else folds
         self.fold = fold
         self.sampler = sampler or "shuffle"
