@@ -31,8 +31,11 @@ under the same steps).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,8 +47,9 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
 from hymtl.config import checked_number
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, first_line, printable
 from hymtl.features import FeatureBatch
+from hymtl.loading import MAX_QUOTED, LoadError, check_weights, checked_description, checked_tensors, read_checkpoint
 from hymtl.tasks import make_task, tune_thresholds
 
 class NonFiniteLossError(HymtlError):
@@ -542,3 +546,64 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg) if isinstance(cfg, dict) else cfg
+
+
+# --------------------------------------------------------------------------- the module of a checkpoint
+# hymtl.loading reads a checkpoint and checks what it can without the model (the file, its CRCs,
+# weights-only unpickling, a plain description, finite tensors); what the description builds is
+# known here, so the shapes it must have are computed here and the module is built here.
+def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``TransferModule`` arguments of a checkpoint (:func:`hymtl.loading.read_checkpoint`'s
+    dict), once its description (hyperparameters: backbone, classes…) is shown to fit the
+    tensors it holds.
+
+    The module is first built on PyTorch's ``meta`` device (shapes only, no memory): every
+    tensor it would have must be in the state dict with that shape, and every tensor must be
+    finite (:func:`hymtl.loading.check_weights`), before anything is allocated. A file cannot ask
+    for more memory than it holds (a 13 MB checkpoint claiming a million classes is refused in a
+    second, not after GBs), and a non-finite weight is a damaged checkpoint, named as such.
+    Raises :class:`~hymtl.loading.LoadError`."""
+    path = Path(os.path.expanduser(str(path)))
+    hparams = checked_description(checkpoint["hyper_parameters"], path)
+    accepted = set(inspect.signature(TransferModule.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    # the weights are in the checkpoint: never download or read a weights file to build the module
+    kwargs.update(pretrained=False, weights_path=None)
+    state_dict = checked_tensors(checkpoint["state_dict"], path)
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in TransferModule(**kwargs).state_dict().items()}
+    except HymtlError as exc:
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
+    except Exception as exc:  # a tampered hyperparameter of the wrong type
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
+    check_weights(state_dict, expected, path, kwargs["backbone"], kwargs.get("num_classes"))
+    return kwargs
+
+
+def load_checkpoint(path: str | os.PathLike) -> TransferModule:
+    """A :class:`TransferModule` from a Lightning checkpoint, in eval mode, fp32, on CPU.
+
+    No code from the file runs (:mod:`hymtl.loading`); nothing is built before the description
+    is shown to fit the tensors (:func:`verified_module_kwargs`). Raises
+    :class:`~hymtl.loading.LoadError`.
+    """
+    checkpoint = read_checkpoint(path)
+    path = Path(os.path.expanduser(str(path)))
+    kwargs = verified_module_kwargs(checkpoint, path)
+    try:
+        model = TransferModule(**kwargs)
+    except HymtlError as exc:
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
+    except Exception as exc:  # a tampered hyperparameter of the wrong type
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise LoadError(
+            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:MAX_QUOTED]})"
+        ) from None
+    model.float().eval()
+    model.requires_grad_(False)
+    return model

@@ -55,7 +55,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
 from hymtl.fileio import atomic_write_bytes
-from hymtl.loading import MAX_QUOTED, LoadError, checked_checkpoint, read_checkpoint, read_weights_file, verified_module_kwargs
+from hymtl.loading import MAX_QUOTED, LoadError, checked_checkpoint, read_checkpoint, read_weights_file
 from hymtl.runs import CHECKPOINTS_DIR, launch_dir, run_dir_of, saved_config
 from hymtl.signals import LAST, RunInterrupted, RunSignals, active_run_signals
 
@@ -408,6 +408,10 @@ def check_resume(resume: Resume, cfg: DictConfig) -> dict[str, Any]:
     :data:`RESUME_MUST_MATCH` settings as ``cfg``. Otherwise one :class:`HymtlError` line that
     names every difference (``data.root differs (was X, now Y)``) — raised before the run folder
     is touched. Returns the checkpoint's hyperparameters."""
+    # the model's room builds what a checkpoint describes; imported here, not above: Hydra loads
+    # this module (check_resume_in_place) before every run of every entry point
+    from hymtl.model import verified_module_kwargs
+
     where = printable(str(resume.checkpoint))
     try:
         checkpoint = read_checkpoint(resume.checkpoint)
