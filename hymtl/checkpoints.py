@@ -44,6 +44,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hymtl.config import checked_number
+from hymtl.features import ServesFeatures
 from hymtl.fileio import atomic_write_bytes
 from hymtl.loading import checked_checkpoint, read_weights_file
 from hymtl.runs import CHECKPOINTS_DIR, LAST
@@ -216,9 +217,9 @@ class GracefulStop(Callback):
             self._own = self._signals = RunSignals(_checkpoint_dir(trainer)).__enter__()
         self._signals.install()
         if stage == "fit":
-            serves = getattr(trainer.datamodule, "serves_features", None)
-            self._signals.phase = ("the feature extraction" if callable(serves) and serves("fit")
-                                   else "the setup of the fit")
+            data = trainer.datamodule
+            extracting = isinstance(data, ServesFeatures) and data.serves_features("fit")
+            self._signals.phase = "the feature extraction" if extracting else "the setup of the fit"
         elif stage == "test":
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             self._signals.best = best or self._signals.best

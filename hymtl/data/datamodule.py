@@ -92,8 +92,13 @@ class ImageFolderDataModule(LightningDataModule):
             first sign of a bad file or an unusable class (default: skip and report them).
         skipped_file: where to write the skipped files (``reason<TAB>path``); conf/ sets
             ``<run dir>/skipped.txt``.
-        features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
-            frozen), the train/val/test loaders give cached backbone features instead of images.
+        features: a :class:`hymtl.features.FeatureServing` (the :class:`~hymtl.features.FeatureServer`
+            of ``feature_cache:``): while it says so (the backbone is frozen), the train/val/test
+            loaders give cached backbone features instead of images. The contract both ways is
+            stated in :mod:`hymtl.features`: this class is its :class:`~hymtl.features.ServedData`
+            and offers the callbacks :class:`~hymtl.features.ServesFeatures`. (Not annotated
+            here: ``hymtl.features`` imports ``hymtl.data``, and the config check reads these
+            annotations.)
         augment: the training split's :class:`~hymtl.data.images.AugmentRecipe` (``conf/augment/``;
             ``None``: the default recipe); with cached features, it makes the augmented views.
         persistent_workers: keep the workers from one epoch to the next. Off by default: a run
