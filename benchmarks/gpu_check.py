@@ -499,7 +499,7 @@ def cuda_parity(out: Path, checkpoint: str, data: str) -> None:
     import torch
 
     from hymtl.inference import collect_inputs, iter_batches
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     model = load_checkpoint(checkpoint)
     paths, _ = collect_inputs([str(Path(data) / "val")])

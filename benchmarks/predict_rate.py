@@ -143,7 +143,7 @@ def main() -> None:
 
     from hymtl.export import export
     from hymtl.inference import TorchPredictor, iter_batches, native_bf16
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     rows: list[tuple[str, float, str, str]] = []  # name, images/s, precision, note
     with tempfile.TemporaryDirectory(prefix="hymtl-predict-rate.") as tmp:

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 from hymtl import loggers as run_loggers
 from hymtl.fileio import shown_path
 from hymtl.errors import HymtlError, first_line
+from hymtl.features import FeatureBatch, ServesFeatures
 from hymtl.figures import (ClassSpreadSample, confused_pairs, confusion_matrix_figure, label_counts_figure,
                            most_wrong_grid, multilabel_grid, png_bytes, pr_curves_figure,
                            prediction_grid, render)
@@ -363,8 +364,8 @@ class TestFigures(_TestOutputsTap):
         self._features_only = False
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        index = getattr(batch, "index", None)  # a FeatureBatch: the test images it stands for
-        self._index = index if isinstance(index, torch.Tensor) else None  # (a tuple's .index is a method)
+        # a FeatureBatch (hymtl.features' contract): the positions of the test images it stands for
+        self._index = batch.index if isinstance(batch, FeatureBatch) else None
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_predictions(self, trainer, pl_module, images, logits, labels) -> None:
@@ -442,11 +443,12 @@ class TestFigures(_TestOutputsTap):
     def _images_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Replace the kept test-split positions (feature batches) by their images, decoded from
         the datamodule (``test_images``); without it, no image figures."""
-        images_of = getattr(trainer.datamodule, "test_images", None)
-        if images_of is None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, ServesFeatures):
             log.info("test batches hold no images and the datamodule has no test_images: no image figures")
             self._grid, self._wrong = None, None
             return
+        images_of = datamodule.test_images
         if self._grid is not None:
             index, probs, labels = self._grid
             self._grid = (images_of(index.tolist()), probs, labels)

@@ -26,8 +26,9 @@ The policy, the same everywhere:
 * anything else is a bug: its traceback is the report.
 
 A run that stops with a user error before it wrote anything but Hydra's record and its log
-leaves no folder (:func:`hymtl.distributed.release_run_dir`); one that did keeps it, with
-``error.json``.
+leaves no folder (:func:`hymtl.runs.release_unused_run_dir`); one that did keeps it, with
+``error.json`` (:func:`hymtl.runs.write_error_json`: in the run's folder, also when a resume
+continued the run in the folder of its checkpoint).
 
 The console is quiet (:class:`QuietConsole`, the console handler's filter in
 ``conf/hydra/default.yaml``): what the user cannot act on goes only to the run folder's log
@@ -47,15 +48,13 @@ import re
 import sys
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from hymtl import distributed, runtime
+from hymtl import distributed, runs, runtime
 from hymtl.config import check_targets, nearest
 from hymtl.errors import first_line, printable, user_error
-from hymtl.fileio import atomic_write_json
 from hymtl.runtime import config_dir
 from hymtl.usage import RESOLVERS as HELP_RESOLVERS
 
@@ -67,12 +66,6 @@ T = TypeVar("T")
 USER_ERROR_EXIT = 2
 #: exit code when a DDP rank lost the others
 RANK_FAILURE_EXIT = 1
-
-
-def _eval_dir(ckpt_path: str | None, fallback: str) -> str:
-    from hymtl.runs import eval_dir  # the run folder's room; imported when eval composes
-
-    return eval_dir(ckpt_path, fallback)
 
 
 def register_resolvers() -> None:
@@ -88,11 +81,11 @@ def register_resolvers() -> None:
         # conf/hydra/default.yaml: one run folder for every rank of a launch
         "hymtl_now": (distributed.launch_time_string, True),
         # ... and one run per run folder: <time>_2, <time>_3… when <time> is taken
-        "hymtl_run_dir": (distributed.claim_run_dir, True),
+        "hymtl_run_dir": (runs.claim_run_dir, True),
         "hymtl_rank_zero": (distributed.on_rank_zero, False),
         "hymtl_rank_suffix": (distributed.rank_suffix, False),
         # conf/eval.yaml: <run of the checkpoint>/eval
-        "hymtl_eval_dir": (_eval_dir, False),
+        "hymtl_eval_dir": (runs.eval_dir, False),
     }
     # conf/hydra/help/hymtl.yaml: --help (hymtl.usage)
     resolvers.update({name: (function, False) for name, function in HELP_RESOLVERS.items()})
@@ -220,7 +213,7 @@ def hymtl_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
                     message = None if getattr(exc, "_hymtl_task", False) else config_error_message(exc)
                     if message is None:
                         raise
-                    _release_unused_run_dirs()  # a sweep folder claimed before a job's config failed
+                    runs.release_unused_run_dirs()  # a sweep folder claimed before a job's config failed
                     print(f"error: {printable(message)[:2000]}", file=sys.stderr, flush=True)
                     sys.exit(USER_ERROR_EXIT)
 
@@ -342,8 +335,9 @@ def run_entry(task: Callable[[DictConfig], T], cfg: DictConfig, stopped: str | N
         if error is None:
             _mark_from_task(exc)  # a bug in the task: hymtl_main lets its traceback through
             raise
-        if not release_unused_run_dir():
-            write_error_json(exc, error)  # the folder of a run that never trained is marked failed
+        # the folder of a run that never trained goes; a run that wrote something is marked failed
+        runs.release_unused_run_dir()
+        write_error_json(exc, error)
         print(f"error: {printable(str(error))}", file=sys.stderr, flush=True)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
     except BaseException as exc:
@@ -360,32 +354,6 @@ def _mark_from_task(exc: BaseException) -> None:
         exc._hymtl_task = True  # type: ignore[attr-defined]
     except AttributeError:  # an exception type without a __dict__: then it is not Hydra's either
         pass
-
-
-def _release_unused_run_dirs() -> None:
-    from hymtl.runs import holds_no_work
-
-    for path in distributed.claimed_run_dirs():
-        try:
-            distributed.release_run_dir(path, holds_no_work)
-        except OSError:  # noqa: BLE001 - then it stays
-            log.debug("could not remove the unused folder %s", path, exc_info=True)
-
-
-def release_unused_run_dir() -> bool:
-    """Remove the run folder that Hydra claimed for this run if the run wrote nothing in it yet
-    (:func:`hymtl.runs.holds_no_work`): a run that fails before it starts leaves no folder."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from hymtl.runs import holds_no_work
-
-    try:
-        if not HydraConfig.initialized():
-            return False
-        return distributed.release_run_dir(HydraConfig.get().runtime.output_dir, holds_no_work)
-    except OSError:  # noqa: BLE001 - then the folder stays, marked failed by error.json
-        log.debug("could not remove the unused run folder", exc_info=True)
-        return False
 
 
 #: the jobs of this process's multirun that failed (the sweep goes on; its exit code says so)
@@ -422,19 +390,11 @@ def _failure_message(exc: BaseException, error: BaseException | None) -> str:
 
 
 def write_error_json(exc: BaseException, error: BaseException | None) -> None:
-    """``error.json`` (message, type, traceback) in the run folder of a training job that
-    failed: ``hymtl.summarize`` lists the folder as failed, not incomplete. Only where Hydra
-    made a run folder for a training run (eval/predict/export write none of their own)."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """What went wrong (message, type, traceback), as ``error.json`` in the folder of the
+    training run that failed (:func:`hymtl.runs.write_error_json` says which folder, and when)."""
     message = _failure_message(exc, error)
     try:
-        if not HydraConfig.initialized() or HydraConfig.get().job.name != "train":
-            return
-        output_dir = Path(HydraConfig.get().runtime.output_dir)
-        if not output_dir.is_dir():
-            return
-        atomic_write_json(output_dir / "error.json", {
+        runs.write_error_json({
             "error": message.strip().splitlines()[0] if message.strip() else type(exc).__name__,
             "type": type(error).__name__ if error is not None else message.split(":", 1)[0],
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),

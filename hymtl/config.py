@@ -15,20 +15,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from hymtl.errors import HymtlError
 
-#: key -> (kind, lower bound, bound is exclusive): the numbers a run's config may hold
+#: key -> (kind, lower bound, bound is exclusive): the numbers a run's config may hold, each rule
+#: once. :func:`check_numbers` applies them to a composed config before anything runs, and the
+#: objects those keys configure apply the same rule to what they are given
+#: (``checked_number("data.batch_size", batch_size)``), so a rule lives here only.
 NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
     "seed": ("integer", 0, False),
     "mode.epochs": ("integer", 1, False),
     "trainer.max_epochs": ("integer", 1, False),
     "mode.lr": ("number", 0, True),
-    "model.lr": ("number", -math.inf, False),  # its sign is the module's check (it names lr and the mults)
+    "model.lr": ("number", 0, True),
     "mode.head_lr_mult": ("number", 0, False),
+    "model.head_lr_mult": ("number", 0, True),  # the head always trains: a factor of 0 would freeze it
     "mode.backbone_lr_mult": ("number", 0, False),
-    "mode.freeze_epochs": ("number", 0, False),
+    "model.backbone_lr_mult": ("number", 0, False),
+    "mode.freeze_epochs": ("integer", 0, False),
+    "model.unfreeze_at_epoch": ("integer", 0, False),  # or null: frozen
     "mode.feature_views": ("integer", 0, False),
     "data.val_fraction": ("number", 0, False),
+    "data.seed": ("integer", 0, False),
     "data.batch_size": ("integer", 1, False),
     "data.num_workers": ("integer", 0, False),  # or "auto"
+    "feature_cache.batch_size": ("integer", 1, False),
     "feature_cache.shard_mb": ("number", 0, True),
     "feature_cache.flush_seconds": ("number", 0, False),
     "callbacks.last_checkpoint.min_interval_s": ("number", 0, False),
@@ -40,11 +48,16 @@ NUMBER_RULES: dict[str, tuple[str, float, bool]] = {
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
 
 
-def checked_number(key: str, value: Any, kind: str = "integer", low: float = 1, exclusive: bool = False) -> Any:
+def checked_number(key: str, value: Any, kind: str | None = None, low: float = 1, exclusive: bool = False) -> Any:
     """``value`` (``"8"`` too) as an ``int`` (``kind="integer"``) or ``float``, at least ``low``
     (above it if ``exclusive``); ``"auto"`` passes for a ``…num_workers`` key. The one rule for the
     numbers a user types, in configs and in the APIs behind the entry points: a
-    :class:`HymtlError` naming ``key`` otherwise."""
+    :class:`HymtlError` naming ``key`` otherwise.
+
+    ``kind=None``: the rule of ``key`` in :data:`NUMBER_RULES` (every key of a training config);
+    the settings of other entry points (predict's ``batch_size``, serve's ``port``) give theirs."""
+    if kind is None:
+        kind, low, exclusive = NUMBER_RULES[key]
     if key.endswith("num_workers") and value == "auto":
         return value
     if kind == "duration":
@@ -85,10 +98,10 @@ def check_numbers(cfg: DictConfig) -> None:
     """Raise :class:`HymtlError` (one line naming the key) for a number of :data:`NUMBER_RULES`
     that is not a number, not an integer where one is needed, or out of range, and for a
     two-phase schedule whose run ends before its switch."""
-    for key, (kind, low, exclusive) in NUMBER_RULES.items():
+    for key in NUMBER_RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
-            checked_number(key, value, kind, low, exclusive)
+            checked_number(key, value)
     start = OmegaConf.select(cfg, "model.unfreeze_at_epoch", default=None)
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
     if start and epochs is not None and int(epochs) <= int(start) and not OmegaConf.select(

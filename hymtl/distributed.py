@@ -16,10 +16,9 @@ Three ways a ``trainer=ddp`` run starts, and what each needs:
   time, for every rank on every node. Ranks other than 0 write no ``.hydra/`` copy and log to
   ``train_rank<R>.log`` (``${hymtl_rank_zero:…}``, ``${hymtl_rank_suffix:}``).
 
-One run folder per run (:func:`claim_run_dir`, ``${hymtl_run_dir:…}``): two launches in the same
-second would share ``outputs/<date>/<time>/``; the second one claims ``<time>_2`` instead
-(``os.mkdir``: atomic, so concurrent launches never pick the same name). Under torchrun rank 0
-claims and publishes the name through the same store; every other rank uses rank 0's name.
+One run folder per run (:func:`hymtl.runs.claim_run_dir`, ``${hymtl_run_dir:…}``): under
+torchrun rank 0 claims it and publishes the name through the same store (:func:`from_rank_zero`);
+every other rank uses rank 0's name.
 
 Lowest layer, beside ``runtime``: imports nothing of ours.
 """
@@ -39,8 +38,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 _TORCHRUN_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # as Lightning's TorchElasticEnvironment
 _launch_time: float | None = None
 _store: Any = None  # rank 0's store server (fallback path) must outlive the handshake
-#: run folders this process created (:func:`_claim`) -> the empty parents it created for them
-_claimed: dict[str, tuple[str, ...]] = {}
 
 
 # --------------------------------------------------------------------------- launch context
@@ -126,7 +123,7 @@ def _launch_store(timeout_s: float) -> Any:
     return _store
 
 
-def _from_rank_zero(what: str, key: str, produce: Callable[[], str], timeout_s: float) -> str:
+def from_rank_zero(what: str, key: str, produce: Callable[[], str], timeout_s: float) -> str:
     """Rank 0's value for ``key``, the same on every rank of the launch.
 
     Rank 0 publishes ``produce()``, the other ranks wait for it at most ``timeout_s``. A value
@@ -149,7 +146,7 @@ def _from_rank_zero(what: str, key: str, produce: Callable[[], str], timeout_s: 
 
 
 def _agree_on_launch_time(mine: float, timeout_s: float) -> float:
-    return float(_from_rank_zero("launch time", "launch_time", lambda: repr(mine), timeout_s))
+    return float(from_rank_zero("launch time", "launch_time", lambda: repr(mine), timeout_s))
 
 
 def launch_time_string(pattern: str) -> str:
@@ -157,73 +154,7 @@ def launch_time_string(pattern: str) -> str:
     return datetime.fromtimestamp(launch_time()).strftime(pattern)
 
 
-# --------------------------------------------------------------------------- one folder per run
-def claim_run_dir(path: str, mode: Any = None, timeout_s: float = 300.0) -> str:
-    """``path``, or ``path_2``, ``path_3``… : the first of these that this launch could create.
-
-    ``${hymtl_run_dir:…}`` in ``conf/hydra/default.yaml`` (``hydra.run.dir``, ``hydra.sweep.dir``).
-    The folder is claimed with ``os.mkdir`` (atomic: of two launches in the same second, exactly
-    one gets ``path``; the other moves on to the next suffix), so a run folder never holds two runs.
-
-    Claimed only when Hydra is about to run the config: ``mode`` is ``${hydra.mode}``, which
-    Hydra's run and multirun paths set (``RUN`` / ``MULTIRUN``) and the compose API and ``--cfg``
-    leave ``None``: those get ``path`` unchanged and create nothing.
-
-    The resolver is cached (``use_cache``), so one config claims once: the run folder of a run,
-    the sweep folder of a multirun (Hydra copies the master config's resolver cache to every job
-    of the sweep, which therefore all land in that one folder). Under torchrun only global rank 0
-    claims and publishes its suffix in the launch store; every other rank, on any node, appends
-    rank 0's suffix to the same ``path`` (they agreed on the launch time already). Lightning's own
-    DDP children get ``hydra.run.dir`` pinned to the parent's folder and never reach this resolver.
-    """
-    if mode is None:
-        return path
-    if launched_by_torchrun() and world_size() > 1:
-        suffix = _from_rank_zero("run folder", f"run_dir/{path}", lambda: _claim(path)[len(path):], timeout_s)
-        return path + suffix
-    return _claim(path)
-
-
-def _claim(path: str) -> str:
-    parents, parent = [], os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
-        parents.append(parent)  # <log_dir>/<date>/ of the first run of the day: ours to remove with it
-        parent = os.path.dirname(parent)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    candidate, n = path, 1
-    while True:
-        try:
-            os.mkdir(candidate)
-            _claimed[os.path.abspath(candidate)] = tuple(parents)
-            return candidate
-        except FileExistsError:  # taken (by another run, or anything else): next suffix
-            n += 1
-            candidate = f"{path}_{n}"
-
-
-def claimed_run_dirs() -> list[str]:
-    """The run (or sweep) folders that this process created and has not released."""
-    return list(_claimed)
-
-
-def release_run_dir(path: str | os.PathLike, unused: Callable[[str], bool]) -> bool:
-    """Remove the run folder ``path`` if this process claimed it (:func:`claim_run_dir`) and
-    ``unused(path)`` says that it holds no work, with the parents created for it that are empty
-    now; ``True`` if it was removed. A folder this process did not create is never touched."""
-    import shutil
-
-    path = os.path.abspath(path)
-    if path not in _claimed or not os.path.isdir(path) or not unused(path):
-        return False
-    shutil.rmtree(path)
-    for parent in _claimed.pop(path):
-        try:
-            os.rmdir(parent)  # only when empty: another run of the same day keeps it
-        except OSError:
-            break
-    return True
-
-
+# --------------------------------------------------------------------------- ranks
 def on_rank_zero(value: Any) -> Any:
     """``value`` on global rank 0 (or outside torchrun), else ``None``."""
     return value if not launched_by_torchrun() or launch_rank() == 0 else None

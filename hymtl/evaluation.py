@@ -34,13 +34,15 @@ class EvalError(HymtlError):
 
 
 def load_checkpoint(ckpt_path: str | os.PathLike):
-    """The module of a checkpoint via :func:`hymtl.loading.load_checkpoint` (``weights_only``:
-    no code from the file runs); its errors as one-line :class:`EvalError`."""
-    from hymtl import loading
+    """The module of a checkpoint via :func:`hymtl.model.load_checkpoint` (read by
+    :mod:`hymtl.loading`, ``weights_only``: no code from the file runs); its errors as one-line
+    :class:`EvalError`."""
+    from hymtl.loading import LoadError
+    from hymtl.model import load_checkpoint as load_module
 
     try:
-        return loading.load_checkpoint(ckpt_path)
-    except loading.LoadError as exc:
+        return load_module(ckpt_path)
+    except LoadError as exc:
         raise EvalError(str(exc)) from None
 
 

@@ -302,7 +302,7 @@ class Exported:
 def export_checkpoint(settings: ExportSettings) -> Exported:
     """Read the checkpoint, export it, load the export back and check parity; nothing is written
     (:func:`write_export` does that, when the report is ``ok``)."""
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     paths = parity_images(settings.parity_inputs, settings.parity.get("max_images"))
     with phase(f"reading checkpoint {printable(settings.ckpt)}"):

@@ -45,12 +45,14 @@ Cache location: the ``cache_dir`` argument (``feature_cache.dir`` in the config)
 ``$HYMTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/hymtl`` (``~/.cache/hymtl``). ``cache_dir=False``
 (``feature_cache.enabled=false``) computes in memory and writes nothing.
 
-Serving (:class:`FeatureServer`, ``feature_cache:`` in conf/): the datamodule is given the
-server and asks it, for every loader, whether that stage gets features instead of images; the
-server asks the LightningModule (``backbone_trains_at(epoch)``): features while the backbone
-is frozen, images from the epoch it trains (the Trainer then reloads the dataloaders:
-:meth:`FeatureServer.trainer_kwargs`). Feature batches are :class:`FeatureBatch` tuples, so the
-module knows it is given features, not images.
+Serving (:class:`FeatureServer`, ``feature_cache:`` in conf/), through a stated contract (the
+``Protocol`` classes of "the serving contract" below): the datamodule (:class:`ServedData`) is given
+the server (:class:`FeatureServing`) and asks it, for every loader, whether that stage gets
+features instead of images; the server asks the LightningModule (:class:`CachedStagesModule`):
+features while the backbone (or its prefix) is frozen, images from the epoch it trains (the
+Trainer then reloads the dataloaders: :meth:`FeatureServer.trainer_kwargs`). Feature batches
+are :class:`FeatureBatch` tuples, so the module knows it is given features, not images; the
+callbacks ask the datamodule (:class:`ServesFeatures`).
 
 Sharding (DDP): each rank runs the backbone over its own share of a split,
 ``range(rank, len(source), world_size)`` (reading and filling the cache entries of those
@@ -67,7 +69,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -78,7 +80,7 @@ from hymtl.config import checked_number
 from hymtl.data.samples import Sample, TargetEncoder
 from hymtl.data.images import BadImageDropper, build_transforms
 from hymtl.data.loaders import SkippingDataLoader, collate_skipping
-from hymtl.errors import HymtlError, printable
+from hymtl.errors import printable
 from hymtl.fileio import sha256_file
 from hymtl.progress import Progress
 from hymtl.simplify import Simplified, simplify_for_inference
@@ -540,6 +542,83 @@ def epoch_to_run(trainer) -> int:
     return max(int(trainer.current_epoch), int(processed)) if isinstance(processed, int) else int(trainer.current_epoch)
 
 
+# --------------------------------------------------------------------------- the serving contract
+# Who talks to whom when features are served, each through one of these (nothing else is read):
+#   the datamodule (ServedData)  --given-->  FeatureServing (FeatureServer)  --asks-->  the
+#   module being trained (CachedStagesModule, trainer.lightning_module); the callbacks ask the
+#   datamodule (ServesFeatures) and tell feature batches from image batches by FeatureBatch.
+@runtime_checkable
+class CachedStagesModule(Protocol):
+    """What a LightningModule offers feature serving (:class:`hymtl.model.TransferModule`). A
+    module without it (the tutorial's ``ClassifierModule``) is always given images."""
+
+    #: ``hparams.backbone``: the backbone's registry name (part of the cache fingerprint);
+    #: ``hparams.channels_last``: the memory format the cached prefix runs in
+    hparams: Any
+    #: the backbone's named stages, in order (:class:`hymtl.backbones.Stage`: ``.name``)
+    backbone_stages: Sequence[Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes, in order: what the labels of the served rows mean."""
+        ...
+
+    def cached_stages_at(self, epoch: int | None) -> int:
+        """How many leading backbone stages give the same output for an image at training epoch
+        ``epoch`` (``None``: evaluating the trained model); ``0``: serve images."""
+        ...
+
+    def cached_prefix(self, stages: int) -> nn.Module:
+        """The network that computes the output of the first ``stages`` stages (all of them:
+        the pooled features)."""
+        ...
+
+
+@runtime_checkable
+class ServedData(Protocol):
+    """What :class:`FeatureServing` reads of the datamodule it serves
+    (:class:`hymtl.data.ImageFolderDataModule`): the views are made as its image loaders make
+    them, and its bad files are dropped and listed by the same rule."""
+
+    trainer: Any  # the Trainer it is attached to: the module, device, precision and DDP ranks
+    preprocessing: Any  # hymtl.backbones.Preprocessing: the images' size and normalisation
+    augment: Any  # hymtl.data.images.AugmentRecipe of the training views (None: the default)
+    seed: int  # the augmentation seed of the cached views
+    num_workers: int  # the extraction loader's workers
+    skipped_file: str | os.PathLike | None  # where a file that fails to decode is listed
+
+
+@runtime_checkable
+class FeatureServing(Protocol):
+    """What a datamodule is given to serve features instead of images (:class:`FeatureServer`;
+    ``ImageFolderDataModule(features=…)``): per loader, whether it serves now, and what."""
+
+    def serves(self, trainer: Any, stage: str) -> bool:
+        """Whether the ``stage`` ("fit", "test", "predict") loaders give cached outputs now."""
+        ...
+
+    def dataset(self, datamodule: ServedData, samples: Sequence[Sample], train: bool,
+                stage: str = "fit") -> "FeatureTensorDataset":
+        """The cached outputs of ``samples`` (a split of ``datamodule``) for the ``stage`` loaders."""
+        ...
+
+
+@runtime_checkable
+class ServesFeatures(Protocol):
+    """What a datamodule that may serve features offers the callbacks
+    (:class:`hymtl.data.ImageFolderDataModule`): :class:`hymtl.checkpoints.GracefulStop` names the
+    phase a stop happens in, :class:`hymtl.callbacks.TestFigures` decodes the few test images a
+    figure shows when the test batches held features (:class:`FeatureBatch`)."""
+
+    def serves_features(self, stage: str) -> bool:
+        """Whether the ``stage`` loaders give features right now."""
+        ...
+
+    def test_images(self, positions: Sequence[int]) -> torch.Tensor:
+        """The test split's images at ``positions``, prepared as for evaluation ``(n, 3, S, S)``."""
+        ...
+
+
 class FeatureServer:
     """Serves the outputs of a frozen backbone, or of a frozen prefix of it, computed once
     (:class:`FeatureExtractor`, with the disk cache) instead of images: ``mode=frozen`` for the
@@ -549,9 +628,11 @@ class FeatureServer:
     (``ImageFolderDataModule(features=…)``), which asks it per loader.
 
     What it serves is decided by the module being trained, found as ``trainer.lightning_module``
-    and never read from the config: ``module.cached_stages_at(epoch)`` names how many leading
-    stages are fixed at the epoch to run (``fit``) or for good (``test``: ``epoch=None``), and
-    ``module.cached_prefix(stages)`` the network that computes their output; ``0`` means images.
+    and never read from the config, through :class:`CachedStagesModule`:
+    ``module.cached_stages_at(epoch)`` names how many leading stages are fixed at the epoch to
+    run (``fit``) or for good (``test``: ``epoch=None``), and ``module.cached_prefix(stages)``
+    the network that computes their output; ``0`` means images. Of the datamodule it reads
+    :class:`ServedData`; it is the datamodule's :class:`FeatureServing`.
     The device (``trainer.strategy.root_device``) and the autocast dtype (``trainer.precision``)
     come from the Trainer, the memory format from ``hparams.channels_last``.
 
@@ -569,16 +650,13 @@ class FeatureServer:
     def __init__(self, precompute: bool = False, views: int = 0, enabled: bool = True,
                  dir: str | os.PathLike | None = None, batch_size: int = 64, shard_mb: float = 64,
                  flush_seconds: float = 30.0):
-        if int(views) < 0:
-            raise HymtlError(f"feature views must be >= 0, got {views}")
-        if int(batch_size) < 1:
-            raise HymtlError(f"feature_cache.batch_size must be a positive integer, got {batch_size}")
         self.precompute = bool(precompute)
-        self.views = int(views)
+        # the rules of these keys: hymtl.config.NUMBER_RULES
+        self.views = checked_number("mode.feature_views", views)
         self.cache_dir: str | os.PathLike | None | bool = (dir or None) if enabled else False
-        self.batch_size = int(batch_size)
-        self.shard_mb = checked_number("feature_cache.shard_mb", shard_mb, "number", 0, exclusive=True)
-        self.flush_seconds = checked_number("feature_cache.flush_seconds", flush_seconds, "number", 0)
+        self.batch_size = checked_number("feature_cache.batch_size", batch_size)
+        self.shard_mb = checked_number("feature_cache.shard_mb", shard_mb)
+        self.flush_seconds = checked_number("feature_cache.flush_seconds", flush_seconds)
         self.extractor: FeatureExtractor | None = None  # the last one used (built per module and prefix)
         self._extractors: dict[int, FeatureExtractor] = {}
         self._module = None
@@ -602,7 +680,7 @@ class FeatureServer:
         if not self.precompute or trainer is None or stage not in ("fit", "test"):
             return 0
         module = getattr(trainer, "lightning_module", None)
-        if not callable(getattr(module, "cached_stages_at", None)):
+        if not isinstance(module, CachedStagesModule):
             return 0  # a module without a backbone schedule is always given images
         return int(module.cached_stages_at(None if stage == "test" else epoch_to_run(trainer)))
 
@@ -610,7 +688,7 @@ class FeatureServer:
         """Whether the ``stage`` ("fit", "test", "predict") loaders give cached outputs right now."""
         return self.cached_stages(trainer, stage) > 0
 
-    def _extractor(self, datamodule, module, stages: int) -> FeatureExtractor:
+    def _extractor(self, datamodule: ServedData, module: CachedStagesModule, stages: int) -> FeatureExtractor:
         """The extractor of ``module``'s first ``stages`` stages (one per module and prefix)."""
         if module is not self._module:  # another module: other weights, other features
             self._module, self._datasets, self._extractors = module, {}, {}
@@ -642,7 +720,7 @@ class FeatureServer:
         self.extractor = self._extractors[stages]
         return self.extractor
 
-    def dataset(self, datamodule, samples: Sequence[Sample], train: bool,
+    def dataset(self, datamodule: ServedData, samples: Sequence[Sample], train: bool,
                 stage: str = "fit") -> FeatureTensorDataset:
         """The cached outputs of ``samples`` (a split of ``datamodule``: its ``trainer``,
         ``preprocessing``, ``augment``, ``seed``, ``num_workers`` and ``skipped_file`` are used) for the

@@ -259,7 +259,7 @@ def load_predictor(path: str | os.PathLike, trust_model: bool = False, precision
     suffix) -> ``torch.jit`` only with ``trust_model=True``; anything else is read as a Lightning
     checkpoint (PyTorch, run at ``precision``: see :class:`TorchPredictor`). All through
     :mod:`hymtl.loading`. ``precision`` is checked for every format (it only changes PyTorch)."""
-    from hymtl.loading import check_model_file, is_torchscript_archive, load_checkpoint, load_onnx, load_torchscript
+    from hymtl.loading import check_model_file, is_torchscript_archive, load_onnx, load_torchscript
 
     import zipfile
 
@@ -275,6 +275,8 @@ def load_predictor(path: str | os.PathLike, trust_model: bool = False, precision
     if is_torchscript_archive(path) or (suffix in (".pt", ".torchscript") and not zipfile.is_zipfile(path)):
         module, meta = load_torchscript(path, trust=trust_model)
         return TorchScriptPredictor(module, meta, source=path)
+    from hymtl.model import load_checkpoint  # Lightning and the backbones: only for a checkpoint
+
     return TorchPredictor(load_checkpoint(path), source=path, precision=precision)
 
 

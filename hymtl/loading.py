@@ -8,10 +8,11 @@ ends in a traceback and never runs code.
   with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which rebuilds only
   tensors and plain containers and refuses any other global (``os.system``, a ``__reduce__``
   payload…) before calling it. The hyperparameters are the checkpoint's plain
-  ``hyper_parameters`` dict (the module saves only plain containers for that reason); the module
-  is rebuilt from them with ``pretrained=False`` (the weights come from the checkpoint, not from
-  a download) and its ``state_dict`` is loaded strictly, so missing, extra or mis-shaped tensors
-  are caught, and so are non-finite weights.
+  ``hyper_parameters`` dict (the module saves only plain containers for that reason), checked
+  to describe a model (:func:`checked_description`); the tensors are checked against the shapes
+  of the model described and for non-finite values (:func:`check_weights`). Building the module
+  is the model's room (:func:`hymtl.model.load_checkpoint`): this module returns verified
+  weights and plain metadata.
 * **Exported models**: an ``.onnx`` is a graph of standard operators that ONNX Runtime
   runs; it carries its own description (class names, preprocessing) in
   ``metadata_props["hymtl"]``. A TorchScript ``.pt`` is a *program*: loading it can run its
@@ -29,14 +30,13 @@ ends in a traceback and never runs code.
   names, their number, the preprocessing) the load is refused; the model's description is
   what is used.
 
-Imports only downward: errors, fileio, backbones, model.
+A primitive: imports errors, fileio and backbones (a preprocessing description), no service.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -197,9 +197,12 @@ def read_weights_file(path: str | os.PathLike) -> Any:
     return checkpoint
 
 
-def _checked_hparams(hparams: dict, path: Path) -> dict[str, Any]:
-    from hymtl.model import TransferModule
-
+def checked_description(hparams: dict, path: str | os.PathLike) -> dict[str, Any]:
+    """The plain hyperparameters of a checkpoint (its ``hyper_parameters``), once they describe a
+    model at all: a backbone name, ``num_classes`` >= 2 and as many distinct class names.
+    :class:`LoadError` otherwise. Building the module they describe is the model's
+    (:func:`hymtl.model.verified_module_kwargs`)."""
+    path = Path(os.path.expanduser(str(path)))
     backbone, names, n = hparams.get("backbone"), hparams.get("class_names"), hparams.get("num_classes")
     if not isinstance(backbone, str) or not backbone:
         raise LoadError(f"checkpoint {printable(path)} names no backbone in its hyperparameters")
@@ -210,36 +213,24 @@ def _checked_hparams(hparams: dict, path: Path) -> dict[str, Any]:
         shown = printable(repr(names))
         shown = shown if len(shown) <= MAX_QUOTED else f"{shown[:MAX_QUOTED]}… ({len(names) if isinstance(names, (list, tuple)) else '?'} items)"
         raise LoadError(f"checkpoint {printable(path)}: class_names {shown} are not {n} distinct names")
-    accepted = set(inspect.signature(TransferModule.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    # the weights are in the checkpoint: never download or read a weights file to build the module
-    kwargs.update(pretrained=False, weights_path=None, class_names=list(names))
-    return kwargs
+    return {**hparams, "class_names": list(names)}
 
 
-def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """The ``TransferModule`` arguments of a checkpoint (:func:`read_checkpoint`'s dict), once
-    its description (hyperparameters: backbone, classes…) is shown to fit the tensors it holds.
+def checked_tensors(state_dict: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``state_dict`` when every value in it is a tensor, else :class:`LoadError`."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise LoadError(f"checkpoint {printable(Path(os.path.expanduser(str(path))))}: state_dict holds values that "
+                        "are not tensors")
+    return state_dict
 
-    The module is first built on PyTorch's ``meta`` device (shapes only, no memory): every
-    tensor it would have must be in the state dict with that shape, and every tensor must be
-    finite, before anything is allocated. A file cannot ask for more memory than it holds (a
-    13 MB checkpoint claiming a million classes is refused in a second, not after GBs), and a
-    non-finite weight is a damaged checkpoint, named as such. Raises :class:`LoadError`."""
-    from hymtl.model import TransferModule
 
+def check_weights(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                  path: str | os.PathLike, backbone: str, num_classes: Any) -> None:
+    """The tensors of a checkpoint against the shapes its described model has (``expected``,
+    name -> shape: what the model's room computes without allocating anything), and every
+    floating-point tensor finite. :class:`LoadError` naming the first difference otherwise: a
+    file cannot ask for more memory than it holds, and a non-finite weight is a damaged file."""
     path = Path(os.path.expanduser(str(path)))
-    kwargs = _checked_hparams(checkpoint["hyper_parameters"], path)
-    state_dict = checkpoint["state_dict"]
-    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise LoadError(f"checkpoint {printable(path)}: state_dict holds values that are not tensors")
-    try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in TransferModule(**kwargs).state_dict().items()}
-    except HymtlError as exc:
-        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
-    except Exception as exc:  # a tampered hyperparameter of the wrong type
-        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
@@ -247,47 +238,17 @@ def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) 
         if wrong:
             key = wrong[0]
             detail = (f"{printable(key)[:MAX_QUOTED]} holds {tuple(state_dict[key].shape)} where its description "
-                      f"({kwargs['backbone']}, {kwargs.get('num_classes')} classes) needs {expected[key]}")
+                      f"({backbone}, {num_classes} classes) needs {expected[key]}")
         else:
             key = (missing or unexpected)[0]
             detail = f"{'no' if missing else 'an unexpected'} tensor {printable(key)[:MAX_QUOTED]}"
-        raise LoadError(f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model as described "
+        raise LoadError(f"checkpoint {printable(path)}: weights do not fit its {backbone} model as described "
                         f"({detail}; {len(wrong)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected): "
                         "damaged, edited or not made by this hymtl; refused before building anything")
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise LoadError(f"checkpoint {printable(path)} is damaged: non-finite weights in {len(bad)} tensors "
                         f"(e.g. {printable(bad[0])[:MAX_QUOTED]}): nan or inf stored in the file")
-    return kwargs
-
-
-def load_checkpoint(path: str | os.PathLike):
-    """A :class:`~hymtl.model.TransferModule` from a Lightning checkpoint, in eval mode, fp32, on CPU.
-
-    No code from the file runs (see the module docstring); nothing is built before the
-    description is shown to fit the tensors (:func:`verified_module_kwargs`). Raises :class:`LoadError`.
-    """
-    from hymtl.model import TransferModule
-
-    checkpoint = read_checkpoint(path)
-    path = Path(os.path.expanduser(str(path)))
-    kwargs = verified_module_kwargs(checkpoint, path)
-    try:
-        model = TransferModule(**kwargs)
-    except HymtlError as exc:
-        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
-    except Exception as exc:  # a tampered hyperparameter of the wrong type
-        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
-    try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise LoadError(
-            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:MAX_QUOTED]})"
-        ) from None
-    model.float().eval()
-    model.requires_grad_(False)
-    return model
 
 
 # --------------------------------------------------------------------------- sidecars / metadata

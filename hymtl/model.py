@@ -31,9 +31,12 @@ under the same steps).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,9 +47,11 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 from hymtl.backbones import Preprocessing, create_backbone
+from hymtl.config import checked_number
 from hymtl.depth_search import DepthSearch
-from hymtl.errors import HymtlError
+from hymtl.errors import HymtlError, first_line, printable
 from hymtl.features import FeatureBatch
+from hymtl.loading import MAX_QUOTED, LoadError, check_weights, checked_description, checked_tensors, read_checkpoint
 from hymtl.mixing import MixedBatch, make_mixer
 from hymtl.tasks import make_task, tune_thresholds
 
@@ -119,8 +124,8 @@ class ClassificationModule(LightningModule):
         scheduler configs, the class names and the task as plain hyperparameters (checkpoints must
         load with ``weights_only=True``), and set up what the task asks for: the loss (weighted by
         ``class_weights``: ``"auto"`` from ``class_counts``, or a list) and the metrics."""
-        if lr <= 0 or head_lr_mult <= 0:
-            raise HymtlError(f"learning rates must be positive (lr={lr}, head_lr_mult={head_lr_mult})")
+        checked_number("model.lr", lr)  # the one rule of each number: hymtl.config.NUMBER_RULES
+        checked_number("model.head_lr_mult", head_lr_mult)
         largest = torch.finfo(torch.float32).max  # an SGD step on float32 weights takes lr as a float32
         if not math.isfinite(lr * head_lr_mult) or lr * head_lr_mult > largest:
             raise HymtlError(f"the head's learning rate lr * head_lr_mult = {lr * head_lr_mult:g} is too large for float32 "
@@ -356,16 +361,15 @@ class TransferModule(ClassificationModule):
         depth_search: dict | None = None,
     ):
         super().__init__()
-        if backbone_lr_mult < 0:
-            raise HymtlError(f"backbone_lr_mult must not be negative, got {backbone_lr_mult}")
+        checked_number("model.backbone_lr_mult", backbone_lr_mult)  # hymtl.config.NUMBER_RULES
         if not math.isfinite(lr * backbone_lr_mult) or lr * backbone_lr_mult > torch.finfo(torch.float32).max:
             raise HymtlError(f"the backbone's learning rate lr * backbone_lr_mult = {lr * backbone_lr_mult:g} is too large "
                              f"for float32 weights (at most {torch.finfo(torch.float32).max:.3g}); lower mode.lr")
         if unfreeze_at_epoch is not None and backbone_lr_mult == 0:
             raise HymtlError(f"the backbone unfreezes at epoch {unfreeze_at_epoch} with backbone_lr_mult=0: it would "
                              "never change; set model.backbone_lr_mult > 0 (or mode=frozen to keep it frozen)")
-        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
-            raise HymtlError(f"unfreeze_at_epoch must be >= 0 or null, got {unfreeze_at_epoch}")
+        if unfreeze_at_epoch is not None:  # null: frozen
+            checked_number("model.unfreeze_at_epoch", unfreeze_at_epoch)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_names", "task", "class_weights",
                                           "class_counts", "train_images", "depth_search"])
         self.hparams.update(class_weights=_plain(class_weights), train_images=train_images,
@@ -697,3 +701,64 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg) if isinstance(cfg, dict) else cfg
+
+
+# --------------------------------------------------------------------------- the module of a checkpoint
+# hymtl.loading reads a checkpoint and checks what it can without the model (the file, its CRCs,
+# weights-only unpickling, a plain description, finite tensors); what the description builds is
+# known here, so the shapes it must have are computed here and the module is built here.
+def verified_module_kwargs(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``TransferModule`` arguments of a checkpoint (:func:`hymtl.loading.read_checkpoint`'s
+    dict), once its description (hyperparameters: backbone, classes…) is shown to fit the
+    tensors it holds.
+
+    The module is first built on PyTorch's ``meta`` device (shapes only, no memory): every
+    tensor it would have must be in the state dict with that shape, and every tensor must be
+    finite (:func:`hymtl.loading.check_weights`), before anything is allocated. A file cannot ask
+    for more memory than it holds (a 13 MB checkpoint claiming a million classes is refused in a
+    second, not after GBs), and a non-finite weight is a damaged checkpoint, named as such.
+    Raises :class:`~hymtl.loading.LoadError`."""
+    path = Path(os.path.expanduser(str(path)))
+    hparams = checked_description(checkpoint["hyper_parameters"], path)
+    accepted = set(inspect.signature(TransferModule.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    # the weights are in the checkpoint: never download or read a weights file to build the module
+    kwargs.update(pretrained=False, weights_path=None)
+    state_dict = checked_tensors(checkpoint["state_dict"], path)
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in TransferModule(**kwargs).state_dict().items()}
+    except HymtlError as exc:
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
+    except Exception as exc:  # a tampered hyperparameter of the wrong type
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
+    check_weights(state_dict, expected, path, kwargs["backbone"], kwargs.get("num_classes"))
+    return kwargs
+
+
+def load_checkpoint(path: str | os.PathLike) -> TransferModule:
+    """A :class:`TransferModule` from a Lightning checkpoint, in eval mode, fp32, on CPU.
+
+    No code from the file runs (:mod:`hymtl.loading`); nothing is built before the description
+    is shown to fit the tensors (:func:`verified_module_kwargs`). Raises
+    :class:`~hymtl.loading.LoadError`.
+    """
+    checkpoint = read_checkpoint(path)
+    path = Path(os.path.expanduser(str(path)))
+    kwargs = verified_module_kwargs(checkpoint, path)
+    try:
+        model = TransferModule(**kwargs)
+    except HymtlError as exc:
+        raise LoadError(f"checkpoint {printable(path)}: {first_line(exc, MAX_QUOTED)}") from None
+    except Exception as exc:  # a tampered hyperparameter of the wrong type
+        raise LoadError(f"checkpoint {printable(path)}: invalid hyperparameters ({first_line(exc, MAX_QUOTED)})") from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise LoadError(
+            f"checkpoint {printable(path)}: weights do not fit its {kwargs['backbone']} model ({detail[:MAX_QUOTED]})"
+        ) from None
+    model.float().eval()
+    model.requires_grad_(False)
+    return model

@@ -1,101 +1,28 @@
-"""Runs that survive interruption: atomic checkpoints, RNG state, a clean stop on signals, resume.
+"""What may be resumed: a resumed run continues the run it names, with the same settings.
 
-* :class:`AtomicCheckpointIO` — Lightning's ``TorchCheckpointIO`` writes through an fsspec
-  transaction whose temporary file lives in the system temp folder and is *moved* into place;
-  when ``/tmp`` is another file system that move is a copy into the final path, so a kill in
-  the middle leaves a truncated ``last.ckpt``, and nothing is fsynced. This plugin writes a
-  temporary file beside the target, fsyncs it and ``os.replace``-s it: the old checkpoint stays
-  whole until the new one is complete.
-* :class:`LastCheckpoint` — ``last.ckpt`` at the end of an epoch (what ``ckpt_path=last``
-  resumes), at most once per ``min_interval_s`` and always after the fit's last epoch: a
-  head-only epoch on cached features takes a tenth of a second, writing the whole model
-  several times that.
-* :class:`RNGStateCheckpoint` — Lightning checkpoints do not hold the random number generators;
-  this callback stores the torch/CUDA/numpy/python states and puts them back when a resumed fit
-  starts, so the shuffling and augmentations continue as if never stopped.
-  Reading goes through :func:`hymtl.loading.read_checkpoint`: a resumed fit and the test of the
-  best checkpoint get the same checks (CRC of every member, weights-only) as eval/predict/export.
-* :class:`RunSignals` — SIGINT (Ctrl-C) and SIGTERM for a whole run (``hymtl.train`` wraps the
-  run in it): outside the batch loops (file scan, feature extraction, between fit and test,
-  figures, metrics.json) the run stops at once with :class:`RunInterrupted` — safe, every file
-  is written atomically; inside them it defers to :class:`GracefulStop`.
-* :class:`GracefulStop` — inside the fit's epochs and the test's batches a signal finishes the
-  batch in progress; in the fit it saves ``interrupted.ckpt``; then :class:`RunInterrupted`.
-  ``last.ckpt`` (end of the last saved epoch) is left untouched and is what ``ckpt_path=last``
-  resumes from, exactly.
-* :func:`resolve_resume` — what ``ckpt_path=last`` / a path means, and which run folder a
-  resumed run continues in (the run of a checkpoint is :func:`hymtl.runs.run_dir_of`);
-  :func:`check_resume` — what may be resumed: a whole checkpoint of the same run settings
-  (:data:`RESUME_MUST_MATCH`), refused with one line before the run folder is touched.
+* :func:`check_resume` — a whole checkpoint (read by :mod:`hymtl.loading`, its description
+  verified against its tensors by :func:`hymtl.model.verified_module_kwargs`) of the same run
+  settings (:data:`RESUME_MUST_MATCH`), refused with one line before the run folder is touched;
+* :func:`check_resumable_classes` — the classes the scan found are the checkpoint's;
+* :func:`check_resume_in_place` — the same check before Hydra writes into a used run folder.
 
-Imports only downward (config, errors, fileio, loading, runs); used by the entry points and conf/.
+Which checkpoint ``ckpt_path`` names and which folder the resumed run writes to is the run
+folder's room (:func:`hymtl.runs.resolve_resume`, :func:`hymtl.runs.continue_run`); how
+checkpoints are written, :mod:`hymtl.checkpoints`; signals, :mod:`hymtl.signals`.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import os
-import random
-import signal
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hymtl.config import checked_number
 from hymtl.errors import HymtlError, printable
-from hymtl.fileio import atomic_write_bytes
-from hymtl.loading import MAX_QUOTED, LoadError, checked_checkpoint, read_checkpoint, read_weights_file, verified_module_kwargs
-from hymtl.runs import CHECKPOINTS_DIR, launch_dir, run_dir_of, saved_config
-from hymtl.signals import LAST, RunInterrupted, RunSignals, active_run_signals
-
-__all__ = ["RunInterrupted", "RunSignals", "active_run_signals"]  # their room is hymtl.signals
-
-log = logging.getLogger(__name__)
-
-INTERRUPTED = "interrupted.ckpt"
-
-
-# --------------------------------------------------------------------------- atomic writes
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic: temp file beside the target, fsync,
-    ``os.replace``, then fsync of the folder. A SIGKILL at any moment leaves either the old or
-    the new checkpoint, never a mix; a stale temp file of a killed write is removed by the next
-    successful write of the same checkpoint. Remote URLs (``s3://``…) go to Lightning's code."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(path)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getbuffer())
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
-            stale.unlink(missing_ok=True)
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """The checkpoint, read by :func:`hymtl.loading.read_checkpoint` (the one reader of
-        eval/predict/export: every zip member against its CRC, ``weights_only``), on the CPU;
-        Lightning moves the states to the device. A damaged file is a one-line ``LoadError``."""
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        loaded = read_weights_file(path)
-        if isinstance(loaded, dict) and "state_dict" not in loaded and loaded \
-                and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            return loaded  # the bare weights a DDP-spawn worker hands to the main process (Lightning's own file)
-        return checked_checkpoint(loaded, path)
+from hymtl.loading import MAX_QUOTED, LoadError, read_checkpoint
+from hymtl.runs import Resume, launch_dir, resolve_resume, saved_config
 
 
 def check_resume_in_place(config: DictConfig, run_dir: Path) -> None:
@@ -113,268 +40,6 @@ def check_resume_in_place(config: DictConfig, run_dir: Path) -> None:
     except HymtlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-# --------------------------------------------------------------------------- the last checkpoint
-class LastCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` (conf/callbacks: ``last_checkpoint``, ``filename: last``)
-    that skips the save of an epoch ending less than ``min_interval_s`` after its previous save
-    (or the start of the fit), except after the fit's last epoch (``max_epochs``, ``max_steps``
-    or a requested stop): a run killed without warning loses at most ``min_interval_s`` plus an
-    epoch, and a run of short epochs (head-only training on cached features) does not spend
-    most of its time writing the whole model. ``0``: every epoch. The decision is rank 0's,
-    broadcast, so every DDP rank takes part in the same saves. Step-based saves
-    (``every_n_train_steps``, ``train_time_interval``) keep Lightning's own schedule."""
-
-    def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.min_interval_s = checked_number("callbacks.last_checkpoint.min_interval_s", min_interval_s, "number", 0)
-        self._saved_at = time.monotonic()
-        self._in_batch_hook = False
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._saved_at = time.monotonic()
-
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._in_batch_hook = True  # Lightning asks whether to skip after every batch: no broadcast there
-        try:
-            super().on_train_batch_end(*args, **kwargs)
-        finally:
-            self._in_batch_hook = False
-
-    def _should_skip_saving_checkpoint(self, trainer: Trainer) -> bool:
-        if super()._should_skip_saving_checkpoint(trainer):
-            return True
-        if self._in_batch_hook:
-            return False
-        if self.min_interval_s <= 0 or _last_epoch_of_fit(trainer):
-            return False
-        recent = time.monotonic() - self._saved_at < self.min_interval_s
-        return bool(trainer.strategy.broadcast(recent, src=0))
-
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self._saved_at = time.monotonic()
-
-
-def _last_epoch_of_fit(trainer: Trainer) -> bool:
-    """Whether the epoch now ending is the fit's last (as far as the limits tell)."""
-    if trainer.should_stop:
-        return True
-    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-        return True
-    return max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps
-
-
-# --------------------------------------------------------------------------- RNG state
-class RNGStateCheckpoint(Callback):
-    """Saves the global RNG states with every checkpoint and restores them on resume.
-
-    Saved when Lightning writes the end-of-epoch checkpoint (``on_train_epoch_end``), after which
-    the uninterrupted run draws nothing until the next epoch's ``iter(train_dataloader)`` (the
-    shuffling, the worker seeds, then the augmentations). A resumed run creates that iterator
-    in ``FitLoop.setup_data``, right after ``on_fit_start`` and before ``on_train_epoch_start``,
-    so the states are put back in ``on_fit_start``. States are plain tensors/ints (``weights_only``).
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-            "python": _python_state_to_plain(random.getstate()),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = dict(state_dict)
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
-        torch.set_rng_state(state["torch"])
-        np_state = state["numpy"]
-        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                             np_state["has_gauss"], np_state["cached_gaussian"]))
-        random.setstate(_python_state_from_plain(state["python"]))
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_state_to_plain(state: tuple) -> dict[str, Any]:
-    version, internal, gauss = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
-
-
-def _python_state_from_plain(state: dict[str, Any]) -> tuple:
-    return state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"]
-
-
-# --------------------------------------------------------------------------- signals
-class GracefulStop(Callback):
-    """SIGINT/SIGTERM inside the batch loops: finish the batch in progress; in the fit save
-    ``<dirpath>/interrupted.ckpt`` (the state at that batch: weights for evaluation, or a
-    mid-epoch resume Lightning cannot replay exactly); then stop with :class:`RunInterrupted`.
-    A second Ctrl-C stops at once.
-
-    The fit defers from ``on_train_start`` to ``on_train_end`` (every epoch, its validation and
-    checkpoints), the test during each batch. Outside those — the fit's setup with its feature
-    extraction, the test's setup, the figures and metrics.json after the last test batch — a
-    signal stops at once (:class:`RunSignals`): the run-wide handler of ``hymtl.train``, or one
-    this callback installs from ``setup`` to ``teardown`` when the Trainer is used alone."""
-
-    def __init__(self, dirpath: str | None = None, filename: str = INTERRUPTED) -> None:
-        self.dirpath = dirpath
-        self.filename = filename
-        self.signum: int | None = None
-        self._signals: RunSignals | None = None
-        self._own: RunSignals | None = None
-
-    # -- phases ------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.signum = None
-        self._signals = active_run_signals()
-        if self._signals is None:  # the Trainer used on its own: a handler for this fit/test only
-            self._own = self._signals = RunSignals(_checkpoint_dir(trainer)).__enter__()
-        self._signals.install()
-        if stage == "fit":
-            serves = getattr(trainer.datamodule, "serves_features", None)
-            self._signals.phase = ("the feature extraction" if callable(serves) and serves("fit")
-                                   else "the setup of the fit")
-        elif stage == "test":
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            self._signals.best = best or self._signals.best
-            self._signals.phase = "test"
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning has put its SIGTERM handler over ours by now; inside the loops it would raise
-        # SIGTERMException, a SystemExit with code 0, at the next batch: take the signal back
-        self._signals.install()
-        self._signals.phase = "the fit"
-        self._signals.defer_to(self)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._signals.defer_to(None)
-        self._signals.phase = "the end of the fit"
-        self._stop_if_asked(trainer)  # a signal after the last batch: every epoch is saved
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._signals.install()  # over Lightning's handler, as in on_train_start
-
-    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        self._signals.defer_to(self)
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        self._signals.defer_to(None)
-        if self.signum is not None:
-            if self._signals.outcome is not None:  # eval: the entry point says what a stop leaves
-                raise self._signals.interruption(self.signum)
-            raise RunInterrupted(self.signum, self._signals.best, _last_checkpoint(trainer), trainer.current_epoch, "test")
-        if trainer.test_loop.batch_progress.is_last_batch:
-            self._signals.phase = "results"  # the figures and metrics.json follow
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._signals is not None:
-            self._signals.defer_to(None)
-        if self._own is not None:
-            self._own.__exit__(None, None, None)
-        self._own = self._signals = None
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "")  # Lightning calls no teardown hooks after an exception
-
-    # -- the deferred stop ---------------------------------------------------------------
-    def request(self, signum: int) -> None:
-        """A signal inside the batch loops: stop after the batch in progress."""
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: do not wait for the batch
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the batch in progress (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        self._stop_if_asked(trainer)
-
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        if not trainer.sanity_checking:
-            self._stop_if_asked(trainer)
-
-    def _stop_if_asked(self, trainer: Trainer) -> None:
-        if self.signum is None:
-            return
-        folder = Path(self.dirpath) if self.dirpath else _checkpoint_dir(trainer)
-        path = folder / self.filename
-        trainer.save_checkpoint(path)
-        raise RunInterrupted(self.signum, str(path), _last_checkpoint(trainer), trainer.current_epoch)
-
-
-def _last_checkpoint(trainer: Trainer) -> str | None:
-    """The ``last.ckpt`` this run wrote (end of its last saved epoch), whichever checkpoint
-    callback writes it (``save_last`` of one, or one that writes only ``last``), else ``None``."""
-    for callback in trainer.checkpoint_callbacks:
-        for attribute in ("last_model_path", "best_model_path"):
-            path = getattr(callback, attribute, "") or ""
-            if path and Path(path).name == LAST and os.path.isfile(path):
-                return path
-    return None
-
-
-def _checkpoint_dir(trainer: Trainer) -> Path:
-    callback = trainer.checkpoint_callback
-    if callback is not None and getattr(callback, "dirpath", None):
-        return Path(callback.dirpath)
-    return Path(trainer.default_root_dir) / CHECKPOINTS_DIR
-
-
-# --------------------------------------------------------------------------- resume
-@dataclass(frozen=True)
-class Resume:
-    """A resolved ``ckpt_path``: the checkpoint, and the run folder the resumed run writes to
-    (``None``: the new Hydra run folder)."""
-
-    checkpoint: Path
-    run_dir: Path | None
-
-
-def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path) -> Resume | None:
-    """``ckpt_path`` -> :class:`Resume`.
-
-    * ``None``: a new run.
-    * ``last``: ``<output_dir>/checkpoints/last.ckpt`` when this run folder has one (the command
-      reused ``hydra.run.dir``), else the newest ``last.ckpt`` (by modification time) of the
-      single runs under ``log_dir`` (``outputs/<date>/<time>/checkpoints/``). Sweeps are not
-      searched: several of their runs are "the newest"; pass their path.
-    * a path: that file.
-
-    A checkpoint inside a run folder resumes *in* that folder, so its checkpoints (the best
-    model so far), TensorBoard curves and metrics.json stay one run.
-    """
-    if ckpt_path is None or str(ckpt_path).strip() == "":
-        return None
-    if str(ckpt_path) == "last":
-        own = output_dir / CHECKPOINTS_DIR / LAST
-        if own.is_file():
-            return Resume(own, output_dir)
-        candidates = [p for p in log_dir.glob(f"*/*/{CHECKPOINTS_DIR}/{LAST}") if p.is_file()]
-        candidates = [p for p in candidates if "multirun" not in p.relative_to(log_dir).parts]
-        if not candidates:
-            raise HymtlError(f"ckpt_path=last: no {LAST} under {log_dir}/<date>/<time>/checkpoints/ to resume from "
-                             f"(pass ckpt_path=PATH, or hydra.run.dir=<the run folder>)")
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        return Resume(newest, run_dir_of(newest))
-    path = Path(os.path.expanduser(str(ckpt_path)))
-    if not path.is_file():
-        raise HymtlError(f"ckpt_path: no checkpoint file at {path}")
-    return Resume(path, run_dir_of(path))
 
 
 #: What a resumed run must share with the run it continues, compared between the run's saved
@@ -411,6 +76,10 @@ def check_resume(resume: Resume, cfg: DictConfig) -> dict[str, Any]:
     :data:`RESUME_MUST_MATCH` settings as ``cfg``. Otherwise one :class:`HymtlError` line that
     names every difference (``data.root differs (was X, now Y)``) — raised before the run folder
     is touched. Returns the checkpoint's hyperparameters."""
+    # the model's room builds what a checkpoint describes; imported here, not above: Hydra loads
+    # this module (check_resume_in_place) before every run of every entry point
+    from hymtl.model import verified_module_kwargs
+
     where = printable(str(resume.checkpoint))
     try:
         checkpoint = read_checkpoint(resume.checkpoint)

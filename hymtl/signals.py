@@ -7,7 +7,7 @@
   main thread is: safe, because every file hymtl writes is written atomically (whole or absent)
   and scratch folders are context managers that go on the way out.
 * :class:`RunInterrupted` — the ``BaseException`` that carries the line; ``run_entry`` prints it
-  and exits with its code. Inside a fit's batches, :class:`hymtl.resume.GracefulStop` finishes
+  and exits with its code. Inside a fit's batches, :class:`hymtl.checkpoints.GracefulStop` finishes
   the batch and saves first.
 
 Imports no torch or Lightning: a light entry point (predict) pays nothing for it.
@@ -21,14 +21,14 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+from hymtl.runs import LAST
+
 
 class DeferredStop(Protocol):
-    """What a stop can be handed to while a batch runs (:class:`hymtl.resume.GracefulStop`:
+    """What a stop can be handed to while a batch runs (:class:`hymtl.checkpoints.GracefulStop`:
     it finishes the batch, saves, then raises :class:`RunInterrupted`)."""
 
     def request(self, signum: int) -> None: ...
-
-LAST = "last.ckpt"
 
 
 class RunInterrupted(BaseException):

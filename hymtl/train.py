@@ -27,22 +27,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    from hymtl import runs
     from hymtl.callbacks import RunSummary
     from hymtl.config import check_numbers, instantiate_group
     from hymtl.loggers import instantiate_loggers
-    from hymtl.resume import RunSignals, check_resumable_classes, check_resume, resolve_resume
-    from hymtl.runs import CHECKPOINTS_DIR
+    from hymtl.resume import check_resumable_classes, check_resume
     from hymtl.runtime import configure_backends
+    from hymtl.signals import RunSignals
 
     check_numbers(cfg)
-    resume = resolve_resume(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
+    resume = runs.resolve_resume(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
     # a damaged checkpoint or other settings (data, preprocessing, regime…): refused before the
     # run folder is touched (its metrics.json, skipped.txt and .hydra/ stay the run's own)
     resumed_hparams = check_resume(resume, cfg) if resume is not None else None
-    if resume is not None and resume.run_dir is not None and resume.run_dir.resolve() != Path(cfg.paths.output_dir).resolve():
-        # one run, one folder: the best checkpoint so far, the curves and metrics.json stay together
-        log.info("resuming %s: writing to its run folder %s", resume.checkpoint, resume.run_dir)
-        cfg.paths.output_dir = str(resume.run_dir)
+    run_folder = runs.continue_run(cfg, resume)  # a resume continues in its run's folder
     # a preset whose package is missing stops here, before the scan; a tracking server is asked
     # when the first thing is sent (hymtl.loggers.mlflow)
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -50,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     configure_backends()
 
     # SIGINT/SIGTERM stop every phase with 128+signal and a line saying what is saved
-    with RunSignals(Path(cfg.paths.output_dir) / CHECKPOINTS_DIR) as signals:
+    with RunSignals(run_folder / runs.CHECKPOINTS_DIR) as signals:
         features = instantiate(cfg.feature_cache)
         datamodule = instantiate(cfg.data, features=features)
         signals.phase = "the download"
@@ -70,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-        signals.phase = "the setup of the fit"  # hymtl.resume.GracefulStop names the phases inside
+        signals.phase = "the setup of the fit"  # hymtl.checkpoints.GracefulStop names the phases inside
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None,
                     weights_only=True)
         signals.phase = "the end of the fit"

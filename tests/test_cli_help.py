@@ -167,23 +167,23 @@ def test_predict_wrong_key_or_value_is_one_line(args: list[str], needles: list[s
 
 # --------------------------------------------------------------------------- the pieces
 def test_a_claimed_folder_is_released_only_without_work(tmp_path: Path) -> None:
-    from hymtl import distributed
+    from hymtl import runs
     from hymtl.runs import holds_no_work
 
-    empty = distributed.claim_run_dir(str(tmp_path / "out" / "day" / "t1"), "RUN")
+    empty = runs.claim_run_dir(str(tmp_path / "out" / "day" / "t1"), "RUN")
     (Path(empty) / ".hydra").mkdir()
     (Path(empty) / "train.log").write_text("started\n")
-    assert distributed.release_run_dir(empty, holds_no_work)
+    assert runs.release_run_dir(empty, holds_no_work)
     assert not (tmp_path / "out").exists()  # and the parents it created
 
-    worked = distributed.claim_run_dir(str(tmp_path / "out" / "day" / "t2"), "RUN")
+    worked = runs.claim_run_dir(str(tmp_path / "out" / "day" / "t2"), "RUN")
     (Path(worked) / "checkpoints").mkdir()
-    assert not distributed.release_run_dir(worked, holds_no_work)
+    assert not runs.release_run_dir(worked, holds_no_work)
     assert Path(worked).is_dir()
 
     not_ours = tmp_path / "elsewhere"
     not_ours.mkdir()
-    assert not distributed.release_run_dir(not_ours, holds_no_work) and not_ours.is_dir()
+    assert not runs.release_run_dir(not_ours, holds_no_work) and not_ours.is_dir()
 
 
 @pytest.mark.parametrize("overrides", [

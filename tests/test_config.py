@@ -23,6 +23,48 @@ def test_two_phase_freeze_epochs_is_the_switch(compose):
     assert cfg.model.unfreeze_at_epoch == 5 and cfg.trainer.max_epochs == 9
 
 
+def test_freeze_epochs_is_an_integer(compose):
+    from hymtl.config import check_numbers
+    from hymtl.errors import HymtlError
+
+    with pytest.raises(HymtlError) as refused:
+        check_numbers(compose("mode=two_phase", "mode.freeze_epochs=1.5", "mode.epochs=4"))
+    assert str(refused.value) == "mode.freeze_epochs must be an integer, got 1.5"
+
+
+def test_each_number_rule_lives_once(tmp_path):
+    """The objects a config builds check their numbers by the rule of the config check
+    (hymtl.config.NUMBER_RULES): the same line whether the number comes from conf/ or the API."""
+    from hymtl.config import checked_number
+    from hymtl.data import ImageFolderDataModule
+    from hymtl.errors import HymtlError
+    from hymtl.features import FeatureServer
+    from hymtl.model import TransferModule
+
+    def lite0(**kwargs):
+        return TransferModule(backbone="efficientnet_lite0", pretrained=False, **kwargs)
+
+    cases = [
+        ("mode.feature_views", -1, lambda v: FeatureServer(views=v)),
+        ("feature_cache.batch_size", 0, lambda v: FeatureServer(batch_size=v)),
+        ("feature_cache.shard_mb", 0, lambda v: FeatureServer(shard_mb=v)),
+        ("data.batch_size", 0, lambda v: ImageFolderDataModule(tmp_path, batch_size=v)),
+        ("data.num_workers", -2, lambda v: ImageFolderDataModule(tmp_path, num_workers=v)),
+        ("data.val_fraction", -0.5, lambda v: ImageFolderDataModule(tmp_path, val_fraction=v)),
+        ("data.seed", 1.5, lambda v: ImageFolderDataModule(tmp_path, seed=v)),
+        ("model.lr", -1, lambda v: lite0(lr=v)),
+        ("model.head_lr_mult", 0, lambda v: lite0(head_lr_mult=v)),
+        ("model.backbone_lr_mult", -1, lambda v: lite0(backbone_lr_mult=v)),
+        ("model.unfreeze_at_epoch", 1.5, lambda v: lite0(unfreeze_at_epoch=v)),
+    ]
+    for key, value, build in cases:
+        with pytest.raises(HymtlError) as by_rule:
+            checked_number(key, value)
+        with pytest.raises(HymtlError) as built:
+            build(value)
+        assert str(built.value) == str(by_rule.value) and str(built.value).startswith(f"{key} "), key
+
+
 def test_defaults_and_overrides(compose):
     cfg = compose()
     assert cfg.model.backbone == "resnet18" and cfg.mode.name == "finetune"

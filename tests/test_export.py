@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from hymtl.loading import load_checkpoint, load_onnx, sidecar_path
+from hymtl.loading import load_onnx, sidecar_path
+from hymtl.model import load_checkpoint
 from hymtl.errors import HymtlError
 from test_predict import compose_app
 

@@ -428,7 +428,7 @@ def test_partial_run_trains_the_top_stage_on_cached_activations(tiny_folder, tmp
     assert cached_rows(cache) == count  # every activation came from the cache
     assert "computed 0" in (tmp_path / "second" / "train.log").read_text()
     assert _metrics(tmp_path, "first")["test/acc"] == _metrics(tmp_path, "second")["test/acc"]
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     model = load_checkpoint(_metrics(tmp_path, "first")["best_checkpoint"])
     with torch.inference_mode():

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from hymtl.callbacks import ClassificationReport, TestFigures
+from hymtl.features import FeatureBatch
 from hymtl.figures import (
     MAX_HEATMAP_CLASSES,
     ClassSpreadSample,
@@ -40,14 +41,6 @@ class _Module(torch.nn.Module):
 
     def forward(self, x):
         return self.logits
-
-
-class _FeatureBatch(tuple):
-    """(features, index, labels) with ``.index``, like hymtl.features.FeatureBatch."""
-
-    @property
-    def index(self):
-        return self[1]
 
 
 def _trainer(datamodule=None):
@@ -265,7 +258,10 @@ def test_the_grid_of_feature_batches_decodes_only_the_sampled_test_images(tmp_pa
     images, logits, labels = _synthetic(6, 10, image_size=8, error_rate=0.3)
     decoded = []
 
-    class _DataModule:
+    class _DataModule:  # hymtl.features.ServesFeatures: what TestFigures asks a datamodule
+        def serves_features(self, stage):
+            return stage == "test"
+
         def test_images(self, positions):
             decoded.append(list(positions))
             return images[list(positions)]
@@ -274,7 +270,7 @@ def test_the_grid_of_feature_batches_decodes_only_the_sampled_test_images(tmp_pa
     for start in range(0, len(labels), 16):
         part = slice(start, start + 16)
         features = torch.randn(len(labels[part]), 5)
-        batches.append((_FeatureBatch((features, torch.arange(len(labels))[part], labels[part])), logits[part]))
+        batches.append((FeatureBatch(features, torch.arange(len(labels))[part], labels[part]), logits[part]))
     figures = TestFigures(num_images=8, num_wrong=4, save_dir=str(tmp_path))
     _run_test([figures], _Module(names), batches, datamodule=_DataModule())
     grid, wrong = decoded  # two decodes: the grid's 8 and the most-wrong 4, nothing else

@@ -273,7 +273,7 @@ def mixup_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_checkpoint_test_and_export_after_a_mixup_run(mixup_run):
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     base, root, run = mixup_run
     metrics = json.loads((run / "metrics.json").read_text())

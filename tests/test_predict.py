@@ -220,7 +220,7 @@ def test_json_output_stays_strict_json_when_the_model_gives_nan(tiny_checkpoint)
     import torch
 
     from hymtl.inference import TorchPredictor
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     model = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():
@@ -279,7 +279,7 @@ def test_fp32_path_is_the_modules_own_forward_exactly_as_trained_and_to_rounding
     import torch
 
     from hymtl.inference import Simplified, TorchPredictor
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     reference = load_checkpoint(tiny_checkpoint)
     reference.setup("predict")  # as Lightning runs it: the module's own channels-last rule
@@ -297,7 +297,7 @@ def test_fp32_path_is_the_modules_own_forward_exactly_as_trained_and_to_rounding
 
 def test_bf16_and_fp32_agree_on_labels_and_probabilities(tiny_checkpoint):
     from hymtl.inference import TorchPredictor, softmax
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     fp32 = TorchPredictor(load_checkpoint(tiny_checkpoint), precision="32")
     bf16 = TorchPredictor(load_checkpoint(tiny_checkpoint), precision="bf16")
@@ -315,7 +315,7 @@ def test_predictor_feeds_the_model_channels_last(tiny_checkpoint):
     import torch
 
     from hymtl.inference import TorchPredictor
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     predictor = TorchPredictor(load_checkpoint(tiny_checkpoint))
     seen = []
@@ -329,7 +329,7 @@ def test_predictor_feeds_the_model_channels_last(tiny_checkpoint):
 
 def test_auto_precision_follows_torchs_native_bf16_query(tiny_checkpoint, monkeypatch):
     import hymtl.inference as inference
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     for native, expected in ((True, "bf16"), (False, "32")):
         monkeypatch.setattr(inference, "native_bf16", lambda device="cpu", native=native: native)

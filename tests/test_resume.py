@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, SMALL_VIEWS, cached_rows, make_image_folder
-from hymtl.resume import LAST, AtomicCheckpointIO, resolve_resume
-from hymtl.runs import run_dir_of
+from hymtl.checkpoints import AtomicCheckpointIO
+from hymtl.runs import LAST, resolve_resume, run_dir_of
 from hymtl.errors import HymtlError
 
 # two-phase so that the resumed run must also land in the right phase (unfreeze at epoch 1)
@@ -91,7 +91,7 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 
 _WRITER = r"""
 import sys, torch
-from hymtl.resume import AtomicCheckpointIO
+from hymtl.checkpoints import AtomicCheckpointIO
 from hymtl.fileio import atomic_write_json
 folder = sys.argv[1]
 io = AtomicCheckpointIO()
@@ -444,12 +444,17 @@ def test_resume_on_the_same_folder_with_other_images_is_refused(tmp_path):
                         "scored on (train: 8 files, now 9); start a new run for new data"), lines
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
     assert len(list((tmp_path / "run" / "checkpoints").glob("epoch=1*"))) == 0  # nothing trained
+    # the resume had continued the run in its own folder: the failure is recorded there (hymtl.runs),
+    # not in the folder Hydra made for the resuming command
+    error = json.loads((tmp_path / "run" / "error.json").read_text())
+    assert error["type"] == "DataError" and error["error"] == lines[0].removeprefix("error: ")
+    assert not (tmp_path / "elsewhere" / "error.json").exists()
 
 
 def test_a_stop_in_the_fit_before_any_last_checkpoint_was_due_says_so():
     """With last.ckpt written at most every min_interval_s, epochs can have ended without one:
     the line must not claim that no epoch had finished."""
-    from hymtl.resume import RunInterrupted
+    from hymtl.signals import RunInterrupted
 
     early = RunInterrupted(signal.SIGTERM, "/run/checkpoints/interrupted.ckpt", None, 3).message
     assert early == ("interrupted by SIGTERM in epoch 3; state saved in /run/checkpoints/interrupted.ckpt; no "

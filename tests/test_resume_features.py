@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import SMALL_VIEWS, make_image_folder
-from hymtl.resume import LAST
+from hymtl.runs import LAST
 
 TESTS = Path(__file__).parent
 ARGS = [

@@ -114,7 +114,7 @@ def test_composing_claims_no_folder(compose, tmp_path, monkeypatch):
 
 
 def test_claim_takes_the_next_suffix_and_composing_takes_none(tmp_path):
-    from hymtl.distributed import claim_run_dir
+    from hymtl.runs import claim_run_dir
 
     base = str(tmp_path / "out" / "12-00-00")
     running, composed = "RUN", None  # ${hydra.mode}
@@ -129,7 +129,7 @@ def test_claim_takes_the_next_suffix_and_composing_takes_none(tmp_path):
 
 def test_ckpt_path_last_finds_a_suffixed_run(tmp_path):
     """``ckpt_path=last`` searches ``outputs/<date>/<time>*/``: a ``<time>_2`` run is a run like any other."""
-    from hymtl.resume import resolve_resume
+    from hymtl.runs import resolve_resume
 
     log_dir = tmp_path / "outputs"
     older, newer = (log_dir / "2026-01-01" / name / "checkpoints" / "last.ckpt" for name in ("10-00-00", "10-00-00_2"))
@@ -142,3 +142,49 @@ def test_ckpt_path_last_finds_a_suffixed_run(tmp_path):
     new_run.mkdir()
     resume = resolve_resume("last", new_run, log_dir)
     assert resume.checkpoint == newer and resume.run_dir == newer.parent.parent
+
+
+def test_a_resumed_run_that_fails_is_marked_failed_in_its_own_folder(compose, tmp_path, monkeypatch):
+    """A resume from a new Hydra folder continues in the run folder of its checkpoint
+    (:func:`hymtl.runs.continue_run`): a failure after that goes into ``error.json`` there, and
+    the new folder, holding no work, goes. An ``error.json`` of an earlier attempt of the run is
+    gone as soon as the resume is accepted."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from hymtl import runs
+    from hymtl.cli import run_entry
+    from hymtl.errors import HymtlError
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "error.json").write_text(json.dumps({"error": "an earlier attempt"}))
+    new = Path(runs.claim_run_dir(str(tmp_path / "outputs" / "2026-01-02" / "09-00-00"), "RUN"))
+    (new / ".hydra").mkdir()  # what Hydra writes before the task runs
+    (new / "train.log").write_text("")
+    cfg = compose(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(new)
+        cfg.hydra.job.name = "train"
+    seen = {}
+
+    def resume_then_fail(cfg):
+        resume = runs.resolve_resume(cfg.ckpt_path, Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
+        seen["folder"] = runs.continue_run(cfg, resume)
+        seen["output_dir"] = cfg.paths.output_dir
+        seen["earlier error.json"] = (run / "error.json").exists()
+        raise HymtlError("the resumed run failed")
+
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_entry(resume_then_fail, cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert exited.value.code == 2
+    assert seen == {"folder": run.resolve(), "output_dir": str(run.resolve()), "earlier error.json": False}
+    assert json.loads((run / "error.json").read_text())["error"] == "the resumed run failed"
+    assert not new.exists()  # held nothing but Hydra's record: released, with no error.json of its own

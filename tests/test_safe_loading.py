@@ -15,13 +15,13 @@ import torch
 from conftest import REPO_ROOT
 from hymtl.loading import (
     LoadError,
-    load_checkpoint,
     load_onnx,
     load_torchscript,
     read_sidecar,
     sha256_bytes,
     sidecar_path,
 )
+from hymtl.model import load_checkpoint
 from test_predict import compose_app
 
 

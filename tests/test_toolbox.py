@@ -244,7 +244,8 @@ def ema_run(tmp_path_factory):
 @pytest.mark.slow
 def test_ema_weights_are_what_the_checkpoint_and_the_export_hold(ema_run):
     from hymtl.inference import OnnxPredictor, TorchPredictor, iter_batches
-    from hymtl.loading import load_checkpoint, load_onnx
+    from hymtl.loading import load_onnx
+    from hymtl.model import load_checkpoint
 
     root, ckpt, onnx = ema_run
     checkpoint = torch.load(ckpt, weights_only=True)
@@ -270,7 +271,7 @@ def test_ema_weights_are_what_the_checkpoint_and_the_export_hold(ema_run):
 # --------------------------------------------------------------------------- TTA
 def test_tta_averages_the_views_probabilities(tiny_checkpoint, tiny_folder):
     from hymtl.inference import TorchPredictor, TTAPredictor, iter_batches, predict, softmax
-    from hymtl.loading import load_checkpoint
+    from hymtl.model import load_checkpoint
 
     plain = TorchPredictor(load_checkpoint(tiny_checkpoint), simplify=False)
     paths = [str(p) for p in sorted(tiny_folder.rglob("*.jpg"))][:6]

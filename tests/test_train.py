@@ -67,7 +67,7 @@ def test_checkpoints_best_and_last_and_same_seed_same_metrics(tiny_folder, tmp_p
     [
         (["data=folder", "data.root=/does/not/exist"], "error: data folder not found: /does/not/exist"),
         (["model.backbone=resnet19"], "error: unknown backbone 'resnet19'; did you mean resnet18"),
-        (["model.lr=-1"], "error: learning rates must be positive"),
+        (["model.lr=-1"], "error: model.lr must be a positive number, got -1"),
     ],
 )
 @pytest.mark.slow

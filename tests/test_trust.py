@@ -163,7 +163,8 @@ LOADERS_SCRIPT = """
 import sys
 from pathlib import Path
 from hymtl.inference import load_predictor
-from hymtl.loading import LoadError, load_checkpoint, load_onnx, load_torchscript, read_sidecar
+from hymtl.loading import LoadError, load_onnx, load_torchscript, read_sidecar
+from hymtl.model import load_checkpoint
 folder = Path(sys.argv[1])
 for name, load in [("m.ckpt", load_checkpoint), ("m.onnx", load_onnx), ("m.pt", load_predictor),
                    ("x.ckpt", load_predictor), ("m.pt.json", read_sidecar),
@@ -381,7 +382,8 @@ def _nan_head(checkpoint: dict) -> None:
 
 PEAK_SCRIPT = """
 import resource, sys
-from hymtl.loading import LoadError, load_checkpoint
+from hymtl.loading import LoadError
+from hymtl.model import load_checkpoint
 try:
     load_checkpoint(sys.argv[1])
 except LoadError as exc:
@@ -392,7 +394,8 @@ print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 @pytest.mark.slow
 def test_a_checkpoint_claiming_a_million_classes_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
-    from hymtl.loading import LoadError, load_checkpoint
+    from hymtl.loading import LoadError
+    from hymtl.model import load_checkpoint
 
     path = _variant(tiny_checkpoint, tmp_path / "million.ckpt", _million_classes)
     with pytest.raises(LoadError, match=r"weights do not fit its efficientnet_lite0 model as described \(head.1.weight "

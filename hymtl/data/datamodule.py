@@ -92,8 +92,13 @@ class ImageFolderDataModule(LightningDataModule):
             first sign of a bad file or an unusable class (default: skip and report them).
         skipped_file: where to write the skipped files (``reason<TAB>path``); conf/ sets
             ``<run dir>/skipped.txt``.
-        features: a :class:`hymtl.features.FeatureServer`: while it says so (the backbone is
-            frozen), the train/val/test loaders give cached backbone features instead of images.
+        features: a :class:`hymtl.features.FeatureServing` (the :class:`~hymtl.features.FeatureServer`
+            of ``feature_cache:``): while it says so (the backbone is frozen), the train/val/test
+            loaders give cached backbone features instead of images. The contract both ways is
+            stated in :mod:`hymtl.features`: this class is its :class:`~hymtl.features.ServedData`
+            and offers the callbacks :class:`~hymtl.features.ServesFeatures`. (Not annotated
+            here: ``hymtl.features`` imports ``hymtl.data``, and the config check reads these
+            annotations.)
         augment: the training split's :class:`~hymtl.data.images.AugmentRecipe` (``conf/augment/``;
             ``None``: the default recipe); with cached features, it makes the augmented views.
         persistent_workers: keep the workers from one epoch to the next. Off by default: a run
@@ -130,10 +135,12 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         if root is not None:  # the class-folder shorthand: ImageFolderDataModule("path/to/images")
             source_options["root"] = root
+        # the rules of these keys: hymtl.config.NUMBER_RULES
         self.batch_size = checked_number("data.batch_size", batch_size)
-        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
-        self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
+        workers = checked_number("data.num_workers", num_workers)
+        self.num_workers = default_num_workers() if workers == "auto" else workers
+        self.val_fraction = checked_number("data.val_fraction", val_fraction)
+        self.seed = checked_number("data.seed", seed)
         self.folds = None if folds in (None, 0, 1) else folds
         self.fold = fold
         self.sampler = sampler or "shuffle"
