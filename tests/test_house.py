@@ -171,7 +171,6 @@ def test_import_graph_has_no_cycle():
     assert not cycles, "import circles: " + "; ".join(_cycle_path(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="loading->model: fixed on branch house-rooms")
 def test_no_primitive_imports_a_service():
     services = {f"hymtl.{s}" for s in SERVICES}
     breaches = sorted(f"hymtl.{p} -> {target}" for p in PRIMITIVES
