@@ -60,6 +60,8 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model.depth_search.step_epochs",  # the depth search's steps (its budget may change: a ceiling)
     "model.depth_search.margin",
     "model.depth_search.first_cut",
+    "model.mixup",               # mixup / cutmix change what train/loss measures
+    "model.cutmix",
     "mode.precompute_features",  # ... and what the head trains on: cached features and their views
     "mode.feature_views",
     "augment",                   # the training augmentation (and what the cached augmented views are)
