@@ -37,6 +37,8 @@ REGIMES = {
     "finetune": ["mode=finetune"],
     "two_phase": ["mode=two_phase"],
     "auto": ["mode=auto"],
+    # the first measurement of mode=auto, before step 0 got head_epochs (20): 6 epochs for the head too
+    "auto_head6": ["mode=auto", "mode.depth_search.head_epochs=6"],
 }
 
 
@@ -91,7 +93,8 @@ def markdown(rows: list[dict], note: str) -> str:
     lines += ["", "| folder | best fixed regime | its acc | auto acc | auto - best | auto s | best's s |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for folder in dict.fromkeys(r["folder"] for r in rows):
-        fixed = [r for r in rows if r["folder"] == folder and r["regime"] != "auto" and r.get("test_acc") is not None]
+        fixed = [r for r in rows if r["folder"] == folder and not r["regime"].startswith("auto")
+                 and r.get("test_acc") is not None]
         auto = next((r for r in rows if r["folder"] == folder and r["regime"] == "auto"), None)
         if not fixed:
             continue

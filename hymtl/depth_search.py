@@ -5,6 +5,8 @@ stage with it, step 2 the top two, … Every step runs ``step_epochs`` epochs an
 weights the previous one ended with (one fit: the optimizer's parameter groups never change, a
 stage's group sits at learning-rate factor 0 until its step). At the end of a step it decides:
 
+Step 0 (the head on cached features, the cheapest epochs of the run) runs ``head_epochs``.
+
 * **deeper**, while the step raised the best validation metric by more than ``margin`` (step 0
   has nothing to beat) and the next step fits in what is left of the time budget;
 * **stop** (the fit ends; the best checkpoint across every step is the run's model) when the
@@ -67,7 +69,8 @@ class DepthSearch:
 
     Args:
         max_stages: the deepest step (top stages trained with the head).
-        step_epochs: epochs per step.
+        step_epochs: epochs per step that trains backbone stages.
+        head_epochs: epochs of step 0 (the head alone; ``None``: ``step_epochs``).
         margin: the least gain of the monitored validation metric for going one stage deeper.
         budget: seconds for the whole fit (``None``: no limit), parsed by :func:`hymtl.config.checked_number`.
         first_cut: the activations served from the start are those below the top ``first_cut``
@@ -77,9 +80,11 @@ class DepthSearch:
     """
 
     def __init__(self, max_stages: int, step_epochs: int = 6, margin: float = 0.005, budget: Any = None,
-                 first_cut: int = 2):
+                 first_cut: int = 2, head_epochs: int | None = None):
         self.max_stages = checked_number("model.trainable_stages", max_stages, "integer", 1)
         self.step_epochs = checked_number("mode.depth_search.step_epochs", step_epochs, "integer", 1)
+        self.head_epochs = self.step_epochs if head_epochs is None else checked_number(
+            "mode.depth_search.head_epochs", head_epochs, "integer", 1)
         self.margin = checked_number("mode.depth_search.margin", margin, "number", -math.inf)  # < 0: deeper even when worse
         self.first_cut = checked_number("mode.depth_search.first_cut", first_cut, "integer", 1)
         self.budget = None if budget is None else checked_number("budget", budget, "duration", 0, exclusive=True)
@@ -102,9 +107,14 @@ class DepthSearch:
         """How many top stages run on the served activations when ``stages`` train."""
         return max(stages, min(self.first_cut, self.max_stages))
 
+    def epochs_of(self, step: Step) -> int:
+        """How many epochs ``step`` runs: ``head_epochs`` for the head alone, else ``step_epochs``."""
+        return self.head_epochs if step.stages == 0 else self.step_epochs
+
     def epoch_in_step(self, epoch: int) -> tuple[int, int]:
         """``(epochs into its step, the step's length)``: what a per-step schedule needs."""
-        return epoch - self.step_at(epoch).start_epoch, self.step_epochs
+        step = self.step_at(epoch)
+        return epoch - step.start_epoch, self.epochs_of(step)
 
     @property
     def elapsed(self) -> float:
@@ -119,7 +129,7 @@ class DepthSearch:
             return None  # an epoch past the decision (a resumed run re-validating): nothing to decide
         step.metrics.append(float(metric))
         step.epoch_seconds.append(float(seconds))
-        if step.epochs < self.step_epochs:
+        if step.epochs < self.epochs_of(step):
             return None
         return self.decide(epoch)
 

@@ -58,6 +58,7 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model.unfreeze_at_epoch",
     "model.trainable_stages",
     "model.depth_search.step_epochs",  # the depth search's steps (its budget may change: a ceiling)
+    "model.depth_search.head_epochs",
     "model.depth_search.margin",
     "model.depth_search.first_cut",
     "model.mixup",               # mixup / cutmix change what train/loss measures

@@ -220,6 +220,7 @@ def test_auto_under_ddp_steps_deeper_on_every_rank_alike(tiny_folder, tmp_path):
     probe = tmp_path / "digests"
     result = train(*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp_cpu", "trainer.devices=2",
                    "mode=auto", "mode.trainable_stages=2", "mode.depth_search.step_epochs=1",
+                   "mode.depth_search.head_epochs=1",
                    "mode.depth_search.margin=-1", "callbacks.test_figures=null",
                    "+callbacks.digest._target_=test_ddp.BackboneDigest", f"+callbacks.digest.out_dir={probe}",
                    cwd=tmp_path)

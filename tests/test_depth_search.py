@@ -24,7 +24,7 @@ from test_train import TINY_MODEL, run_train
 
 SMALL = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
 # every step one epoch, always deeper (a negative margin), so a short fit walks every step
-EVERY_STEP = {"step_epochs": 1, "margin": -1.0, "first_cut": 2}
+EVERY_STEP = {"step_epochs": 1, "head_epochs": 1, "margin": -1.0, "first_cut": 2}
 
 
 # --------------------------------------------------------------------------- the decision, alone
@@ -44,6 +44,14 @@ def test_it_goes_deeper_while_a_step_pays_and_stops_when_one_does_not():
     summary = search.summary()
     assert summary["chosen_stages"] == 2 and [s["stages"] for s in summary["steps"]] == [0, 1, 2]
     assert summary["decision"].startswith("stopped: going one stage deeper gained")
+
+
+def test_the_head_alone_runs_head_epochs_and_each_deeper_step_step_epochs():
+    search = DepthSearch(max_stages=2, step_epochs=2, head_epochs=3, margin=-1.0)
+    lines = _feed(search, [(0.5, 1)] * 7)
+    assert [line is not None for line in lines] == [False, False, True, False, True, False, True]
+    assert [(s.stages, s.start_epoch) for s in search.steps] == [(0, 0), (1, 3), (2, 5)]
+    assert [search.epoch_in_step(e) for e in (0, 2, 3, 6)] == [(0, 3), (2, 3), (0, 2), (1, 2)]
 
 
 def test_it_stops_at_the_deepest_step_allowed():
@@ -230,7 +238,8 @@ def test_auto_composes_with_a_cpu_budget_and_budget_overrides_it(compose):
 
 
 # --------------------------------------------------------------------------- end to end
-AUTO = [*TINY_MODEL, SMALL_VIEWS, "data=folder", "mode=auto", "mode.depth_search.step_epochs=1", "mode.depth_search.margin=-1",
+AUTO = [*TINY_MODEL, SMALL_VIEWS, "data=folder", "mode=auto", "mode.depth_search.step_epochs=1",
+        "mode.depth_search.head_epochs=1", "mode.depth_search.margin=-1",
         "callbacks.test_figures=null", "callbacks.last_checkpoint.min_interval_s=0"]
 
 
