@@ -406,7 +406,7 @@ def iter_batches(
 
     from hymtl.data.samples import Sample
     from hymtl.data.images import ImageSampleDataset, build_transforms
-    from hymtl.data.loaders import collate_skipping, default_num_workers
+    from hymtl.data.loaders import collate_skipping, default_num_workers, start_worker
 
     batch_size = int(batch_size)
     workers = default_num_workers() if num_workers == "auto" else int(num_workers)
@@ -417,8 +417,9 @@ def iter_batches(
                                   for i, p in enumerate(paths)],
                                  transform or build_transforms(preprocessing, train=False), skip_bad=True,
                                  decode_size=preprocessing.resize_size)
+    # a plain DataLoader: the batches of failed files (None) keep the positions below
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_skipping)
+                        collate_fn=collate_skipping, worker_init_fn=start_worker)
     for start, batch in zip(range(0, len(paths), batch_size), loader):
         wanted = range(start, min(start + batch_size, len(paths)))
         images, indices = (None, []) if batch is None else (batch[0], batch[1].tolist())

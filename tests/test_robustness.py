@@ -267,3 +267,42 @@ def test_a_full_disk_says_which_file_and_how_much_room(tmp_path, monkeypatch):
     assert message.startswith(f"cannot write {target}: No space left on device (3.0 MB needed, ")
     assert "MB free on" in message and "\n" not in message
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]  # no temp file left
+
+
+# A parent killed right after it forks its DataLoader workers: each worker sleeps first (a slow
+# start on a busy machine), so the parent is gone before the worker's own watchdog reads its pid.
+KILLED_AFTER_FORK = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader
+from hymtl.data.loaders import SkippingDataLoader
+
+def slow_start(worker_id):
+    time.sleep(2)
+
+loader_class = SkippingDataLoader if sys.argv[1] == "hymtl" else DataLoader
+loader = loader_class(torch.arange(8), batch_size=2, num_workers=2, worker_init_fn=slow_start)
+iterator = iter(loader)  # forks the workers
+print("forked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_after_fork(loader: str, timeout: float):
+    """Run :data:`KILLED_AFTER_FORK`; ``None`` when something still held its stdout after
+    ``timeout`` seconds (its workers outlived it: then they are killed here)."""
+    process = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_FORK, loader], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        return None
+
+
+@pytest.mark.slow
+def test_dataloader_workers_never_outlive_a_killed_parent():
+    # the EOF on stdout says no worker holds it: torch's own watchdog would keep them idle for good
+    output = _killed_after_fork("hymtl", timeout=300)
+    assert output is not None and "forked" in output, output
