@@ -7,7 +7,7 @@ DataLoader workers, DDP ranks, servers) depends far less on the load, so two mea
 busy machine can be compared; not perfectly: under oversubscription torch's threads spin and the
 same test was seen to cost up to twice the CPU seconds, so compare runs made side by side. Only
 processes that were waited for count: a DDP rank or a server's worker that its parent did not
-reap is missed. Setup, call and teardown are counted together: a shared
+reap is missed. Under pytest-xdist each worker measures its own tests. Setup, call and teardown are counted together: a shared
 fixture's cost lands on the first test that asks for it (as with ``--durations``), a module
 fixture's teardown (a server stopped) on the module's last test.
 
@@ -43,14 +43,31 @@ def _enabled(config) -> bool:
     return config.getoption("--cpu-durations") is not None or config.getoption("--cpu-durations-json") is not None
 
 
+_START = pytest.StashKey[tuple]()
+_PROPERTY = "cpu_durations"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if _enabled(item.config):
+        item.stash[_START] = (_cpu_seconds(), time.perf_counter())
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    if not _enabled(item.config):
-        yield
-        return
-    cpu, wall = _cpu_seconds(), time.perf_counter()
-    yield
-    _RESULTS[item.nodeid] = {"cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "teardown" and _START in item.stash:  # the test's last report: setup to teardown
+        cpu, wall = item.stash[_START]
+        outcome.get_result().user_properties.append(
+            (_PROPERTY, {"cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}))
+
+
+def pytest_runtest_logreport(report):
+    # runs where the reports arrive: in the one process, or in pytest-xdist's controller (the
+    # numbers travel from the worker that measured them as the report's user_properties)
+    for name, value in report.user_properties:
+        if name == _PROPERTY:
+            _RESULTS[report.nodeid] = value
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
