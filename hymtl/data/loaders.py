@@ -54,7 +54,8 @@ def _die_with_the_parent() -> None:
     loop starts; a parent killed between the fork and that read (SIGKILL, the OOM killer) leaves
     the worker with init as its "parent", idle forever and holding the parent's stdout/stderr,
     so whoever waits for the job's output waits for good. On Linux the kernel delivers SIGKILL
-    when the parent dies (``PR_SET_PDEATHSIG``); a parent already gone is checked right after."""
+    when the parent dies (``PR_SET_PDEATHSIG``: strictly, when the thread that forked ends;
+    hymtl iterates its loaders on the main thread); a parent already gone is checked right after."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -83,8 +84,7 @@ def worker_init(worker_id: int) -> None:
     ``random`` and numpy seeds derive from (base seed, worker id, rank), the base seed being drawn
     from the main process's torch RNG when the loader's iterator is made. With workers made anew
     each epoch (``persistent_workers=False``) the augmentations of an epoch are thus a function of
-    the main process's RNG state at its start, which a checkpoint holds: resume stays exact.
-    """
+    the main process's RNG state at its start, which a checkpoint holds: resume stays exact."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         from lightning.fabric.utilities.seed import pl_worker_init_function
