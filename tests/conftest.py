@@ -27,19 +27,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 pytest_plugins = ["cpu_durations"]
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """The real-data tests first, the files that are only that (the longest) before all: under
-    ``--dist loadfile`` a file runs whole on one worker, and the longest one started last kept
-    the other workers idle for minutes (a stable sort: the rest keep their order)."""
-    def start_order(item) -> int:
-        marks = getattr(item.module, "pytestmark", [])
-        if any(mark.name == "realdata" for mark in (marks if isinstance(marks, list) else [marks])):
-            return 0
-        return 1 if item.get_closest_marker("realdata") else 2
-
-    items.sort(key=start_order)
-
-
 def load_script(path: Path, name: str):
     """Import a script of benchmarks/ (not a package) as module ``name``."""
     import importlib.util
