@@ -7,9 +7,9 @@ DataLoader workers, DDP ranks, servers) depends far less on the load, so two mea
 busy machine can be compared; not perfectly: under oversubscription torch's threads spin and the
 same test was seen to cost up to twice the CPU seconds, so compare runs made side by side. Only
 processes that were waited for count: a DDP rank or a server's worker that its parent did not
-reap is missed. Under pytest-xdist each worker measures its own tests. Setup, call and teardown are counted together: a shared
-fixture's cost lands on the first test that asks for it (as with ``--durations``), a module
-fixture's teardown (a server stopped) on the module's last test.
+reap is missed. Under pytest-xdist each worker measures its own tests. Setup, call and teardown
+are counted together: a shared fixture's cost lands on the first test that asks for it (as with
+``--durations``), a module fixture's teardown (a server stopped) on the module's last test.
 
 ``--cpu-durations=N``: the N most expensive tests at the end (0: all); ``--cpu-durations-json=PATH``:
 every test's ``{"cpu_s", "wall_s"}`` written to PATH. A measuring tool, not an assertion.
