@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from hymtl.config import checked_number
 from hymtl.errors import HymtlError, first_line, printable
 from hymtl.progress import Progress
 
@@ -95,13 +96,27 @@ class ExportSettings:
         out = Path(str(cfg.out)).expanduser() if cfg.get("out") else ckpt.with_suffix(FORMATS[cfg.format])
         if out.resolve() == ckpt.resolve():
             raise ExportError(f"out={printable(out)} would overwrite the checkpoint")
+        parity = checked_parity(cfg.parity)
         inputs = list(cfg.parity.inputs) if cfg.parity.get("inputs") else trained_validation_inputs(ckpt)
         if not inputs:
             raise ExportError(
                 "parity needs real images and the run's data folder was not found: pass parity.inputs=[FOLDER or FILES]"
             )
         return cls(ckpt=ckpt, out=out, format=str(cfg.format), onnx_exporter=cfg.onnx.exporter,
-                   onnx_opset=cfg.onnx.opset, parity_inputs=inputs, parity=cfg.parity)
+                   onnx_opset=cfg.onnx.opset, parity_inputs=inputs, parity=parity)
+
+
+def checked_parity(parity: DictConfig) -> DictConfig:
+    """``parity.*``'s numbers by the one number rule (:func:`hymtl.config.checked_number`), before
+    anything is read: ``max_images`` null or >= 1, ``atol`` >= 0, ``batch_size`` >= 1,
+    ``num_workers`` ``auto`` or >= 0."""
+    checked = OmegaConf.to_container(parity, resolve=True)
+    if checked.get("max_images") is not None:
+        checked["max_images"] = checked_number("parity.max_images", checked["max_images"], "integer", 1)
+    checked["atol"] = checked_number("parity.atol", checked["atol"], "number", 0)
+    checked["batch_size"] = checked_number("parity.batch_size", checked["batch_size"], "integer", 1)
+    checked["num_workers"] = checked_number("parity.num_workers", checked["num_workers"], "integer", 0)
+    return OmegaConf.create(checked)
 
 
 def parity_images(inputs: Sequence, max_images: Any = None) -> list:

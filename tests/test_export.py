@@ -142,6 +142,11 @@ def test_dynamo_exporter_will_not_silently_change_the_opset(tiny_checkpoint):
         (["ckpt_path=CKPT"], "parity needs real images and the run's data folder was not found"),
         (["ckpt_path=CKPT", "parity.inputs=[/nowhere]"], "no parity images in ['/nowhere']"),
         (["ckpt_path=CKPT", "out=CKPT"], "out=CKPT would overwrite the checkpoint"),
+        (["ckpt_path=CKPT", "parity.atol=abc"], "parity.atol must be a number, got 'abc'"),
+        (["ckpt_path=CKPT", "parity.atol=-1"], "parity.atol must not be negative, got -1"),
+        (["ckpt_path=CKPT", "parity.max_images=0"], "parity.max_images must be a positive integer, got 0"),
+        (["ckpt_path=CKPT", "parity.batch_size=2.5"], "parity.batch_size must be an integer, got 2.5"),
+        (["ckpt_path=CKPT", "parity.num_workers=-2"], "parity.num_workers must be 'auto' or an integer >= 0"),
     ],
 )
 def test_bad_export_input(tiny_checkpoint, overrides, message):
