@@ -156,3 +156,16 @@ def _names(names) -> str:
     """A list of class names for one error line: whole when short, else its start and its count."""
     shown = printable(repr(list(names)))
     return shown if len(shown) <= MAX_QUOTED else f"{shown[:MAX_QUOTED]}… ({len(names)} names)"
+
+
+#: the callbacks and checkpoint IO that moved to :mod:`hymtl.checkpoints`: a config or script that
+#: still names ``hymtl.resume.LastCheckpoint`` (their home until the rooms were split) gets them
+_MOVED_TO_CHECKPOINTS = frozenset({"AtomicCheckpointIO", "GracefulStop", "LastCheckpoint", "RNGStateCheckpoint"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_CHECKPOINTS:
+        import hymtl.checkpoints
+
+        return getattr(hymtl.checkpoints, name)
+    raise AttributeError(f"module 'hymtl.resume' has no attribute {name!r}")

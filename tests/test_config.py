@@ -104,6 +104,29 @@ def test_unknown_mode_and_key_are_hydra_errors(compose):
         compose("model.no_such_key=1")
 
 
+def test_keys_the_house_removed_are_one_clear_error(compose):
+    """The regime's interpolations that became questions to the module (issue 26) are no settings:
+    naming one is Hydra's "not in struct" line, not a silently ignored value."""
+    for key in ("trainer.strategy.unfreeze_at_epoch", "callbacks.early_stopping.unfreeze_at_epoch"):
+        group = "trainer=ddp_cpu" if key.startswith("trainer") else "callbacks=early_stopping"
+        with pytest.raises(ConfigCompositionException, match="unfreeze_at_epoch"):
+            compose(group, f"{key}=2")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("hymtl.resume.LastCheckpoint", "hymtl.checkpoints.LastCheckpoint"),
+    ("hymtl.resume.GracefulStop", "hymtl.checkpoints.GracefulStop"),
+    ("hymtl.resume.RNGStateCheckpoint", "hymtl.checkpoints.RNGStateCheckpoint"),
+    ("hymtl.resume.AtomicCheckpointIO", "hymtl.checkpoints.AtomicCheckpointIO"),
+    ("hymtl.summarize.SweepSummary", "hymtl.summaries.SweepSummary"),
+])
+def test_targets_that_moved_rooms_keep_their_old_names(old, new):
+    """A config written before the rooms were split still instantiates what it names."""
+    from hydra.utils import get_class
+
+    assert get_class(old) is get_class(new)
+
+
 def test_folder_data_requires_root(compose):
     cfg = compose("data=folder")
     assert OmegaConf.is_missing(cfg.data, "root")
