@@ -103,6 +103,47 @@ def session_feature_cache(tmp_path_factory):
     patch.undo()
 
 
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def entry_command(module: str) -> list[str]:
+    """The command that runs ``python -m <module>`` for a test: through ``tests/launch_entry.py``,
+    which hands the run to this worker's fork server (:func:`fork_server`) when it runs, saving
+    the ~6 s of CPU each entry point spends importing torch and Lightning, and otherwise becomes
+    ``python -m <module>`` itself. For runs that end by themselves; a test that signals the
+    process it started (SIGKILL, SIGTERM) starts ``[sys.executable, "-m", module]`` directly."""
+    return [sys.executable, "-I", "-S", str(TESTS_DIR / "launch_entry.py"), module]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server(tmp_path_factory):
+    """This worker's ``tests/forkserver.py``, named by ``HYMTL_TEST_FORKSERVER`` to the entry
+    points the tests start (``HYMTL_TEST_FORKSERVER=0``: none; every run a fresh interpreter). It
+    does not hold the session up: a run started before its imports are done runs without it."""
+    if os.environ.get("HYMTL_TEST_FORKSERVER") == "0":
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="hymtl-fs-")  # short: a socket's path has ~100 bytes
+    path = os.path.join(folder, "server")
+    with open(tmp_path_factory.mktemp("fork_server") / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, str(TESTS_DIR / "forkserver.py"), path],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_ROOT)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HYMTL_TEST_FORKSERVER", path)
+    yield path
+    patch.undo()
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The ants/bees folder. Under CI (``CI`` set) a missing folder fails instead of skipping."""
@@ -167,7 +208,7 @@ def real_checkpoint(real_data: Path, tmp_path_factory) -> Path:
     augmented views: ~900 images instead of 80)."""
     run = tmp_path_factory.mktemp("real_run") / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "hymtl.train", "mode=frozen", "model=efficientnet_lite0", "data=folder",
+        [*entry_command("hymtl.train"), "mode=frozen", "model=efficientnet_lite0", "data=folder",
          f"data.root={real_data}", "mode.epochs=1", "mode.precompute_features=false", "data.batch_size=16",
          "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1", "test=false", f"hydra.run.dir={run}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,

@@ -7,7 +7,9 @@ DataLoader workers, DDP ranks, servers) depends far less on the load, so two mea
 busy machine can be compared; not perfectly: under oversubscription torch's threads spin and the
 same test was seen to cost up to twice the CPU seconds, so compare runs made side by side. Only
 processes that were waited for count: a DDP rank or a server's worker that its parent did not
-reap is missed. Under pytest-xdist each worker measures its own tests. Setup, call and teardown
+reap is missed. The runs the worker's fork server (tests/forkserver.py) forked count too: it
+reports the CPU seconds of the children it reaped (its own start-up, the imports it saves the
+runs, is counted nowhere). Under pytest-xdist each worker measures its own tests. Setup, call and teardown
 are counted together: a shared fixture's cost lands on the first test that asks for it (as with
 ``--durations``), a module fixture's teardown (a server stopped) on the module's last test.
 
@@ -18,6 +20,7 @@ every test's ``{"cpu_s", "wall_s"}`` written to PATH. A measuring tool, not an a
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 
@@ -28,7 +31,18 @@ _RESULTS: dict[str, dict[str, float]] = {}
 
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _fork_server_seconds()
+
+
+def _fork_server_seconds() -> float:
+    """The CPU seconds of the runs this worker's fork server (tests/forkserver.py) forked and
+    reaped: its children, not this process's."""
+    path = os.environ.get("HYMTL_TEST_FORKSERVER", "")
+    try:
+        with open(path + ".cpu", encoding="ascii") as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return 0.0
 
 
 def pytest_addoption(parser):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
+from conftest import entry_command, make_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: every entry point built with hymtl.cli.hymtl_main (a new one is checked here once it exists)
@@ -26,7 +26,7 @@ ENTRY_POINTS = sorted(
 def run_cli(entry: str, *args: str, cwd: Path, outputs: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HYMTL_OUTPUT_DIR=str(outputs), PYTHONPATH=str(REPO_ROOT))
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", f"hymtl.{entry}", *args], cwd=cwd, env=env,
+    return subprocess.run([*entry_command(f"hymtl.{entry}"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

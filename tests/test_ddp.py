@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback
 
-from conftest import REPO_ROOT, SMALL_VIEWS
+from conftest import REPO_ROOT, SMALL_VIEWS, entry_command
 
 TESTS_DIR = Path(__file__).resolve().parent
 # the launch, the run folder, the ranks' sync: plumbing, on 64 px views (a fraction of 224's work)
@@ -111,7 +111,7 @@ def _free_port() -> int:
 
 def train(*args: str, cwd: Path, launcher: list[str] | None = None, timeout: int = 1800, env: dict | None = None):
     started = time.perf_counter()
-    cmd = [*(launcher or [sys.executable, "-m"]), "hymtl.train", *args]
+    cmd = [*launcher, "hymtl.train", *args] if launcher else [*entry_command("hymtl.train"), *args]
     env = _env({"HYMTL_CACHE_DIR": str(cwd / "feature-cache"), **(env or {})})  # no shared feature cache
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     result.wall_s = time.perf_counter() - started

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, entry_command
 from hymtl.loading import load_onnx, sidecar_path
 from hymtl.model import load_checkpoint
 from hymtl.errors import HymtlError
@@ -21,7 +21,7 @@ VAL_IMAGES = 153  # hymenoptera_data/val: 70 ants + 83 bees
 
 
 def run_export(*overrides: str, cwd: Path = REPO_ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hymtl.export", *overrides], cwd=cwd,
+    return subprocess.run([*entry_command("hymtl.export"), *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

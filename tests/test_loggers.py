@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
+from conftest import entry_command, make_image_folder
 from test_train import TINY_MODEL, run_train
 
 
@@ -105,7 +105,7 @@ def _run(base: Path, *overrides: str, env: dict | None = None, epochs: int = 2) 
     if not images.exists():
         make_image_folder(images, per_class=4)
     run = base / "outputs" / "run"
-    result = subprocess.run([sys.executable, "-m", "hymtl.train", *FROZEN, f"data.root={images}", f"mode.epochs={epochs}",
+    result = subprocess.run([*entry_command("hymtl.train"), *FROZEN, f"data.root={images}", f"mode.epochs={epochs}",
                              f"hydra.run.dir={run}", *overrides],
                             cwd=base, capture_output=True, text=True, timeout=600, env=env or _env(base))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image, make_image_folder
+from conftest import entry_command, make_image, make_image_folder
 
 
 def run_lr_find(*overrides: str, cwd: Path, cache: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYMTL_CACHE_DIR": str(cache), "HYMTL_OUTPUT_DIR": str(cwd / "outputs")}
-    return subprocess.run([sys.executable, "-m", "hymtl.lr_find", *overrides], cwd=cwd, env=env,
+    return subprocess.run([*entry_command("hymtl.lr_find"), *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

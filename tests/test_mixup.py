@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO_ROOT, make_image_folder, make_multilabel_set
+from conftest import REPO_ROOT, entry_command, make_image_folder, make_multilabel_set
 
 from hymtl.errors import HymtlError
 
@@ -24,7 +24,7 @@ TINY_TRAIN = ["model=efficientnet_lite0", "model.pretrained=false", "data=folder
 def run_module(module: str, *overrides: str, cwd: Path, env: dict | None = None,
                timeout: int = 900) -> subprocess.CompletedProcess:
     # the timeout is a hang guard, not a speed check
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*entry_command(module), *overrides], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bad_corpus import write_truncated_jpeg
-from conftest import REPO_ROOT, make_image
+from conftest import REPO_ROOT, entry_command, make_image
 from hymtl.backbones import Preprocessing
 from hymtl.data import ImageFolderDataModule, read_skipped
 from hymtl.errors import DataError, printable
@@ -140,7 +140,7 @@ MODES = {
 
 def _run(cwd: Path, module: str, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYMTL_CACHE_DIR": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, timeout=600,
+    return subprocess.run([*entry_command(module), *overrides], cwd=cwd, capture_output=True, timeout=600,
                           env=env)
 
 

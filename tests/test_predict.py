@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image
+from conftest import entry_command, make_image
 from hymtl.inference import collect_inputs, format_result, load_predictor, predict
 
 
 def run_predict(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hymtl.predict", *overrides], cwd=cwd,
+    return subprocess.run([*entry_command("hymtl.predict"), *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SMALL_VIEWS, cached_rows, make_image_folder
+from conftest import REPO_ROOT, SMALL_VIEWS, cached_rows, entry_command, make_image_folder
 from hymtl.checkpoints import AtomicCheckpointIO
 from hymtl.runs import LAST, resolve_resume, run_dir_of
 from hymtl.errors import HymtlError
@@ -38,7 +38,7 @@ COMPARED = ("train/loss", "train/acc", "val/acc", "val/loss", "val/acc_best", "t
 
 
 def _train(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hymtl.train", *ARGS, *overrides], cwd=cwd,
+    return subprocess.run([*entry_command("hymtl.train"), *ARGS, *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HYMTL_CACHE_DIR": str(cwd / "cache")})
 
@@ -228,7 +228,7 @@ def sigterm_at(hook: str):
 
 def _train_until_sigterm(tmp_path: Path, hook: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hymtl.train", *overrides, "hydra.run.dir=run",
+        [*entry_command("hymtl.train"), *overrides, "hydra.run.dir=run",
          "+callbacks.kill._target_=test_resume.sigterm_at", f"+callbacks.kill.hook={hook}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache"),
@@ -256,7 +256,7 @@ FROZEN = ["model=efficientnet_lite0", "model.pretrained=false", "data=folder", "
 
 
 def _frozen(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hymtl.train", *FROZEN, *overrides], cwd=cwd, capture_output=True,
+    return subprocess.run([*entry_command("hymtl.train"), *FROZEN, *overrides], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "HYMTL_CACHE_DIR": str(cwd / "cache")})
 
 
@@ -306,7 +306,7 @@ def test_resume_with_other_data_is_refused_before_the_run_folder_is_touched(fini
     assert refused.returncode == 2
     assert "data.val_fraction differs (was 0.2, now 0.5); mode.feature_views differs (was 2, now 1)" in refused.stderr
     # the same settings (a relative data.root naming the same folder) resume in the run's folder
-    resumed = subprocess.run([sys.executable, "-m", "hymtl.train", *FROZEN, "data.root=A", "mode.epochs=2",
+    resumed = subprocess.run([*entry_command("hymtl.train"), *FROZEN, "data.root=A", "mode.epochs=2",
                               f"hydra.run.dir={run}", "ckpt_path=last"], cwd=finished_run.parent, capture_output=True,
                              text=True, timeout=600, env={**os.environ, "HYMTL_CACHE_DIR": str(tmp_path / "cache")})
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_VIEWS, make_image_folder
+from conftest import SMALL_VIEWS, entry_command, make_image_folder
 from hymtl.runs import LAST
 
 TESTS = Path(__file__).parent
@@ -67,7 +67,7 @@ def _train(cwd: Path, mode: str, *overrides: str, workers: int = 0) -> subproces
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     args = [a if a != "data.num_workers=0" else f"data.num_workers={workers}" for a in ARGS]
     mode_args = WORKER_CASES[mode] if workers else MODES[mode]
-    return subprocess.run([sys.executable, "-m", "hymtl.train", *args, *mode_args, *overrides], cwd=cwd,
+    return subprocess.run([*entry_command("hymtl.train"), *args, *mode_args, *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=1800, env=env)
 
 

@@ -22,7 +22,7 @@ from bad_corpus import (
     write_decompression_bomb,
     write_truncated_jpeg,
 )
-from conftest import REPO_ROOT, make_image, make_image_folder
+from conftest import REPO_ROOT, entry_command, make_image, make_image_folder
 from hymtl.backbones import Preprocessing
 from hymtl.data import (
     RUNTIME_SUFFIX,
@@ -171,7 +171,7 @@ TINY = ["model=efficientnet_lite0", "model.pretrained=false", "data=folder", "da
 
 
 def _train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hymtl.train", *TINY, *overrides], cwd=cwd,
+    return subprocess.run([*entry_command("hymtl.train"), *TINY, *overrides], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 

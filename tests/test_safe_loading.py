@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, entry_command
 from hymtl.loading import (
     LoadError,
     load_onnx,
@@ -54,7 +54,7 @@ def test_checkpoint_that_runs_code_on_unpickling_is_refused_and_never_runs(tiny_
     assert not marker.exists()
 
     # the entry point: one line, exit 2, still nothing ran
-    result = subprocess.run([sys.executable, "-m", "hymtl.predict", f"ckpt_path={evil}",
+    result = subprocess.run([*entry_command("hymtl.predict"), f"ckpt_path={evil}",
                              f"inputs=[{tiny_checkpoint.parent / 'images' / 'val'}]"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -365,7 +365,7 @@ def test_hostile_torchscript_is_refused_by_default_and_nothing_runs(tiny_checkpo
     with pytest.raises(EvalError, match=r"evil\.ckpt as a checkpoint: it is a TorchScript program"):
         eval_load_checkpoint(disguised)
 
-    result = subprocess.run([sys.executable, "-m", "hymtl.predict", f"ckpt_path={evil}", f"inputs=[{images}]"],
+    result = subprocess.run([*entry_command("hymtl.predict"), f"ckpt_path={evil}", f"inputs=[{images}]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from bad_corpus import write_decompression_bomb, write_truncated_jpeg
-from conftest import REPO_ROOT, make_image
+from conftest import REPO_ROOT, entry_command, make_image
 
 pytestmark = pytest.mark.slow  # each server starts a model in two processes
 
@@ -332,7 +332,7 @@ def test_bad_settings_are_one_error_line_before_anything_starts(tiny_checkpoint,
         ([f"ckpt_path={tiny_checkpoint}", "host=example.org"], "error: host must be one of"),
         ([f"ckpt_path={tiny_checkpoint}", "batch_timeout=40"], "error: batch_timeout (40.0 s) must be shorter"),
     ):
-        result = subprocess.run([sys.executable, "-m", "hymtl.serve", *overrides], cwd=tmp_path,
+        result = subprocess.run([*entry_command("hymtl.serve"), *overrides], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, (overrides, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_image_folder
+from conftest import REPO_ROOT, entry_command, make_image_folder
 
 from hymtl.errors import HymtlError
 
@@ -22,7 +22,7 @@ TINY_TRAIN = ["model=efficientnet_lite0", "model.pretrained=false", "data=folder
 
 def run_module(module: str, *overrides: str, cwd: Path = REPO_ROOT, env: dict | None = None,
                timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*entry_command(module), *overrides], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, entry_command
 
 TINY_MODEL = ["model=efficientnet_lite0", "model.pretrained=false", "data.num_workers=0", "data.batch_size=4"]
 
@@ -23,7 +23,7 @@ def run_train(*overrides: str, cwd: Path, env: dict | None = None, module: str =
     # the timeouts of the tests are hang guards, not speed checks: ten times what the work needs
     # on a quiet 2-core machine, so that a machine ten times slower still passes
     return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
+        [*entry_command(module), *overrides],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )

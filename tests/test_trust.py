@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_image, make_image_folder
+from conftest import REPO_ROOT, entry_command, make_image, make_image_folder
 
 HANG_TIMEOUT = 60  # seconds: generous; a hang is what these tests catch, not slowness
 
@@ -48,7 +48,7 @@ def within(seconds: float, function, *args, **kwargs):
 
 def entry(module: str, *args: str, cwd: Path = REPO_ROOT, env: dict | None = None,
           timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*entry_command(module), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
