@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_image_folder
+from conftest import entry_command, make_image_folder
 
 TINY = ["model=efficientnet_lite0", "model.pretrained=false", "data.num_workers=0", "data.batch_size=4",
         "data=folder", "+trainer.fast_dev_run=true"]
@@ -28,7 +27,7 @@ def _start(*overrides: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ}
     for var in ("HYMTL_OUTPUT_DIR", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
         env.pop(var, None)
-    return subprocess.Popen([sys.executable, "-m", "hymtl.train", *overrides], cwd=cwd, env=env,
+    return subprocess.Popen([*entry_command("hymtl.train"), *overrides], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
