@@ -186,7 +186,7 @@ def test_ddp_config_builds_lightnings_ddp_strategy(compose, monkeypatch, mode, f
 def test_two_phase_ddp_keeps_ranks_in_sync_one_run_dir_and_resumes(tiny_folder, tmp_path):
     probe = tmp_path / "digests"
     common = [*TINY, f"data.root={tiny_folder}", "data.batch_size=3", "trainer=ddp_cpu", "trainer.devices=2",
-              "mode=two_phase", "mode.freeze_epochs=1", f"+callbacks.digest._target_=test_ddp.BackboneDigest",
+              "mode=two_phase", "mode.freeze_epochs=1", "+callbacks.digest._target_=test_ddp.BackboneDigest",
               f"+callbacks.digest.out_dir={probe}"]
     result = train(*common, "mode.epochs=2", cwd=tmp_path)
     ok(result)

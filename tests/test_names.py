@@ -9,13 +9,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bad_corpus import write_truncated_jpeg
-from conftest import REPO_ROOT, entry_command, make_image
+from conftest import entry_command, make_image
 from hymtl.backbones import Preprocessing
 from hymtl.data import ImageFolderDataModule, read_skipped
 from hymtl.errors import DataError, printable

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +181,7 @@ def test_special_files_in_folders_globs_and_by_name_are_skipped_not_waited_on(ti
         os.mkfifo(tmp_path / sub / "pipe.jpg")
     try:
         result = run_predict(f"ckpt_path={tiny_checkpoint}",
-                             f"inputs=[folder,'globbed/*.jpg',named/good.jpg,named/pipe.jpg]",
+                             "inputs=[folder,'globbed/*.jpg',named/good.jpg,named/pipe.jpg]",
                              "num_workers=0", "format=csv", cwd=tmp_path, timeout=600)  # a hang never ends
     except subprocess.TimeoutExpired:
         pytest.fail("hymtl.predict hung on a FIFO")

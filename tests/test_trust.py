@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, entry_command, make_image, make_image_folder
+from conftest import REPO_ROOT, entry_command, make_image
 
 HANG_TIMEOUT = 60  # seconds: generous; a hang is what these tests catch, not slowness
 
