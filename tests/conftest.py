@@ -135,13 +135,18 @@ def fork_server(tmp_path_factory):
     patch.setenv("HYMTL_TEST_FORKSERVER", path)
     yield path
     patch.undo()
-    server.terminate()
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    stop_process(server, timeout=60)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not ended within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from bad_corpus import write_decompression_bomb, write_truncated_jpeg
-from conftest import REPO_ROOT, entry_command, make_image
+from conftest import REPO_ROOT, entry_command, make_image, stop_process
 
 pytestmark = pytest.mark.slow  # each server starts a model in two processes
 
@@ -456,9 +456,4 @@ def test_page_in_headless_chromium_shows_the_right_label(real_server, real_check
         assert "not an image" in devtools.evaluate("document.getElementById('status').textContent")
     finally:
         devtools.close()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=30)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import make_image_folder, stop_process
 from hymtl.errors import HymtlError
 from test_train import TINY_MODEL, run_train
 
@@ -129,12 +129,7 @@ def tb_server(tb_run):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
 
 
 @pytest.mark.slow
