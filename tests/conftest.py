@@ -27,6 +27,19 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 pytest_plugins = ["cpu_durations"]
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The files made only of real-data tests first (the longest file: the regimes' accuracy runs,
+    ~6 minutes on one worker), the rest in collection order. Under ``--dist loadfile`` a file runs
+    whole on one worker; xdist's default order (most tests first, ``--no-loadscope-reorder`` in
+    pyproject.toml turns it off) started that 4-test file last, and one worker ran it alone for
+    minutes while the other sat idle. A stable sort: the rest keep their order."""
+    def whole_file_on_real_data(item) -> bool:
+        marks = getattr(item.module, "pytestmark", [])
+        return any(mark.name == "realdata" for mark in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: not whole_file_on_real_data(item))
+
+
 def load_script(path: Path, name: str):
     """Import a script of benchmarks/ (not a package) as module ``name``."""
     import importlib.util
