@@ -39,6 +39,8 @@ REGIMES = {
     "auto": ["mode=auto"],
     # the first measurement of mode=auto, before step 0 got head_epochs (20): 6 epochs for the head too
     "auto_head6": ["mode=auto", "mode.depth_search.head_epochs=6"],
+    # mode=auto before it got patience (1): the first step that did not pay stopped the search
+    "auto_p0": ["mode=auto", "mode.depth_search.patience=0"],
 }
 
 

@@ -8,9 +8,12 @@ stage's group sits at learning-rate factor 0 until its step). At the end of a st
 Step 0 (the head on cached features, the cheapest epochs of the run) runs ``head_epochs``.
 
 * **deeper**, while the step raised the best validation metric by more than ``margin`` (step 0
-  has nothing to beat) and the next step fits in what is left of the time budget;
-* **stop** (the fit ends; the best checkpoint across every step is the run's model) when the
-  step did not pay, when the next step would not fit the budget, or at ``max_stages``.
+  has nothing to beat) and the next step fits in what is left of the time budget; also after a
+  step that did not pay, ``patience`` times in a row: a stage that gains nothing alone may be
+  what lets the one below it help (measured: ``benchmarks/depth.py``);
+* **stop** (the fit ends; the best checkpoint across every step is the run's model) when
+  ``patience + 1`` steps in a row did not pay, when the next step would not fit the budget, or
+  at ``max_stages``.
 
 The cost of the next step is estimated from the measured cost of the steps so far: its epochs
 at the measured seconds of the current step's epochs times :data:`DEEPER_EPOCH_COST` (one more
@@ -72,6 +75,8 @@ class DepthSearch:
         step_epochs: epochs per step that trains backbone stages.
         head_epochs: epochs of step 0 (the head alone; ``None``: ``step_epochs``).
         margin: the least gain of the monitored validation metric for going one stage deeper.
+        patience: how many steps in a row may gain no more than ``margin`` before the search
+            stops (0: it stops at the first).
         budget: seconds for the whole fit (``None``: no limit), parsed by :func:`hymtl.config.checked_number`.
         first_cut: the activations served from the start are those below the top ``first_cut``
             stages: steps 0…``first_cut`` share one extraction (the frozen top stages run on
@@ -80,13 +85,14 @@ class DepthSearch:
     """
 
     def __init__(self, max_stages: int, step_epochs: int = 6, margin: float = 0.005, budget: Any = None,
-                 first_cut: int = 2, head_epochs: int | None = None):
+                 first_cut: int = 2, head_epochs: int | None = None, patience: int = 0):
         self.max_stages = checked_number("model.trainable_stages", max_stages, "integer", 1)
         self.step_epochs = checked_number("mode.depth_search.step_epochs", step_epochs, "integer", 1)
         self.head_epochs = self.step_epochs if head_epochs is None else checked_number(
             "mode.depth_search.head_epochs", head_epochs, "integer", 1)
         self.margin = checked_number("mode.depth_search.margin", margin, "number", -math.inf)  # < 0: deeper even when worse
         self.first_cut = checked_number("mode.depth_search.first_cut", first_cut, "integer", 1)
+        self.patience = checked_number("mode.depth_search.patience", patience, "integer", 0)
         self.budget = None if budget is None else checked_number("budget", budget, "duration", 0, exclusive=True)
         self.steps: list[Step] = [Step(stages=0, start_epoch=0)]
         self.decision: str | None = None
@@ -138,13 +144,16 @@ class DepthSearch:
         step = self.steps[-1]
         earlier = max((s.best for s in self.steps[:-1]), default=None)
         gain = None if earlier is None else step.best - earlier
+        flat = self.flat_steps()
         line = (f"depth search: step {len(self.steps) - 1} trained {_stages(step.stages)} for {_epochs(step.epochs)} "
                 f"(epochs {step.start_epoch}-{epoch}): best val {step.best:.4f}"
                 + ("" if gain is None else f" ({gain:+.4f} over the steps before)") + f", {step.seconds:.1f} s")
         if step.stages >= self.max_stages:
             self.decision = f"stopped at the deepest step allowed ({_stages(self.max_stages)})"
-        elif gain is not None and gain <= self.margin:
+        elif gain is not None and gain <= self.margin and flat > self.patience:
             self.decision = f"stopped: going one stage deeper gained {gain:+.4f}, not more than the margin {self.margin:g}"
+            if self.patience:
+                self.decision += f", {_steps(flat)} in a row (patience {self.patience})"
         else:
             cost = self.next_step_seconds()
             left = None if self.budget is None else self.budget - self.elapsed
@@ -153,9 +162,21 @@ class DepthSearch:
                                  f"{max(left, 0):.0f} s of the budget {self.budget:.0f} s are left")
             else:
                 self.steps.append(Step(stages=step.stages + 1, start_epoch=epoch + 1))
-                return line + f"; going deeper: {_stages(step.stages + 1)} from epoch {epoch + 1}" + (
+                why = "" if not flat else f" ({_steps(flat)} in a row without a gain over the margin; patience {self.patience})"
+                return line + f"; going deeper{why}: {_stages(step.stages + 1)} from epoch {epoch + 1}" + (
                     f" (~{cost:.0f} s of {left:.0f} s left)" if left is not None else "")
         return line + "; " + self.decision
+
+    def flat_steps(self) -> int:
+        """How many steps in a row, ending with the last, raised the best validation metric of the
+        steps before them by no more than ``margin``. Computed from the steps alone, so a resumed
+        run counts as the interrupted one did."""
+        steps, count = self.steps, 0
+        for index in range(len(steps) - 1, 0, -1):
+            if steps[index].best - max(s.best for s in steps[:index]) > self.margin:
+                break
+            count += 1
+        return count
 
     def next_step_seconds(self) -> float:
         """The estimated wall time of one step deeper, from the steps measured so far."""
@@ -200,6 +221,10 @@ class DepthSearch:
 
 def _epochs(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
 
 
 def _stages(n: int) -> str:

@@ -45,6 +45,28 @@ def test_it_goes_deeper_while_a_step_pays_and_stops_when_one_does_not():
     assert summary["decision"].startswith("stopped: going one stage deeper gained")
 
 
+def test_patience_looks_one_stage_past_a_flat_step_and_two_flat_steps_in_a_row_stop_it():
+    search = DepthSearch(max_stages=5, step_epochs=1, margin=0.01, patience=1)
+    # step 1 gains nothing, step 2 gains 0.05 (counted against the best before it: step 0's 0.60),
+    # then steps 3 and 4 gain nothing: the second flat step in a row stops the search
+    lines = _feed(search, [(0.60, 1), (0.605, 1), (0.65, 1), (0.65, 1), (0.655, 1)])
+    assert "(+0.0050 over the steps before)" in lines[1]
+    assert "going deeper (1 step in a row without a gain over the margin; patience 1): the top 2 stages" in lines[1]
+    assert "going deeper: the top 3 stages" in lines[2]  # step 2 paid: the count starts again
+    assert "going deeper (1 step in a row" in lines[3]
+    assert lines[4].endswith("stopped: going one stage deeper gained +0.0050, not more than the margin 0.01, "
+                             "2 steps in a row (patience 1)")
+    assert search.best_step().stages == 4 and search.summary()["chosen_stages"] == 4
+    # the count is the steps', so a resumed search decides as the interrupted one would have
+    resumed = DepthSearch(max_stages=5, step_epochs=1, margin=0.01, patience=1)
+    resumed.load_state_dict(json.loads(json.dumps(search.state_dict())))
+    assert resumed.flat_steps() == 2
+    # without patience the first flat step stops it, as before
+    strict = DepthSearch(max_stages=4, step_epochs=1, margin=0.01)
+    assert "stopped: going one stage deeper gained +0.0050, not more than the margin 0.01" in _feed(
+        strict, [(0.60, 1), (0.605, 1)])[1] and strict.stopped
+
+
 def test_the_head_alone_runs_head_epochs_and_each_deeper_step_step_epochs():
     search = DepthSearch(max_stages=2, step_epochs=2, head_epochs=3, margin=-1.0)
     lines = _feed(search, [(0.5, 1)] * 7)
@@ -90,6 +112,7 @@ def test_steps_one_to_first_cut_share_one_cut_and_the_state_round_trips():
     ({"budget": "abc"}, "budget must be a duration: seconds (300) or with a unit (90s, 5m, 1h30m), got 'abc'"),
     ({"step_epochs": 0}, "mode.depth_search.step_epochs must be a positive integer, got 0"),
     ({"first_cut": 1.5}, "mode.depth_search.first_cut must be an integer, got 1.5"),
+    ({"patience": -1}, "mode.depth_search.patience must not be negative, got -1"),
 ])
 def test_bad_settings_are_one_line(kwargs, message):
     with pytest.raises(HymtlError) as error:
