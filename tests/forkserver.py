@@ -37,11 +37,13 @@ import struct
 import sys
 import weakref
 
-#: what an entry point imports before it does anything (~5.5 s of CPU together). Not timm: it
-#: imports wandb and huggingface_hub, which make temporary folders at import and remove them at
-#: exit (atexit), so every forked run would remove the server's; each run imports those itself.
+#: what an entry point imports before it does anything (~6.5 s of CPU together)
 PRELOAD = ("torch", "torchvision", "torchvision.transforms.v2", "lightning.pytorch", "torchmetrics",
-           "hydra", "hydra.utils", "omegaconf", "numpy", "PIL.Image", "safetensors.torch")
+           "hydra", "hydra.utils", "omegaconf", "numpy", "PIL.Image", "safetensors.torch", "timm")
+#: not preloaded, also when a preloaded library would import them: timm imports wandb if it is
+#: installed (for its own summary helpers, which hymtl does not use), and wandb makes temporary
+#: folders at import that its runs write media into: one copy per run, as without the server
+NOT_PRELOADED = ("wandb",)
 SERVER_THREADS = os.environ.get("OMP_NUM_THREADS")  # what torch's thread pool was sized by
 HEADER = struct.Struct("!Q")  # the request's length; the launcher's stdin, stdout, stderr ride with it
 
@@ -173,11 +175,15 @@ class Server:
 
 
 def main(path: str) -> None:
+    for name in NOT_PRELOADED:
+        sys.modules[name] = None  # an ImportError for the preload's optional imports
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+    for name in NOT_PRELOADED:
+        del sys.modules[name]  # each run imports it itself, when it needs it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the fixture's teardown: the imports' cleanup runs
     Server(path).serve()
 

@@ -9,6 +9,14 @@ gave 0.954 (146/153) with persistent DataLoader workers and 0.948 (145/153) with
 per epoch (the default since resume became exact with workers), and from epoch to epoch of one
 run val/acc moves between 0.92 and 0.954. The target sits below the best-epoch spread
 (0.948-0.954), so a failure means a regression rather than an unlucky draw.
+
+The runs that train the backbone stop at the first epoch whose val/acc reaches the target
+(Lightning's ``EarlyStopping(stopping_threshold=…)``, patience out of reach). The assertion keeps
+its meaning: here val doubles as test and the run's model is its best val/acc checkpoint, so the
+full run's test/acc is its best epoch's val/acc, which reaches the target exactly when some epoch
+does; the epochs before the stop are the full run's (the schedule still spans mode.epochs). It
+saves the epochs after the target is reached: finetune reached 0.94 after 1 of its 6 epochs
+(~35 s of CPU each) in the last runs.
 """
 
 from __future__ import annotations
@@ -42,12 +50,18 @@ def frozen_run(real_data, tmp_path_factory) -> tuple[Path, dict]:
     return base, train_real("frozen", real_data, base, base / "cache", "first")
 
 
+def stop_at(target: float) -> list[str]:
+    """Overrides that end the fit at the first epoch whose val/acc reaches ``target``, and only then."""
+    return ["callbacks=early_stopping", f"+callbacks.early_stopping.stopping_threshold={target}",
+            "callbacks.early_stopping.patience=1000"]
+
+
 @pytest.mark.parametrize("mode", ["frozen", "finetune", "two_phase"])
 def test_mode_reaches_its_target(mode, real_data, tmp_path, request):
     if mode == "frozen":
         metrics = request.getfixturevalue("frozen_run")[1]
     else:
-        metrics = train_real(mode, real_data, tmp_path, tmp_path / "cache", "run")
+        metrics = train_real(mode, real_data, tmp_path, tmp_path / "cache", "run", *stop_at(TARGETS[mode]))
     assert metrics["mode"] == mode and metrics["backbone"] == "efficientnet_lite0"
     assert metrics["test/acc"] >= TARGETS[mode], metrics
 
