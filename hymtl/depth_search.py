@@ -9,8 +9,8 @@ Step 0 (the head on cached features, the cheapest epochs of the run) runs ``head
 
 * **deeper**, while the step raised the best validation metric by more than ``margin`` (step 0
   has nothing to beat) and the next step fits in what is left of the time budget; also after a
-  step that did not pay, ``patience`` times in a row: a stage that gains nothing alone may be
-  what lets the one below it help (measured: ``benchmarks/depth.py``);
+  step that did not pay, ``patience`` times in a row (0 in ``mode=auto``: on the folders of
+  ``benchmarks/depth.py`` the step after a flat one paid once in six);
 * **stop** (the fit ends; the best checkpoint across every step is the run's model) when
   ``patience + 1`` steps in a row did not pay, when the next step would not fit the budget, or
   at ``max_stages``.

@@ -67,7 +67,7 @@ def test_each_number_rule_lives_once(tmp_path):
 
 def test_defaults_and_overrides(compose):
     cfg = compose()
-    assert cfg.model.backbone == "resnet18" and cfg.mode.name == "finetune"
+    assert cfg.model.backbone == "resnet18" and cfg.mode.name == "auto"
     assert cfg.data._target_ == "hymtl.data.ImageFolderDataModule"
     cfg = compose("model=efficientnet_lite0", "data=folder", "data.root=/x", "seed=3", "model.lr=0.5")
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.data.root == "/x" and cfg.data.seed == 3
