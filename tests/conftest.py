@@ -36,16 +36,26 @@ pytest_plugins = ["cpu_durations"]
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The files made only of real-data tests first (the longest file: the regimes' accuracy runs,
-    ~6 minutes on one worker), the rest in collection order. Under ``--dist loadfile`` a file runs
-    whole on one worker; xdist's default order (most tests first, ``--no-loadscope-reorder`` in
-    pyproject.toml turns it off) started that 4-test file last, and one worker ran it alone for
-    minutes while the other sat idle. A stable sort: the rest keep their order."""
+    """The heaviest files first, the light ones last, where they fill the workers' gaps at the end:
+    a longest-first order, which leaves the shortest tail. Under ``--dist loadfile`` a file runs
+    whole on one worker, in the order given here (``--no-loadscope-reorder`` in pyproject.toml:
+    xdist's default order, most tests first, had started the 4-test real-data file last, and one
+    worker ran it alone for minutes while the others sat idle). How heavy, from the marks: the
+    files made only of real-data tests (the regimes' accuracy runs), then the files with a
+    real-data test (each trains on the 397 images), then by how many ``slow`` tests a file holds;
+    within a file, and between files that tie, the collection order."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
     def whole_file_on_real_data(item) -> bool:
         marks = getattr(item.module, "pytestmark", [])
         return any(mark.name == "realdata" for mark in (marks if isinstance(marks, list) else [marks]))
 
-    items.sort(key=lambda item: not whole_file_on_real_data(item))
+    slow, real = {}, {}
+    for item in items:
+        slow[file_of(item)] = slow.get(file_of(item), 0) + (item.get_closest_marker("slow") is not None)
+        real[file_of(item)] = real.get(file_of(item), False) or item.get_closest_marker("realdata") is not None
+    items.sort(key=lambda item: (not whole_file_on_real_data(item), not real[file_of(item)], -slow[file_of(item)]))
 
 
 def load_script(path: Path, name: str):
