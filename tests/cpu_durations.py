@@ -14,7 +14,7 @@ are counted together: a shared fixture's cost lands on the first test that asks 
 ``--durations``), a module fixture's teardown (a server stopped) on the module's last test.
 
 ``--cpu-durations=N``: the N most expensive tests at the end (0: all); ``--cpu-durations-json=PATH``:
-every test's ``{"cpu_s", "wall_s"}`` written to PATH. A measuring tool, not an assertion.
+every test's ``{"cpu_s", "wall_s", "started", "worker"}`` written to PATH. A measuring tool, not an assertion.
 """
 
 from __future__ import annotations
@@ -64,16 +64,18 @@ _PROPERTY = "cpu_durations"
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     if _enabled(item.config):
-        item.stash[_START] = (_cpu_seconds(), time.perf_counter())
+        item.stash[_START] = (_cpu_seconds(), time.perf_counter(), time.time())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     if call.when == "teardown" and _START in item.stash:  # the test's last report: setup to teardown
-        cpu, wall = item.stash[_START]
+        cpu, wall, started = item.stash[_START]
+        # when and where it ran (the epoch time, the xdist worker): the json gives the run's timeline
         outcome.get_result().user_properties.append(
-            (_PROPERTY, {"cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}))
+            (_PROPERTY, {"cpu_s": round(_cpu_seconds() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2),
+                         "started": round(started, 2), "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}))
 
 
 def pytest_runtest_logreport(report):

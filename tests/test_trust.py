@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, entry_command, make_image
+from conftest import REPO_ROOT, TESTS_DIR, entry_command, make_image
 
 HANG_TIMEOUT = 60  # seconds: generous; a hang is what these tests catch, not slowness
 
@@ -380,18 +380,6 @@ def _nan_head(checkpoint: dict) -> None:
     weight[0, 0] = float("nan")
 
 
-PEAK_SCRIPT = """
-import resource, sys
-from hymtl.loading import LoadError
-from hymtl.model import load_checkpoint
-try:
-    load_checkpoint(sys.argv[1])
-except LoadError as exc:
-    print(len(str(exc)), str(exc)[:200])
-print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
-
-
 @pytest.mark.slow
 def test_a_checkpoint_claiming_a_million_classes_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
     from hymtl.loading import LoadError
@@ -403,9 +391,9 @@ def test_a_checkpoint_claiming_a_million_classes_is_refused_before_anything_is_b
                                         r" needs \(1000000, 1280\)") as refused:
         load_checkpoint(path)
     assert len(str(refused.value)) < 1000
-    def peak_mb(checkpoint: Path) -> tuple[float, str]:
-        result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(checkpoint)], capture_output=True, text=True,
-                                timeout=600, cwd=REPO_ROOT)
+    def peak_mb(checkpoint: Path) -> tuple[float, str]:  # tests/peak_load.py, in a process of its own
+        result = subprocess.run([*entry_command("peak_load"), str(checkpoint)], capture_output=True, text=True,
+                                timeout=600, cwd=TESTS_DIR, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])})
         return float(result.stdout.split("peak_mb")[-1]), result.stdout
 
     refused_mb, output = peak_mb(path)
