@@ -84,7 +84,7 @@ class DepthSearch:
             at their own cut.
     """
 
-    def __init__(self, max_stages: int, step_epochs: int = 6, margin: float = 0.005, budget: Any = None,
+    def __init__(self, max_stages: int, step_epochs: int = 12, margin: float = 0.005, budget: Any = None,
                  first_cut: int = 2, head_epochs: int | None = None, patience: int = 0):
         self.max_stages = checked_number("model.trainable_stages", max_stages, "integer", 1)
         self.step_epochs = checked_number("mode.depth_search.step_epochs", step_epochs, "integer", 1)
