@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -94,10 +95,6 @@ def _seed(row: dict) -> int:
     return row.get("seed", 0)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def markdown(rows: list[dict], note: str) -> str:
     lines = [f"Machine: {os.cpu_count()} CPUs. {note}".strip(), "",
              "| folder | regime | seed | test acc | process s | CPU s | peak GB | load before/after | note |",
@@ -114,7 +111,8 @@ def markdown(rows: list[dict], note: str) -> str:
     for r in rows:
         if r.get("test_acc") is not None:
             groups.setdefault((r["folder"], r["regime"]), []).append(r)
-    summary = {key: {"acc": mean([r["test_acc"] for r in group]), "s": mean([r["process_s"] for r in group]),
+    summary = {key: {"acc": statistics.mean(r["test_acc"] for r in group),
+                     "s": statistics.mean(r["process_s"] for r in group),
                      "low": min(r["test_acc"] for r in group), "high": max(r["test_acc"] for r in group),
                      "n": len(group)} for key, group in groups.items()}
     lines += ["", "| folder | regime | seeds | mean test acc | range | mean process s |", "|---|---|---:|---:|---|---:|"]
