@@ -30,6 +30,15 @@ if how == "signal":
     signal.pause()
 if how == "raise":
     raise ValueError("boom")
+if how == "message":
+    sys.exit("a message")
+if how == "interrupt":
+    raise KeyboardInterrupt
+if how == "end":  # what the interpreter's end still does: threads joined, atexit, buffered output
+    import atexit, threading, time
+    atexit.register(print, "atexit ran")
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread ended"))).start()
+    print("buffered, not flushed")
 '''
 
 
@@ -67,6 +76,24 @@ def test_an_exception_ends_a_forked_run_as_it_ends_python_m(server_ready, tmp_pa
     assert forked.returncode == fresh.returncode == 1
     for result in (forked, fresh):
         assert result.stderr.startswith("to stderr\nTraceback") and result.stderr.endswith("ValueError: boom\n")
+
+
+@pytest.mark.parametrize("how, code, stderr_end", [
+    ("message", 1, "to stderr\na message\n"),
+    ("interrupt", -signal.SIGINT, "KeyboardInterrupt\n"),
+    ("end", 0, "to stderr\n"),
+])
+def test_a_forked_run_ends_as_python_m_ends(server_ready, tmp_path, how, code, stderr_end):
+    """The child leaves by ``os._exit`` after what the interpreter's end does that a run can see:
+    its SystemExit message, SIGINT for an uncaught KeyboardInterrupt, its threads joined, its
+    atexit handlers run and its buffered output flushed, in that order."""
+    forked, fresh = both_ways(tmp_path, how)
+    assert forked.returncode == fresh.returncode == code, (forked.stderr, fresh.stderr)
+    after_report = [result.stdout.splitlines()[1:] for result in (forked, fresh)]  # the report says "warm"
+    assert after_report[0] == after_report[1] == (["buffered, not flushed", "thread ended", "atexit ran"]
+                                                 if how == "end" else [])
+    for result in (forked, fresh):
+        assert result.stderr.endswith(stderr_end), result.stderr
 
 
 def test_a_launcher_killed_by_its_timeout_takes_its_run_along(server_ready, tmp_path):
