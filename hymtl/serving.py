@@ -105,6 +105,22 @@ class UploadDecoder:
         self.preprocessing = preprocessing
         self.transform = build_transforms(preprocessing, train=False)
         self.max_body_bytes = int(max_body_bytes)
+        self._torch_ready_in: int | None = None  # the process whose torch threads are set up
+        self._torch_ready_lock = threading.Lock()
+
+    def _set_up_torch_threads(self) -> None:
+        """The first upload of each HTTP process sets torch's thread pool up alone. The HTTP
+        processes fork from the server, and torch rebuilds its inherited pool lazily, at the
+        first thread's first operation; two uploads on two threads doing that at once can get no
+        pool (``Invalid thread pool!``: a good image answered with a 422)."""
+        if self._torch_ready_in == os.getpid():
+            return
+        import torch
+
+        with self._torch_ready_lock:
+            if self._torch_ready_in != os.getpid():
+                torch.set_num_threads(1)  # rebuilds the pool; uploads run side by side on one thread each
+                self._torch_ready_in = os.getpid()
 
     def prepare(self, data: bytes) -> PreparedImage:
         import torch
@@ -121,6 +137,7 @@ class UploadDecoder:
             image = load_rgb(upload, self.preprocessing.resize_size)
         except Exception as exc:  # noqa: BLE001 - any decoder error: this upload is unusable
             raise HTTPException(422, f"cannot decode: {first_line(exc)}") from None
+        self._set_up_torch_threads()
         try:
             pixels = self.transform(image)
         except Exception as exc:  # noqa: BLE001
