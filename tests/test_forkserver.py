@@ -37,8 +37,8 @@ if how == "interrupt":
 if how == "end":  # what the interpreter's end still does: threads joined, atexit, buffered output
     import atexit, threading, time
     atexit.register(print, "atexit ran")
+    print("buffered, not flushed")  # before the thread starts: the order holds on a busy machine
     threading.Thread(target=lambda: (time.sleep(0.5), print("thread ended"))).start()
-    print("buffered, not flushed")
 '''
 
 
